@@ -1,0 +1,1 @@
+"""What every stage shares: config, artifact store, refs, packaged assets, the CLI."""

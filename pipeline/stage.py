@@ -1,0 +1,203 @@
+"""How a stage function becomes a content-addressed, cached Prefect task.
+
+A stage task takes Refs and config sections (plus the `store` settings) and returns
+a Ref. Its output lives at `<stage>/<key>` in the artifact store, where the key
+hashes the stage name, its version string, its input Refs and its config
+(`pipeline.refs.content_key`). Prefect's cache key is the same hash, and Prefect's
+cache records are kept in the same store (`_prefect/`), so an unchanged rerun,
+on this machine or any other pointed at the same store, shows every stage `Cached`.
+
+    @stage_task("template", version="1")
+    def template(collected: Ref, config: TemplateConfig, store: StoreConfig) -> Ref:
+        stage = begin_stage(store)
+        if stage.committed:
+            return stage.ref
+        ...write files into stage.dir...
+        return stage.commit(meta={"rows": n})
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+from prefect import task
+from prefect.context import TaskRunContext
+from prefect.filesystems import WritableFileSystem
+from pydantic import Field
+
+from pipeline.refs import Ref, content_key
+from pipeline.store import ArtifactNotFound, ArtifactStore, StoreSettings, open_store
+
+RESULTS_PREFIX = "_prefect"
+STORE_PARAMETER = "store"
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class ArtifactStoreResults(WritableFileSystem):
+    """Prefect result storage inside the artifact store, under `_prefect/`.
+
+    Prefect keeps its cache records in result storage; putting them next to the
+    artifacts means whoever can read the artifacts can also reuse the cache.
+    Credentials are not fields here: they come from the environment (or the store
+    settings held in memory), so they are never written into a record.
+    """
+
+    _block_type_name = "Finetune Artifact Store Results"
+    uri: str = Field(description="Store root (folder or s3://bucket/prefix).")
+    endpoint_url: str | None = None
+    region: str | None = None
+
+    def _store(self) -> ArtifactStore:
+        return open_store(StoreSettings(uri=self.uri, endpoint_url=self.endpoint_url, region=self.region))
+
+    def read_path(self, path: str, _sync: bool | None = None) -> bytes:
+        """Bytes of a cache record; FileNotFoundError when there is none."""
+        return self._store().get_bytes(f"{RESULTS_PREFIX}/{path}")
+
+    def write_path(self, path: str, content: bytes, _sync: bool | None = None) -> str:
+        """Store a cache record; returns its path."""
+        self._store().put_bytes(f"{RESULTS_PREFIX}/{path}", content)
+        return path
+
+    async def aread_path(self, path: str) -> bytes:
+        """Async form of read_path (Prefect calls whichever fits its context)."""
+        return self.read_path(path)
+
+    async def awrite_path(self, path: str, content: bytes) -> str:
+        """Async form of write_path."""
+        return self.write_path(path, content)
+
+
+def result_storage_for(settings: StoreSettings) -> ArtifactStoreResults:
+    """The Prefect result storage that lives in the artifact store described by `settings`.
+
+    Prefect only accepts result storage blocks saved on its server (so other
+    processes can load them), so the block is saved under a name derived from the
+    store's location; saving again overwrites it with the same content.
+    """
+    block = ArtifactStoreResults(uri=_absolute_uri(settings.uri), endpoint_url=settings.endpoint_url, region=settings.region)
+    location = f"{block.uri}|{block.endpoint_url}|{block.region}"
+    block.save(f"artifact-store-{hashlib.sha256(location.encode()).hexdigest()[:12]}", overwrite=True)
+    return block
+
+
+def _absolute_uri(uri: str) -> str:
+    """A local store's folder as an absolute path (a worker may run from another directory)."""
+    return uri if "://" in uri else str(Path(uri).resolve())
+
+
+def stage_inputs(parameters: dict[str, Any]) -> dict[str, Any]:
+    """The parameters that decide a stage's output: everything but the store settings."""
+    return {name: value for name, value in parameters.items() if name != STORE_PARAMETER}
+
+
+def _cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
+    """Prefect cache key: the stage's content key.
+
+    When the artifact behind a key is missing (deleted, or found corrupt and
+    removed by `ArtifactStore.fetch`), the cache record is stale: drop it so the
+    stage recomputes instead of handing out a Ref to nothing.
+    """
+    stage, version = context.task.name, context.task.version or "0"
+    key = content_key(stage, version, stage_inputs(parameters))
+    cache_key = f"{stage}-{key}"
+    store = open_store(parameters[STORE_PARAMETER])
+    if not store.has_artifact(f"{stage}/{key}"):
+        store.delete(f"{RESULTS_PREFIX}/{cache_key}")
+    return cache_key
+
+
+def stage_task(name: str, version: str, retries: int = 0) -> Callable[[F], F]:
+    """Decorator: a Prefect task named after the stage, cached on its content key.
+
+    `version` must be bumped when the stage's core changes in a way that changes its
+    output: Prefect only sees the task function's own source. Only I/O-bound stages
+    should pass `retries`.
+    """
+    return task(  # type: ignore[return-value]
+        name=name,
+        version=version,
+        cache_key_fn=_cache_key,
+        persist_result=True,
+        result_serializer="json",
+        retries=retries,
+        retry_delay_seconds=[2, 10, 30][:retries] if retries else 0,
+    )
+
+
+@dataclass
+class StageRun:
+    """One stage run's output being built: a staging folder, committed to the store at the end."""
+
+    store: ArtifactStore
+    stage: str
+    key: str
+    inputs: dict[str, Any]
+    dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="finetune-stage-")))
+
+    @property
+    def uri(self) -> str:
+        """'<stage>/<key>' inside the store."""
+        return f"{self.stage}/{self.key}"
+
+    @property
+    def committed(self) -> bool:
+        """True when an earlier run already committed this exact output (it is reused, not recomputed)."""
+        return self.store.has_artifact(self.uri)
+
+    @property
+    def ref(self) -> Ref:
+        """The Ref of the already committed output."""
+        return self.store.open_ref(self.uri)
+
+    def fetch(self, ref: Ref) -> Path:
+        """A local, hash-verified folder holding an input artifact's files."""
+        return self.store.fetch(ref)
+
+    def commit(self, meta: dict[str, Any] | None = None) -> Ref:
+        """Upload the staging folder, manifest last, and return the new Ref."""
+        refs = {name: value.sha256 for name, value in self.inputs.items() if isinstance(value, Ref)}
+        config = {name: value for name, value in self.inputs.items() if not isinstance(value, Ref)}
+        try:
+            return self.store.commit(self.uri, self.dir, kind=self.stage, inputs=refs, config=_jsonable(config), meta=meta or {})
+        finally:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _jsonable(value: Any) -> Any:
+    """Config sections as plain JSON for the manifest (secrets are dropped by canonical_json's rules)."""
+    import json
+
+    from pipeline.refs import canonical_json
+
+    return json.loads(canonical_json(value))
+
+
+def begin_stage(store_settings: StoreSettings) -> StageRun:
+    """Start building the output of the stage task that is running now.
+
+    In: the store settings the task received. Out: a StageRun whose key is
+    computed from the task's own parameters, exactly as its cache key was.
+    """
+    context = TaskRunContext.get()
+    if context is None:
+        raise RuntimeError("begin_stage() must be called inside a stage task")
+    stage, version = context.task.name, context.task.version or "0"
+    inputs = stage_inputs(context.parameters)
+    return StageRun(store=open_store(store_settings), stage=stage, key=content_key(stage, version, inputs), inputs=inputs)
+
+
+__all__ = [
+    "ArtifactNotFound",
+    "ArtifactStoreResults",
+    "StageRun",
+    "begin_stage",
+    "result_storage_for",
+    "stage_task",
+]

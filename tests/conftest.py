@@ -1,0 +1,7 @@
+"""Settings every test shares: no hub access (nothing from it loads here), no stray parallelism."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
