@@ -11,6 +11,7 @@ runs the Prefect flow and prints the summary table: exit 0 when every gate passe
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Sequence
 
@@ -52,6 +53,9 @@ def run(config_path: str, overrides: list[str]) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `finetune` console command; returns the process exit code."""
     args = build_parser().parse_args(argv)
+    # Without PREFECT_API_URL each run starts a temporary Prefect server; on a busy 2-core
+    # machine it can need more than Prefect's default 20 s.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     try:
         config = load_config(args.config, args.overrides)
     except ConfigError as exc:
