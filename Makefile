@@ -10,6 +10,10 @@ SET ?=
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
+# No telemetry from an air-gapped machine (it only logs a DNS error), and give the temporary
+# Prefect server time to start on a busy 2-core machine (the default 20 s is not always enough).
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 
 .PHONY: install assets run test test-unit server serve worker clean
 
@@ -39,3 +43,24 @@ test-unit: install
 
 clean:
 	rm -rf artifacts .pytest_cache
+
+# ---- Deployments (deployments/README.md). One terminal each: `make server`, then `make serve`
+# (both deployments from one process, no work pool) or `make worker` (work pool + worker).
+API_HOST ?= 127.0.0.1
+API_PORT ?= 4200
+PREFECT_API_URL ?= http://$(API_HOST):$(API_PORT)/api
+POOL ?= finetune-pool
+
+server: install
+	$(BIN)/prefect server start --host $(API_HOST) --port $(API_PORT)
+
+serve: install
+	PREFECT_API_URL=$(PREFECT_API_URL) $(BIN)/python deployments/serve.py
+
+# Creates the process work pool if it is missing, registers deployments/prefect.yaml, starts a worker.
+# FINETUNE_REPO tells the deployments' pull step where this checkout is (runs start there).
+worker: install
+	PREFECT_API_URL=$(PREFECT_API_URL) $(BIN)/prefect work-pool inspect $(POOL) >/dev/null 2>&1 || \
+		PREFECT_API_URL=$(PREFECT_API_URL) $(BIN)/prefect work-pool create $(POOL) --type process
+	PREFECT_API_URL=$(PREFECT_API_URL) $(BIN)/prefect --no-prompt deploy --all --prefect-file deployments/prefect.yaml
+	PREFECT_API_URL=$(PREFECT_API_URL) FINETUNE_REPO=$(CURDIR) $(BIN)/prefect worker start --pool $(POOL)

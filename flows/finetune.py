@@ -1,35 +1,53 @@
-"""The fine-tuning flow: collect -> template -> tokenize -> split -> train -> evaluate -> benchmark -> gate.
+"""The fine-tuning flow: collect -> template -> tokenize -> validate -> split -> train -> evaluate
+-> benchmark -> gate, looping back into data preparation while gates fail.
 
 In: a config file path and dotted overrides (the deployment parameters). Out: a
-run summary (each stage's state, seconds and key figures, the gate verdicts, where
-the model is). Every stage is a content-addressed, cached task (`pipeline.stage`),
-so an unchanged rerun shows every stage `Cached`. The run fails when a gate fails.
+run summary (each stage's state, seconds and key figures per round, the gate
+verdicts, the round history, where the model is). Every stage is a
+content-addressed, cached task (`pipeline.stage`), so an unchanged rerun shows
+every stage `Cached`.
+
+The loop: when a gate fails and `refine.max_rounds` allows another round, the
+refine stage (tasks/refine.py) turns the failing gates into config overrides for
+data preparation; the next round runs with them added. Stages whose inputs the
+change does not touch (the base model's benchmark, say) come back `Cached`. A
+passing round ends the run `Completed` and moves the store's `latest-passing`
+pointer to its model; when rounds run out the run fails with `GatesFailed`.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Any
 
 from prefect import flow
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.runtime import flow_run
 
-from pipeline.config import PipelineConfig, load_config
+from pipeline.config import PipelineConfig, StoreConfig, load_config
 from pipeline.refs import Ref
 from pipeline.stage import result_storage_for
+from pipeline.store import open_store
 from tasks.benchmark import benchmark
-from tasks.collect import collect
+from tasks.collect import collect, source_fingerprints
 from tasks.evaluate import evaluate
 from tasks.gate import gate
+from tasks.refine import refine
 from tasks.split import split
 from tasks.template import template
 from tasks.tokenize import tokenize
 from tasks.train import train
+from tasks.validate import validate
+
+LATEST_PASSING = "pointers/latest-passing.json"
+"""Store key of the pointer to the most recent model that passed every gate."""
 
 
 class GatesFailed(RuntimeError):
-    """At least one gate failed; `summary` holds the whole run summary."""
+    """At least one gate failed in the last round; `summary` holds the whole run summary."""
 
     def __init__(self, message: str, summary: dict[str, Any]):
         super().__init__(message)
@@ -38,9 +56,10 @@ class GatesFailed(RuntimeError):
 
 @dataclass
 class StageLog:
-    """Runs stage tasks and remembers, for the summary, each one's state, seconds and figures."""
+    """Runs stage tasks and remembers, for the summary, each one's round, state, seconds and figures."""
 
     result_storage: Any
+    round: int = 1
     entries: list[dict[str, Any]] = field(default_factory=list)
 
     def run(self, stage_task: Any, label: str, **parameters: Any) -> Ref:
@@ -48,50 +67,141 @@ class StageLog:
         started = time.perf_counter()
         state = stage_task.with_options(result_storage=self.result_storage)(**parameters, return_state=True)
         ref: Ref = state.result()
-        self.entries.append({"stage": label, "state": state.name, "seconds": round(time.perf_counter() - started, 1),
-                             "uri": ref.uri, "meta": ref.meta})
+        self.entries.append({"round": self.round, "stage": label, "state": state.name,
+                             "seconds": round(time.perf_counter() - started, 1), "uri": ref.uri, "meta": ref.meta})
         return ref
+
+
+@dataclass
+class Round:
+    """One pass of collect..gate: its gate Ref, its fine-tuned model and its fine-tuned evaluation."""
+
+    number: int
+    overrides: list[str]
+    gate: Ref
+    tuned: Ref
+    tuned_eval: Ref
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.gate.meta["passed"])
+
+
+def run_round(cfg: PipelineConfig, log: StageLog, earlier_evals: list[Ref], overrides: list[str]) -> Round:
+    """Run every stage once for `cfg`; `earlier_evals` (earlier rounds' fine-tuned evaluations) join the Elo."""
+    store = cfg.store
+    collected = log.run(collect, "collect", config=cfg.data, fingerprints=source_fingerprints(cfg.data, store), store=store)
+    templated = log.run(template, "template", collected=collected, config=cfg.template, model=cfg.model, store=store)
+    tokenized = log.run(tokenize, "tokenize", templated=templated, config=cfg.tokenize, model=cfg.model, store=store)
+    log.run(validate, "validate", collected=collected, tokenized=tokenized, config=cfg.data, store=store)
+    split_data = log.run(split, "split", tokenized=tokenized, config=cfg.split, store=store)
+    tuned = log.run(train, "train", split_data=split_data, config=cfg.train, model=cfg.model, store=store)
+    base_eval = log.run(evaluate, "evaluate (base)", split_data=split_data, config=cfg.eval, model=cfg.model, tuned=None,
+                        template=cfg.template, store=store)
+    tuned_eval = log.run(evaluate, "evaluate (fine-tuned)", split_data=split_data, config=cfg.eval, model=cfg.model,
+                         tuned=tuned, template=cfg.template, store=store)
+    base_bench = log.run(benchmark, "benchmark (base)", config=cfg.benchmark, model=cfg.model, tuned=None, store=store)
+    tuned_bench = log.run(benchmark, "benchmark (fine-tuned)", config=cfg.benchmark, model=cfg.model, tuned=tuned, store=store)
+    versions = [base_eval, *earlier_evals, tuned_eval]
+    labels = ["base", *(f"round {n}" for n in range(1, len(versions)))]
+    verdict = log.run(gate, "gate", base_eval=base_eval, tuned_eval=tuned_eval, base_benchmark=base_bench,
+                      tuned_benchmark=tuned_bench, gates=cfg.gates, store=store, evaluations=versions, labels=labels)
+    return Round(number=log.round, overrides=overrides, gate=verdict, tuned=tuned, tuned_eval=tuned_eval)
 
 
 @flow(name="finetune", log_prints=False)  # log_prints breaks `datasets` fingerprinting (ASSETS.md)
 def finetune(config_path: str | None = "configs/default.yaml", overrides: list[str] | None = None) -> dict[str, Any]:
-    """Run the whole pipeline once for the config at `config_path` with `overrides` applied."""
-    cfg: PipelineConfig = load_config(config_path, overrides or [])
+    """Run the pipeline for the config at `config_path` with `overrides`, looping while gates fail.
+
+    Returns the run summary; raises `GatesFailed` (run state Failed) when the last round fails a gate.
+    """
+    overrides = list(overrides or [])
+    cfg: PipelineConfig = load_config(config_path, overrides)
     log = StageLog(result_storage_for(cfg.store))
-    store = cfg.store
+    rounds: list[Round] = []
+    history: list[dict[str, Any]] = []
+    refinements: list[str] = []
+    for number in range(1, cfg.refine.max_rounds + 1):
+        log.round = number
+        round_cfg = load_config(config_path, [*overrides, *refinements])
+        current = run_round(round_cfg, log, [r.tuned_eval for r in rounds], list(refinements))
+        rounds.append(current)
+        history.append(round_record(current))
+        if current.passed or number == cfg.refine.max_rounds:
+            break
+        plan = log.run(refine, "refine", verdicts=current.gate, data=round_cfg.data, config=cfg.refine, store=cfg.store)
+        history[-1]["changes_next"] = plan.meta["changes"]
+        if not plan.meta["changes"]:
+            break  # nothing in the table applies any more: another round would repeat this one
+        refinements += [o for change in plan.meta["changes"] for o in change["overrides"]]
+        publish_history(history)
 
-    collected = log.run(collect, "collect", config=cfg.data, store=store)
-    templated = log.run(template, "template", collected=collected, config=cfg.template, store=store)
-    tokenized = log.run(tokenize, "tokenize", templated=templated, config=cfg.tokenize, model=cfg.model, store=store)
-    split_data = log.run(split, "split", tokenized=tokenized, config=cfg.split, store=store)
-    tuned = log.run(train, "train", split_data=split_data, config=cfg.train, model=cfg.model, store=store)
-    base_eval = log.run(evaluate, "evaluate (base)", split_data=split_data, config=cfg.eval, model=cfg.model, tuned=None, store=store)
-    tuned_eval = log.run(evaluate, "evaluate (fine-tuned)", split_data=split_data, config=cfg.eval, model=cfg.model, tuned=tuned, store=store)
-    base_bench = log.run(benchmark, "benchmark (base)", config=cfg.benchmark, model=cfg.model, tuned=None, store=store)
-    tuned_bench = log.run(benchmark, "benchmark (fine-tuned)", config=cfg.benchmark, model=cfg.model, tuned=tuned, store=store)
-    verdict = log.run(gate, "gate", base_eval=base_eval, tuned_eval=tuned_eval, base_benchmark=base_bench,
-                      tuned_benchmark=tuned_bench, gates=cfg.gates, store=store)
-
-    summary = {"stages": log.entries, "passed": verdict.meta["passed"], "verdicts": verdict.meta["verdicts"],
-               "metrics": {"base": verdict.meta["base"], "fine_tuned": verdict.meta["fine_tuned"]},
-               "store": store.uri, "model_uri": f"{tuned.uri}/model", "gate_uri": verdict.uri}
+    final = rounds[-1]
+    summary = {"stages": log.entries, "rounds": history, "passed": final.passed, "verdicts": final.gate.meta["verdicts"],
+               "metrics": {"base": final.gate.meta["base"], "fine_tuned": final.gate.meta["fine_tuned"]},
+               "elo": final.gate.meta["elo"], "store": cfg.store.uri, "model_uri": f"{final.tuned.uri}/model",
+               "gate_uri": final.gate.uri, "refinements": refinements}
+    publish_history(history)
     create_markdown_artifact(markdown=summary_table(summary), key="run-summary", description="Stages, figures and verdicts")
-    if not summary["passed"]:
+    if not final.passed:
         failed = [v["gate"] for v in summary["verdicts"] if not v["passed"]]
-        raise GatesFailed(f"gates failed: {'; '.join(failed)}", summary)
+        raise GatesFailed(f"gates failed after {len(rounds)} round(s): {'; '.join(failed)}", summary)
+    summary["latest_passing"] = mark_latest_passing(cfg.store, final, config_path, [*overrides, *refinements])
     return summary
 
 
+def round_record(current: Round) -> dict[str, Any]:
+    """A round-history row: the round's config changes so far, its gate metrics and verdicts."""
+    return {"round": current.number, "overrides": current.overrides, "passed": current.passed,
+            "verdicts": current.gate.meta["verdicts"], "metrics": current.gate.meta["fine_tuned"],
+            "model_uri": f"{current.tuned.uri}/model", "gate_uri": current.gate.uri, "changes_next": []}
+
+
+def publish_history(history: list[dict[str, Any]]) -> None:
+    """The round-history table in the Prefect UI: round, changes made before it, gate figures, verdicts, next changes."""
+    rows = []
+    for record in history:
+        rows.append({
+            "round": record["round"],
+            "data changes applied": "; ".join(record["overrides"]) or "(config as given)",
+            "gates": "; ".join(f"{v['gate']}: {v['measured']:.3f} {'pass' if v['passed'] else 'FAIL'}" for v in record["verdicts"]),
+            "passed": record["passed"],
+            "next": "; ".join(f"{c['change']} ({c['why']})" for c in record["changes_next"]) or "-",
+            "model": record["model_uri"],
+        })
+    create_table_artifact(table=rows, key="round-history", description="Each round of the gate loop: changes, figures, verdicts")
+
+
+def mark_latest_passing(store_config: StoreConfig, passing: Round, config_path: str | None, overrides: list[str]) -> str:
+    """Point the store's `latest-passing` pointer at `passing`'s model; returns the pointer's location.
+
+    The pointer is one small JSON object written in a single put, so readers see the
+    old pointer or the new one, never a mixture.
+    """
+    pointer = {"model_uri": f"{passing.tuned.uri}/model", "train_uri": passing.tuned.uri, "train_sha256": passing.tuned.sha256,
+               "gate_uri": passing.gate.uri, "round": passing.number, "config_path": config_path, "overrides": overrides,
+               "flow_run_id": str(flow_run.get_id() or ""), "marked_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    store = open_store(store_config)
+    store.put_bytes(LATEST_PASSING, json.dumps(pointer, indent=2).encode("utf-8"))
+    return store.location(LATEST_PASSING)
+
+
+SUMMARY_EVAL_METRICS = ("eval.similarity_mean", "eval.exact_match", "eval.rouge_l", "eval.refusal_rate", "eval.ok_rate")
+
+
 def summary_table(summary: dict[str, Any]) -> str:
-    """Markdown table of the run: stage, ran or cached, seconds, key figures; then the verdicts."""
-    lines = ["| stage | state | seconds | figures |", "|---|---|---|---|"]
+    """Markdown table of the run: round, stage, ran or cached, seconds, key figures; then metrics and verdicts."""
+    lines = ["| round | stage | state | seconds | figures |", "|---|---|---|---|---|"]
     for entry in summary["stages"]:
-        figures = ", ".join(f"{k}={_short(v)}" for k, v in entry["meta"].items() if k not in ("verdicts", "base", "fine_tuned"))
-        lines.append(f"| {entry['stage']} | {entry['state']} | {entry['seconds']} | {figures} |")
+        figures = ", ".join(f"{k}={_short(v)}" for k, v in entry["meta"].items()
+                            if k not in ("verdicts", "base", "fine_tuned", "elo", "changes"))
+        if entry["stage"] == "refine":
+            figures = ", ".join(c["change"] for c in entry["meta"]["changes"]) or "no change applies"
+        lines.append(f"| {entry['round']} | {entry['stage']} | {entry['state']} | {entry['seconds']} | {figures} |")
     base, tuned = summary["metrics"]["base"], summary["metrics"]["fine_tuned"]
-    lines += ["", "| metric | base | fine-tuned |", "|---|---|---|"]
+    lines += ["", "| metric | base | fine-tuned (last round) |", "|---|---|---|"]
     lines += [f"| {name} | {base[name]:.3f} | {tuned[name]:.3f} |" for name in sorted(tuned) if name in base
-              and (name.startswith("benchmark") or name in ("eval.similarity_mean", "eval.exact_match"))]
+              and (name.startswith("benchmark") or name in SUMMARY_EVAL_METRICS)]
     lines += ["", "| gate | measured | verdict |", "|---|---|---|"]
     lines += [f"| {v['gate']} | {v['measured']:.3f} | {'pass' if v['passed'] else 'FAIL'} |" for v in summary["verdicts"]]
     return "\n".join(lines)

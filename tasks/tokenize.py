@@ -1,81 +1,123 @@
 """Stage 3, tokenize: token ids and labels with the model's own tokenizer.
 
 In: the template artifact and `TokenizeConfig` (plus the model, whose tokenizer
-decides the ids). Out: `tokens.parquet` with `id, prompt, completion,
-input_ids, labels`, unpadded (padding happens per batch at training time).
-Every completion ends with the EOS token so the model learns to stop. When a pair
-is longer than `max_length`, the prompt is cut from the left so the answer survives.
-With `labels: completion`, prompt positions get -100 (no loss); rows left with no
-trainable label token are dropped and counted.
+decides the ids). Out: `tokens.parquet`, unpadded (padding happens per batch at
+training time), with `id, source, role, key, question, prompt, completion, input_ids,
+labels, prompt_tokens, answer_tokens` (`key` is the normalised question that split
+checks for leakage; the two counts are untruncated lengths for the quality report),
+and `report.json` with the rows dropped here, by reason, with examples.
+
+Every completion ends with the EOS token so the model learns to stop. A row over
+`max_length` is cut (`truncation_side: left`, the default, cuts the prompt from its
+start so the answer survives) or dropped (`overlength: drop`). With `labels:
+completion`, prompt positions get -100 (no loss); a `text` row has an empty prompt,
+so every token of it trains. A row whose answer was cut away entirely is dropped
+(`answer_truncated`): it would teach nothing, or only the prompt.
 """
 
 from __future__ import annotations
+
+import json
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 from transformers import PreTrainedTokenizerBase
 
+from pipeline.assets import resolve_model
 from pipeline.config import ModelConfig, StoreConfig, TokenizeConfig
 from pipeline.models import load_tokenizer
-from pipeline.assets import resolve_model
 from pipeline.refs import Ref
 from pipeline.stage import begin_stage, stage_task
-from tasks.collect import read_jsonl
+from tasks.collect import DataError, DropLog, question_key, read_jsonl
 
-VERSION = "1"
+VERSION = "2"
 IGNORE_INDEX = -100
 
 
+def truncate_pair(n_prompt: int, n_completion: int, config: TokenizeConfig) -> tuple[int, int]:
+    """How many prompt and completion tokens fit in `max_length`: (prompt kept, completion kept).
+
+    'left' keeps the completion's start (up to max_length) and the prompt's end;
+    'right' keeps the joined sequence's start, so the completion goes first.
+    """
+    if config.truncation_side == "left":
+        completion = min(n_completion, config.max_length)
+        return min(n_prompt, config.max_length - completion), completion
+    prompt = min(n_prompt, config.max_length)
+    return prompt, min(n_completion, config.max_length - prompt)
+
+
 def tokenize_pair(prompt_ids: list[int], completion_ids: list[int], config: TokenizeConfig) -> tuple[list[int], list[int]]:
-    """Join prompt and completion ids within `max_length`, cutting the prompt from the left first.
+    """Join prompt and completion ids within `max_length`, cut as `truncation_side` says.
 
     Out: (input_ids, labels). Labels copy the ids, with prompt positions set to
     -100 when only the completion is trained.
     """
-    completion_ids = completion_ids[: config.max_length]
-    room = config.max_length - len(completion_ids)
-    prompt_ids = prompt_ids[len(prompt_ids) - room :] if room > 0 else []
-    input_ids = prompt_ids + completion_ids
-    if config.labels == "completion":
-        labels = [IGNORE_INDEX] * len(prompt_ids) + completion_ids
-    else:
-        labels = list(input_ids)
+    n_prompt, n_completion = truncate_pair(len(prompt_ids), len(completion_ids), config)
+    prompt = prompt_ids[len(prompt_ids) - n_prompt :] if config.truncation_side == "left" else prompt_ids[:n_prompt]
+    completion = completion_ids[:n_completion]
+    input_ids = prompt + completion
+    labels = [IGNORE_INDEX] * len(prompt) + completion if config.labels == "completion" else list(input_ids)
     return input_ids, labels
+
+
+COLUMNS = ("id", "source", "role", "key", "question", "prompt", "completion", "input_ids", "labels",
+           "prompt_tokens", "answer_tokens")
 
 
 def tokenize_rows(rows: list[dict], tokenizer: PreTrainedTokenizerBase, config: TokenizeConfig) -> tuple[pa.Table, dict]:
     """Tokenize every templated row in two batched tokenizer calls.
 
-    Out: the Arrow table and counts (rows in, rows out, dropped with no label token,
-    rows truncated).
+    Out: the Arrow table (`COLUMNS`) and counts: rows in, rows out, rows truncated, and
+    `dropped` by reason (over_length with `overlength: drop`; answer_truncated), with
+    `examples` of each.
     """
-    prompts = tokenizer([row["prompt"] for row in rows], add_special_tokens=False)["input_ids"]
-    completions = tokenizer([row["completion"] for row in rows], add_special_tokens=False)["input_ids"]
-    columns: dict[str, list] = {"id": [], "prompt": [], "completion": [], "input_ids": [], "labels": []}
-    dropped = truncated = 0
+    encode = {"add_special_tokens": False, "return_attention_mask": False}
+    prompts = tokenizer([row["prompt"] for row in rows], **encode)["input_ids"]
+    completions = tokenizer([row["completion"] for row in rows], **encode)["input_ids"]
+    columns: dict[str, list] = {name: [] for name in COLUMNS}
+    lists = [columns[name] for name in COLUMNS]
+    drops, truncated, eos = DropLog(), 0, tokenizer.eos_token_id
     for row, prompt_ids, completion_ids in zip(rows, prompts, completions):
-        full_completion = completion_ids + [tokenizer.eos_token_id]
-        input_ids, labels = tokenize_pair(prompt_ids, full_completion, config)
-        truncated += len(prompt_ids) + len(full_completion) > config.max_length
-        if all(label == IGNORE_INDEX for label in labels):
-            dropped += 1
+        full_completion = completion_ids + [eos]
+        length = len(prompt_ids) + len(full_completion)
+        if length > config.max_length:
+            if config.overlength == "drop":
+                drops.add("over_length", f"row {row['id']}: expected at most tokenize.max_length="
+                          f"{config.max_length} tokens, found {length}")
+                continue
+            truncated += 1
+        if truncate_pair(len(prompt_ids), len(full_completion), config)[1] == 0:
+            drops.add("answer_truncated", f"row {row['id']}: the prompt's {len(prompt_ids)} tokens "
+                      f"fill tokenize.max_length={config.max_length}, no answer token is left")
             continue
-        for name, value in (("id", row["id"]), ("prompt", row["prompt"]), ("completion", row["completion"]),
-                            ("input_ids", input_ids), ("labels", labels)):
-            columns[name].append(value)
-    counts = {"rows_in": len(rows), "rows": len(columns["id"]), "dropped_no_label": dropped, "truncated": truncated}
+        input_ids, labels = tokenize_pair(prompt_ids, full_completion, config)
+        # Plain appends: this loop runs once per row and dominates the stage's time after the tokenizer.
+        values = (row["id"], row.get("source", ""), row.get("role", "train"), question_key(row), row.get("question", ""),
+                  row["prompt"], row["completion"], input_ids, labels, len(prompt_ids), len(completion_ids))
+        for column, value in zip(lists, values):
+            column.append(value)
+    counts = {"rows_in": len(rows), "rows": len(columns["id"]), "truncated": truncated,
+              "dropped": dict(drops.counts), "dropped_no_label": drops.counts["answer_truncated"],
+              "examples": drops.examples}
     return pa.table(columns), counts
 
 
 @stage_task("tokenize", version=VERSION)
 def tokenize(templated: Ref, config: TokenizeConfig, model: ModelConfig, store: StoreConfig) -> Ref:
-    """Tokenize the templated rows into `tokens.parquet`; returns the artifact's Ref."""
+    """Tokenize the templated rows into `tokens.parquet` (+ `report.json`); returns the artifact's Ref."""
     stage = begin_stage(store)
     if stage.committed:
         return stage.ref
     rows = read_jsonl(stage.fetch(templated) / "rows.jsonl")
     tokenizer = load_tokenizer(resolve_model(model.name), trust_remote_code=model.trust_remote_code)
     table, counts = tokenize_rows(rows, tokenizer, config)
+    if table.num_rows == 0:
+        raise DataError(f"tokenize: expected rows left after tokenization, found none of {len(rows)}: {counts['dropped']}; "
+                        "raise tokenize.max_length or use truncation_side: left")
     pq.write_table(table, stage.dir / "tokens.parquet")
+    report = {**counts, "max_length": config.max_length}
+    (stage.dir / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     lengths = [len(ids) for ids in table.column("input_ids").to_pylist()]
-    return stage.commit(meta={**counts, "mean_tokens": round(sum(lengths) / max(len(lengths), 1), 1)})
+    meta = {key: value for key, value in counts.items() if key != "examples"}
+    return stage.commit(meta={**meta, "mean_tokens": round(sum(lengths) / max(len(lengths), 1), 1)})

@@ -13,7 +13,7 @@ from pipeline.store import StoreSettings, open_store
 
 pytestmark = pytest.mark.flow
 
-STAGES = ["collect", "template", "tokenize", "split", "train", "evaluate (base)", "evaluate (fine-tuned)",
+STAGES = ["collect", "template", "tokenize", "validate", "split", "train", "evaluate (base)", "evaluate (fine-tuned)",
           "benchmark (base)", "benchmark (fine-tuned)", "gate"]
 
 
@@ -73,6 +73,6 @@ def test_a_config_change_reruns_only_that_stage_and_later(prefect_harness, two_r
     store_dir, first, _ = two_runs
     changed = finetune(config_path="configs/tiny.yaml", overrides=[f"store.uri={store_dir}", "eval.max_new_tokens=6"])
     states = {e["stage"]: e["state"] for e in changed["stages"]}
-    assert all(states[s] == "Cached" for s in ["collect", "template", "tokenize", "split", "train",
+    assert all(states[s] == "Cached" for s in ["collect", "template", "tokenize", "validate", "split", "train",
                                                "benchmark (base)", "benchmark (fine-tuned)"])
     assert states["evaluate (base)"] == states["evaluate (fine-tuned)"] == states["gate"] == "Completed"

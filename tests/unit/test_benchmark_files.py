@@ -11,9 +11,7 @@ import yaml
 
 from tasks.benchmark import (
     LOCAL_TASKS,
-    UnknownBenchmarkTask,
     format_benchmark_table,
-    run_benchmark,
     write_task_files,
 )
 
@@ -59,7 +57,7 @@ def test_task_files_keep_lm_eval_arc_prompt_and_point_at_local_data(data_dir, tm
         assert set(files) == {"train", "validation", "test"}
         for split, path in files.items():
             assert Path(path).is_absolute()
-            assert Path(path) == (data_dir / LOCAL_TASKS[name][0] / f"{split}.jsonl").resolve()
+            assert Path(path) == (data_dir / LOCAL_TASKS[name].folder / f"{split}.jsonl").resolve()
         assert cfg["test_split"] == "test"
         assert cfg["fewshot_split"] == "train"
         assert cfg["num_fewshot"] == 0
@@ -81,24 +79,6 @@ def test_task_files_match_the_installed_lm_eval_arc_task(data_dir, tmp_path):
 def test_task_files_record_the_few_shot_count(data_dir, tmp_path):
     out = write_task_files(["arc_challenge"], data_dir, tmp_path / "t", num_fewshot=5)
     assert yaml.safe_load((out / "arc_challenge.yaml").read_text())["num_fewshot"] == 5
-
-
-def test_unknown_task_lists_the_available_ones(data_dir, tmp_path):
-    with pytest.raises(UnknownBenchmarkTask) as err:
-        write_task_files(["arc_easy", "hellaswag"], data_dir, tmp_path / "t", num_fewshot=0)
-    message = str(err.value)
-    assert "hellaswag" in message
-    for name in LOCAL_TASKS:
-        assert name in message
-    assert not (tmp_path / "t").exists()
-    assert isinstance(err.value, ValueError)
-
-
-def test_unknown_task_fails_before_any_model_loads(data_dir):
-    with pytest.raises(UnknownBenchmarkTask, match="arc_easy"):
-        run_benchmark(
-            "/nonexistent/model", ["mmlu"], limit=8, num_fewshot=0, batch_size=4, data_dir=data_dir
-        )
 
 
 def test_missing_data_file_is_named(data_dir, tmp_path):

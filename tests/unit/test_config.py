@@ -41,7 +41,7 @@ def test_all_problems_reported_at_once_with_key_expected_found(tmp_path):
 
 
 def test_gate_on_unknown_metric_is_a_config_error():
-    with pytest.raises(ConfigError, match=r"gates\.0: expected eval\.<exact_match\|similarity_mean>.*found 'eval\.bleu'"):
+    with pytest.raises(ConfigError, match=r"gates\.0: expected eval\.<exact_match\|similarity_mean\|.*> or benchmark\.<task>.*found 'eval\.bleu'"):
         load_config(None, ["gates=[{metric: eval.bleu, value: 0.5}]"])
 
 

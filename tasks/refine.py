@@ -1,0 +1,117 @@
+"""Stage 9, refine: choose data-preparation changes from the gates that failed.
+
+In: the gate artifact's verdicts, the round's `DataConfig` and `RefineConfig`.
+Out: `changes.json`, a list of changes, each with the failing gate that asked for
+it, why, and the config overrides (`data.sources.0.phrasings=4`) that make it. The
+flow adds those overrides to the next round's config, so the round history reads
+as plain config edits, and every stage whose inputs did not change comes back
+`Cached`.
+
+The default table (`refine.actions`, configurable):
+
+| failing metric | changes |
+| --- | --- |
+| eval.similarity_mean, eval.exact_match, eval.rouge_l, eval.token_f1 | augment_phrasings, more_data |
+| eval.repetition_rate, eval.repetition_mean, eval.too_long_rate, eval.length_ratio_mean | cap_answer_length |
+| eval.refusal_rate, eval.not_declined_rate | more_refusals |
+| eval.false_refusal_rate, eval.off_topic_rate | augment_phrasings |
+| benchmark.* (forgetting) | replay_general |
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Callable
+
+from pipeline.config import DataConfig, DocsSource, JsonlSource, RefineConfig, StoreConfig
+from pipeline.refs import Ref
+from pipeline.stage import begin_stage, stage_task
+
+VERSION = "1"
+MAX_PHRASINGS = 6
+
+
+def augment_phrasings(data: DataConfig) -> tuple[list[str], str]:
+    """One more question phrasing per documented object (more ways of asking the same thing)."""
+    overrides = [f"data.sources.{i}.phrasings={s.phrasings + 1}" for i, s in enumerate(data.sources)
+                 if isinstance(s, DocsSource) and s.phrasings < MAX_PHRASINGS]
+    return overrides, "more question phrasings per documented object, so answers generalise across wordings"
+
+
+def more_data(data: DataConfig) -> tuple[list[str], str]:
+    """Double every source's row cap (documented objects, file row limits) where one is set."""
+    overrides = []
+    for i, source in enumerate(data.sources):
+        if isinstance(source, DocsSource) and source.max_objects:
+            overrides.append(f"data.sources.{i}.max_objects={source.max_objects * 2}")
+        if isinstance(source, JsonlSource) and source.limit:
+            overrides.append(f"data.sources.{i}.limit={source.limit * 2}")
+    return overrides, "raise the collect caps: more training rows"
+
+
+def more_refusals(data: DataConfig) -> tuple[list[str], str]:
+    """Double the off-topic refusal examples (at least 30 more)."""
+    overrides = [f"data.sources.{i}.offtopic={max(s.offtopic * 2, s.offtopic + 30)}"
+                 for i, s in enumerate(data.sources) if isinstance(s, DocsSource)]
+    return overrides, "more off-topic questions answered with a refusal, so the model learns to decline"
+
+
+def cap_answer_length(data: DataConfig) -> tuple[list[str], str]:
+    """Cut training answers to three quarters of their word budget (at least 10 words)."""
+    overrides = [f"data.sources.{i}.max_answer_words={max(10, int(s.max_answer_words * 0.75))}"
+                 for i, s in enumerate(data.sources) if isinstance(s, DocsSource) and s.max_answer_words > 10]
+    return overrides, "shorter training answers against verbose, run-on generations"
+
+
+def replay_general(data: DataConfig) -> tuple[list[str], str]:
+    """Mix general-knowledge replay rows (ARC *train* questions answered with their correct choice)."""
+    overrides = [f"data.sources.{i}.replay={max(s.replay * 2, 40)}" for i, s in enumerate(data.sources)
+                 if isinstance(s, DocsSource)]
+    return overrides, "replay general questions with their answers, against forgetting general skills"
+
+
+CHANGES: dict[str, Callable[[DataConfig], tuple[list[str], str]]] = {
+    "augment_phrasings": augment_phrasings,
+    "more_data": more_data,
+    "more_refusals": more_refusals,
+    "cap_answer_length": cap_answer_length,
+    "replay_general": replay_general,
+}
+
+
+def changes_for(metric: str, actions: dict[str, list[str]]) -> list[str]:
+    """The change names configured for a failing metric: an exact entry, else its '<section>.*' entry."""
+    return actions.get(metric) or actions.get(metric.split(".")[0] + ".*") or []
+
+
+def plan_changes(verdicts: list[dict], data: DataConfig, config: RefineConfig) -> list[dict]:
+    """For each failing gate, the configured changes that still change something.
+
+    Out: `[{"gate", "change", "why", "overrides"}]`; a change already chosen for an
+    earlier gate is not repeated, and one with nothing left to change is skipped.
+    """
+    planned: list[dict] = []
+    chosen: set[str] = set()
+    for verdict in verdicts:
+        if verdict["passed"]:
+            continue
+        for name in changes_for(verdict["metric"], config.actions):
+            if name in chosen:
+                continue
+            overrides, why = CHANGES[name](data)
+            if overrides:
+                chosen.add(name)
+                planned.append({"gate": verdict["gate"], "change": name, "why": why, "overrides": overrides})
+    return planned
+
+
+@stage_task("refine", version=VERSION)
+def refine(verdicts: Ref, data: DataConfig, config: RefineConfig, store: StoreConfig) -> Ref:
+    """Plan the next round's data changes from the gate verdicts; returns a Ref whose meta lists them."""
+    stage = begin_stage(store)
+    if stage.committed:
+        return stage.ref
+    result = json.loads((stage.fetch(verdicts) / "verdicts.json").read_text(encoding="utf-8"))
+    planned = plan_changes(result["verdicts"], data, config)
+    (stage.dir / "changes.json").write_text(json.dumps(planned, indent=2), encoding="utf-8")
+    return stage.commit(meta={"changes": planned})

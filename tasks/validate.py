@@ -1,0 +1,214 @@
+"""Stage 3b, validate: the data quality report, and the gate that stops a run on bad data.
+
+In: the collect artifact (`report.json`: rows read, rows dropped by reason), the
+tokenize artifact (`tokens.parquet`, `report.json`) and `DataConfig` (the thresholds).
+Out: `quality.json` and `token_lengths.png`, and a markdown artifact in the Prefect UI
+(key `data-quality`):
+
+* rows in and out of each step, and dropped rows per reason (empty, non_string,
+  missing_field, bad_messages, too_long, duplicate, near_duplicate, over_length,
+  answer_truncated) with examples naming file, line and column;
+* token-length distributions of prompts (the question in its template) and answers;
+* duplicate rate, vocabulary diversity of questions and answers, the most repeated answers.
+
+The run fails here, with nothing stored for this stage, when more than
+`data.max_bad_fraction` of the rows read were dropped or fewer than `data.min_rows`
+remain. The markdown report is still shown in the UI, so the failure can be read there.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Any, Iterable
+
+import pyarrow.parquet as pq
+
+from pipeline.config import DataConfig, StoreConfig
+from pipeline.refs import Ref
+from pipeline.stage import begin_stage, stage_task
+from tasks.collect import EXAMPLES_PER_REASON, DataError
+
+VERSION = "1"
+TOP_ANSWERS = 5
+_WORD = re.compile(r"\w+")
+
+
+def length_stats(values: list[int]) -> dict[str, float]:
+    """count, mean, min, p50, p90, p99 and max of a list of lengths (nearest-rank percentiles)."""
+    if not values:
+        return {"count": 0}
+    ordered = sorted(values)
+
+    def rank(p: float) -> int:
+        return ordered[max(0, math.ceil(p * len(ordered)) - 1)]
+
+    return {"count": len(ordered), "mean": round(sum(ordered) / len(ordered), 1), "min": ordered[0],
+            "p50": rank(0.5), "p90": rank(0.9), "p99": rank(0.99), "max": ordered[-1]}
+
+
+def vocabulary(texts: Iterable[str]) -> dict[str, float]:
+    """Words, distinct words and their ratio (type-token ratio: 1.0 means no word repeats)."""
+    counts: Counter = Counter()
+    for text in texts:
+        counts.update(word.lower() for word in _WORD.findall(text))
+    words = sum(counts.values())
+    return {"words": words, "distinct": len(counts), "type_token_ratio": round(len(counts) / words, 4) if words else 0.0}
+
+
+def top_repeated(texts: Iterable[str], n: int = TOP_ANSWERS) -> list[dict[str, Any]]:
+    """The `n` most repeated texts (only those seen more than once), shortened to 120 characters."""
+    return [{"text": text if len(text) <= 120 else text[:117] + "...", "count": count}
+            for text, count in Counter(texts).most_common(n) if count > 1]
+
+
+def merge_drops(*reports: dict[str, Any]) -> tuple[dict[str, int], dict[str, list[str]]]:
+    """Dropped-row counts and examples of several stage reports, added up by reason."""
+    counts: Counter = Counter()
+    examples: dict[str, list[str]] = {}
+    for report in reports:
+        counts.update(report.get("dropped", {}))
+        for reason, quoted in report.get("examples", {}).items():
+            examples.setdefault(reason, []).extend(quoted)
+    return dict(counts.most_common()), {r: q[:EXAMPLES_PER_REASON] for r, q in examples.items()}
+
+
+def quality_report(collect_report: dict[str, Any], tokenize_report: dict[str, Any], columns: dict[str, list]) -> dict[str, Any]:
+    """The quality report of a data set.
+
+    In: collect's report.json, tokenize's report.json and the tokenized columns
+    (`role`, `question`, `completion`, `prompt_tokens`, `answer_tokens`, `input_ids`).
+    Out: a JSON-able dict (see the module docstring).
+    """
+    read = collect_report["rows_read"]
+    dropped, examples = merge_drops(collect_report, tokenize_report)
+    rows = len(columns["completion"])
+    duplicates = dropped.get("duplicate", 0) + dropped.get("near_duplicate", 0)
+    return {
+        "rows_read": read,
+        "rows": rows,
+        "rows_by_role": dict(Counter(columns["role"])),
+        "steps": [
+            {"step": "collect", "rows_in": read, "rows_out": collect_report["rows"]},
+            {"step": "tokenize", "rows_in": tokenize_report["rows_in"], "rows_out": rows},
+        ],
+        "dropped": dropped,
+        "dropped_share": round(sum(dropped.values()) / read, 4) if read else 0.0,
+        "examples": examples,
+        "not_drawn": collect_report.get("not_drawn", 0),
+        "duplicate_rate": round(duplicates / read, 4) if read else 0.0,
+        "truncated": tokenize_report.get("truncated", 0),
+        "max_length": tokenize_report.get("max_length"),
+        "tokens": {
+            "prompt": length_stats(columns["prompt_tokens"]),
+            "answer": length_stats(columns["answer_tokens"]),
+            "sequence": length_stats([len(ids) for ids in columns["input_ids"]]),
+        },
+        "diversity": {
+            "question": vocabulary(q for q in columns["question"] if q),
+            "answer": vocabulary(columns["completion"]),
+            "distinct_token_ids": len({t for ids in columns["input_ids"] for t in ids}),
+        },
+        "top_answers": top_repeated(columns["completion"]),
+        "sources": collect_report.get("sources", []),
+    }
+
+
+def check_quality(report: dict[str, Any], config: DataConfig) -> None:
+    """Raise DataError when more than `max_bad_fraction` of the rows read were dropped, or fewer than `min_rows` remain."""
+    dropped, read = sum(report["dropped"].values()), report["rows_read"]
+    reasons = "\n".join(f"  {reason}: {count} (e.g. {report['examples'][reason][0]})"
+                        for reason, count in report["dropped"].items() if report["examples"].get(reason))
+    if read and dropped / read > config.max_bad_fraction:
+        raise DataError(
+            f"data: expected at most data.max_bad_fraction={config.max_bad_fraction:g} of the rows read to be dropped, "
+            f"found {dropped} of {read} ({dropped / read:.0%}) after collect and tokenize:\n{reasons}\n"
+            "Fix the data, raise tokenize.max_length, or raise data.max_bad_fraction."
+        )
+    if report["rows"] < config.min_rows:
+        raise DataError(f"data: expected at least data.min_rows={config.min_rows} rows, found {report['rows']} "
+                        f"after tokenize\n{reasons}".rstrip())
+
+
+def quality_markdown(report: dict[str, Any]) -> str:
+    """The report as markdown tables for the Prefect UI."""
+    lines = ["## Data quality", "", "| step | rows in | rows out |", "|---|---|---|"]
+    lines += [f"| {s['step']} | {s['rows_in']} | {s['rows_out']} |" for s in report["steps"]]
+    lines += ["", f"Dropped {sum(report['dropped'].values())} of {report['rows_read']} rows read "
+              f"({report['dropped_share']:.1%}); duplicate rate {report['duplicate_rate']:.1%}; "
+              f"{report['truncated']} rows truncated; rows by role: {report['rows_by_role']}.", ""]
+    if report["dropped"]:
+        lines += ["| reason | rows | example |", "|---|---|---|"]
+        lines += [f"| {reason} | {count} | {_cell((report['examples'].get(reason) or [''])[0])} |"
+                  for reason, count in report["dropped"].items()]
+        lines.append("")
+    lines += ["| tokens | mean | min | p50 | p90 | p99 | max |", "|---|---|---|---|---|---|---|"]
+    for name, stats in report["tokens"].items():
+        if stats.get("count"):
+            lines.append(f"| {name} | {stats['mean']} | {stats['min']} | {stats['p50']} | {stats['p90']} | "
+                         f"{stats['p99']} | {stats['max']} |")
+    div = report["diversity"]
+    lines += ["", "| vocabulary | words | distinct | type-token ratio |", "|---|---|---|---|"]
+    lines += [f"| {name} | {div[name]['words']} | {div[name]['distinct']} | {div[name]['type_token_ratio']} |"
+              for name in ("question", "answer")]
+    lines += ["", f"Distinct token ids: {div['distinct_token_ids']}."]
+    if report["top_answers"]:
+        lines += ["", "| most repeated answers | count |", "|---|---|"]
+        lines += [f"| {_cell(a['text'])} | {a['count']} |" for a in report["top_answers"]]
+    return "\n".join(lines)
+
+
+def _cell(text: str) -> str:
+    """Text safe inside a markdown table cell."""
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def plot_token_lengths(columns: dict[str, list], max_length: int | None, path: Path) -> None:
+    """Save histograms of prompt and answer lengths in tokens (with the token budget marked) to a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no screen here, and none needed
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    for axis, name, title in ((axes[0], "prompt_tokens", "prompt (question in its template)"),
+                              (axes[1], "answer_tokens", "answer")):
+        axis.hist(columns[name], bins=40, color="#4C72B0")
+        if max_length:
+            axis.axvline(max_length, color="#C44E52", linestyle="--", label=f"max_length {max_length}")
+            axis.legend()
+        axis.set_title(title)
+        axis.set_xlabel("tokens")
+        axis.set_ylabel("rows")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+REPORT_COLUMNS = ("role", "question", "completion", "prompt_tokens", "answer_tokens", "input_ids")
+
+
+@stage_task("validate", version=VERSION)
+def validate(collected: Ref, tokenized: Ref, config: DataConfig, store: StoreConfig) -> Ref:
+    """Write the data quality report and fail the run on too much bad data; returns the artifact's Ref."""
+    from prefect.artifacts import create_markdown_artifact
+
+    stage = begin_stage(store)
+    if stage.committed:
+        return stage.ref
+    collect_report = json.loads((stage.fetch(collected) / "report.json").read_text(encoding="utf-8"))
+    tokens_dir = stage.fetch(tokenized)
+    tokenize_report = json.loads((tokens_dir / "report.json").read_text(encoding="utf-8"))
+    table = pq.read_table(tokens_dir / "tokens.parquet", columns=list(REPORT_COLUMNS))
+    columns = {name: table.column(name).to_pylist() for name in REPORT_COLUMNS}
+    report = quality_report(collect_report, tokenize_report, columns)
+    create_markdown_artifact(markdown=quality_markdown(report), key="data-quality",
+                             description="Rows dropped by reason, token lengths, duplicates, diversity")
+    check_quality(report, config)
+    (stage.dir / "quality.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    plot_token_lengths(columns, report["max_length"], stage.dir / "token_lengths.png")
+    return stage.commit(meta={"rows": report["rows"], "dropped": report["dropped"],
+                              "dropped_share": report["dropped_share"], "duplicate_rate": report["duplicate_rate"]})
