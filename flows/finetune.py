@@ -28,6 +28,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 
 from pipeline.config import PipelineConfig, StoreConfig, load_config
+from pipeline.models import LATEST_PASSING
 from pipeline.refs import Ref
 from pipeline.stage import result_storage_for
 from pipeline.store import open_store
@@ -42,8 +43,6 @@ from tasks.tokenize import tokenize
 from tasks.train import train
 from tasks.validate import validate
 
-LATEST_PASSING = "pointers/latest-passing.json"
-"""Store key of the pointer to the most recent model that passed every gate."""
 
 
 class GatesFailed(RuntimeError):

@@ -31,6 +31,9 @@ MODEL_SUBDIR = "model"
 ADAPTER_SUBDIR = "adapter"
 ADAPTER_CONFIG = "adapter_config.json"
 ALIASES_PREFIX = "aliases"
+LATEST_PASSING = "pointers/latest-passing.json"
+"""Store key of the pointer the flow moves to each model that passes every gate."""
+LATEST_PASSING_NAME = "latest-passing"
 
 Precision = str  # one of "fp32", "bf16", "fp16"
 
@@ -250,7 +253,7 @@ def find_model(spec: str, store: ArtifactStore) -> str:
 
     In: a local folder (a model folder, an adapter folder or a whole train artifact), a
     Ref uri ('train/<key>', 'train/<key>/model', 'train/<key>/adapter'), a readable alias recorded in the
-    store, or a base-model spec (alias or hub id). Out: the folder (fetched and verified
+    store, 'latest-passing' (the last model that passed every gate), or a base-model spec (alias or hub id). Out: the folder (fetched and verified
     when it comes from the store). Raises UnknownModelError listing the store's aliases
     and the built-in model aliases when nothing matches.
     """
@@ -266,6 +269,9 @@ def find_model(spec: str, store: ArtifactStore) -> str:
         if parts[-1] == ADAPTER_SUBDIR:  # asked for the adapter itself, not the merged model
             return str(store.fetch(ref) / ADAPTER_SUBDIR)
         return model_folder(ref, store)
+    if spec == LATEST_PASSING_NAME and store.exists(LATEST_PASSING):
+        pointer = json.loads(store.get_bytes(LATEST_PASSING))
+        return model_folder(store.open_ref(pointer["train_uri"]), store)
     if _ALIAS_NAME.match(spec) and store.exists(f"{ALIASES_PREFIX}/{spec}.json"):
         return model_folder(read_alias(store, spec), store)
     try:

@@ -118,10 +118,15 @@ def is_text_row(row: dict) -> bool:
     return "text" in row and "answer" not in row
 
 
+_PUNCTUATION = re.compile(r"[^\w\s]")
+
+
 def normalise_text(text: str) -> str:
     """Text for near-duplicate comparison: Unicode-normalised, case-folded, punctuation and spacing collapsed."""
+    if not text:  # most rows have no input and no earlier turns: skip the regex for them
+        return ""
     text = unicodedata.normalize("NFKC", text).casefold()
-    return " ".join(re.sub(r"[^\w\s]", " ", text).split())
+    return " ".join(_PUNCTUATION.sub(" ", text).split())
 
 
 def question_key(row: dict) -> str:

@@ -7,6 +7,7 @@ import pytest
 
 from flows.finetune import LATEST_PASSING, GatesFailed, finetune
 from pipeline.config import load_config
+from pipeline.models import find_model
 from pipeline.store import StoreSettings, open_store
 
 pytestmark = pytest.mark.flow
@@ -70,3 +71,5 @@ def test_a_passing_run_marks_latest_passing(prefect_harness, tmp_path):
     pointer = json.loads(open_store(StoreSettings(uri=str(tmp_path))).get_bytes(LATEST_PASSING))
     assert pointer["model_uri"] == summary["model_uri"] and pointer["round"] == 1
     assert (tmp_path / pointer["model_uri"] / "model.safetensors").is_file()
+    store = open_store(StoreSettings(uri=str(tmp_path)))
+    assert find_model("latest-passing", store).endswith(pointer["model_uri"])  # what `finetune ask latest-passing` loads

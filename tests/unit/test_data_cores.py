@@ -1,6 +1,7 @@
 """Pure cores of collect, template, tokenize and split: no Prefect, no model weights (the tiny tokenizer only)."""
 
 import copy
+import os
 import json
 
 import pyarrow as pa
@@ -216,3 +217,15 @@ def test_split_uses_a_fixed_test_source_and_unshuffled_tails():
     assert figures["test_set"].startswith("fixed") and figures["leakage_removed"] == 1
     train, test = split_table(table_of([f"q{i}" for i in range(10)]), SplitConfig(shuffle=False, test_fraction=0.2))
     assert test.column("id").to_pylist() == ["r8", "r9"]
+
+
+@pytest.mark.parametrize("model", ["tiny-neox", "smollm2-135m-instruct"])
+def test_parallel_batch_encoding_gives_the_tokenizers_own_ids(model):
+    from pipeline.assets import resolve_model
+    from pipeline.models import load_tokenizer
+    from tasks.tokenize import encode_texts
+
+    tokenizer = load_tokenizer(resolve_model(model))
+    texts = ["### Question:\nWhat does `chunked` do?\n\n### Answer:\n", " Break *iterable* into lists.", "", "naïve café — 東京 😀"]
+    assert encode_texts(tokenizer, texts) == tokenizer(texts, add_special_tokens=False)["input_ids"]
+    assert os.environ.get("TOKENIZERS_PARALLELISM") == "false", "the switch must be put back after the call"
