@@ -40,12 +40,16 @@ class FineTuner:
     """Fine-tune `model` (an alias, hub id or local folder) with the pipeline's flow.
 
     `config` is an optional YAML file to start from (the built-in defaults otherwise);
-    `overrides` are dotted `key=value` strings as on the command line.
+    `overrides` are dotted `key=value` strings as on the command line. Credentials
+    (`store.access_key_id`, `store.secret_access_key`) given to `set` go to the
+    environment, as with the CLI, so they never reach the flow run's parameters.
     """
 
     def __init__(self, model: str = "smollm2-135m-instruct", config: str | Path | None = None, overrides: list[str] | None = None):
         self.config_path = str(config) if config is not None else None
-        self.overrides = [*(overrides or []), f"model.name={json.dumps(model)}"]
+        from pipeline.cli import secrets_to_environment
+
+        self.overrides = [*secrets_to_environment(list(overrides or [])), f"model.name={json.dumps(model)}"]
         self.report: RunReport | None = None
         load_config(self.config_path, self.overrides)  # fail now, not after a long wait
 
@@ -56,8 +60,11 @@ class FineTuner:
 
     def set(self, **dotted: Any) -> "FineTuner":
         """Override config values by dotted key, e.g. `ft.set(**{"train.max_steps": 20})`; returns self."""
-        for key, value in dotted.items():
-            self.overrides.append(f"{key}={json.dumps(value)}")  # JSON is valid YAML: types survive
+        from pipeline.cli import secrets_to_environment
+
+        added = [f"{key}={json.dumps(value)}" for key, value in dotted.items()]  # JSON is valid YAML: types survive
+        # Credentials go to the environment boto3 reads, never into flow parameters (the Prefect UI shows those).
+        self.overrides += secrets_to_environment(added)
         load_config(self.config_path, self.overrides)
         return self
 

@@ -3,23 +3,38 @@
     finetune run [--config configs/default.yaml] [--set train.max_steps=20 ...]
     finetune validate [--config ...] [--set ...]
     finetune ask MODEL "question" [--config ...] [--set ...] [--max-new-tokens 64]
+    finetune sweep [--config ...] [--set sweep.fractions=[0.1,0.5,1.0] ...]
+    finetune plan MODEL [--method full|lora] [--device-memory 16GB] [--batch-size N] [--seq-len L] [--probe]
 
 `run` validates the config first (exit code 2 with every problem listed), then
 runs the Prefect flow and prints the summary table: exit 0 when every gate passed,
 2 when the input data cannot be used (a DataError naming file, line and column),
-1 when any other stage failed or a gate failed.
+1 when any other stage failed or a gate failed. The model spec is checked before the
+flow starts (exit 2: a missing folder, a folder without config.json or without
+safetensors weights, a hub id that is not reachable). Credentials given with
+`--set store.access_key_id=... --set store.secret_access_key=...` go to the process
+environment, never into the flow run's parameters (which the Prefect UI shows).
 
 `ask` answers one question with a trained model: MODEL is a readable alias
 (`more_itertools_60_steps_20261122T074641Z`), a train artifact's uri (`train/<key>`),
 a local folder or a base-model spec; the config's template and store apply.
+
+`sweep` runs the pipeline once per point of the config's `sweep` grid (data shares,
+models, methods, learning rates; flows/sweep.py) and prints the table: exit 0 when the
+sweep produced figures (gates may fail at some points: that is what a sweep measures).
+
+`plan` estimates memory for inference and training from the model's config alone (no
+weights loaded; pipeline/planner.py), says whether it fits `--device-memory` and what to
+change if not; `--probe` trains a few steps here for tokens/s and the time per epoch.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
-from typing import Sequence
+from typing import Any, Sequence
 
 from pipeline.config import ConfigError, PipelineConfig, load_config
 
@@ -43,7 +58,49 @@ def build_parser() -> argparse.ArgumentParser:
                              help="override a config value (repeatable)")
     ask_command.add_argument("--max-new-tokens", type=_positive_int, default=None,
                              help="answer length cap (default eval.max_new_tokens)")
+    sweep_command = commands.add_parser("sweep", help="run the pipeline over the config's sweep grid")
+    sweep_command.add_argument("--config", default="configs/default.yaml", help="YAML config file")
+    sweep_command.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                               help="override a config value, e.g. sweep.fractions=[0.1,0.5,1.0] (repeatable)")
+    add_plan_parser(commands)
     return parser
+
+
+def add_plan_parser(commands: Any) -> None:
+    """The `plan` sub-command's arguments (it needs no config file)."""
+    from pipeline.planner import DEFAULT_RESERVE, OPTIMIZER_ALIASES, PRECISIONS
+
+    plan_command = commands.add_parser("plan", help="will it fit? memory for inference and training from a model's config")
+    plan_command.add_argument("model", help="alias, hub id, local folder or config.json path")
+    plan_command.add_argument("--method", choices=["full", "lora"], default="full")
+    plan_command.add_argument("--device-memory", type=_memory_size, default=None, metavar="SIZE",
+                              help="device memory: 16GB (10^9 bytes), 16GiB or 24G (2^30)")
+    plan_command.add_argument("--batch-size", type=_positive_int, default=1)
+    plan_command.add_argument("--seq-len", type=_positive_int, default=512, help="tokens per row")
+    plan_command.add_argument("--optimizer", choices=sorted(OPTIMIZER_ALIASES), default="adamw")
+    plan_command.add_argument("--precision", choices=PRECISIONS, default="float32",
+                              help="float32; mixed (16-bit compute over float32 weights, train.dtype=bfloat16); "
+                                   "bfloat16/float16 (16-bit weights)")
+    plan_command.add_argument("--gradient-checkpointing", action="store_true")
+    plan_command.add_argument("--lora-r", type=_positive_int, default=8)
+    plan_command.add_argument("--attention", choices=["sdpa", "eager"], default="sdpa")
+    plan_command.add_argument("--inference-dtype", choices=["float16", "bfloat16", "float32"], default="float16")
+    plan_command.add_argument("--reserve", type=float, default=DEFAULT_RESERVE, help="share of the device kept free")
+    plan_command.add_argument("--trust-remote-code", action="store_true")
+    plan_command.add_argument("--json", action="store_true", help="print the plan as JSON")
+    plan_command.add_argument("--probe", action="store_true", help="train a few steps here: measured memory, tokens/s, time per epoch")
+    plan_command.add_argument("--probe-steps", type=_positive_int, default=3)
+    plan_command.add_argument("--rows", type=_positive_int, default=1000, help="training rows per epoch, for the time estimate")
+
+
+def _memory_size(text: str) -> int:
+    """argparse type: a memory size such as 16GB, 16GiB or 24G, in bytes."""
+    from pipeline.planner import PlannerError, parse_memory
+
+    try:
+        return parse_memory(text)
+    except PlannerError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _positive_int(text: str) -> int:
@@ -102,12 +159,33 @@ def ask(config: PipelineConfig, model: str, question: str, max_new_tokens: int |
     return EXIT_OK
 
 
+class _NoTracebackFor(logging.Filter):
+    """Keeps log records of the given exception types but drops their traceback (the message says it all)."""
+
+    def __init__(self, *types: type[BaseException]) -> None:
+        super().__init__()
+        self.types = types
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], self.types):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
 def run(config_path: str, overrides: list[str]) -> int:
     """Run the flow; print the summary; return the exit code."""
     from flows.finetune import GatesFailed, finetune, summary_table
     from tasks.collect import DataError
 
-    state = finetune(config_path=config_path, overrides=overrides, return_state=True)
+    quiet = _NoTracebackFor(DataError)  # bad input is the user's to fix: its message, not a traceback
+    loggers = [logging.getLogger(name) for name in ("prefect.flow_runs", "prefect.task_runs")]
+    for logger in loggers:
+        logger.addFilter(quiet)
+    try:
+        state = finetune(config_path=config_path, overrides=overrides, return_state=True)
+    finally:
+        for logger in loggers:
+            logger.removeFilter(quiet)
     outcome = state.result(raise_on_failure=False)
     if isinstance(outcome, GatesFailed):
         print(summary_table(outcome.summary))
@@ -124,12 +202,80 @@ def run(config_path: str, overrides: list[str]) -> int:
     return EXIT_OK
 
 
+def plan(args: argparse.Namespace) -> int:
+    """Print the memory plan for `args.model` (and the probe's figures with --probe); return the exit code."""
+    import json
+
+    from pipeline.assets import UnknownModelError
+    from pipeline.planner import OPTIMIZER_ALIASES, PlannerError, TrainingSetup, format_plan, make_plan, model_shape, plan_as_json
+
+    setup = TrainingSetup(method=args.method, batch_size=args.batch_size, seq_len=args.seq_len,
+                          optimizer=OPTIMIZER_ALIASES[args.optimizer], precision=args.precision,
+                          gradient_checkpointing=args.gradient_checkpointing, lora_r=args.lora_r, attention=args.attention)
+    try:
+        shape = model_shape(args.model, trust_remote_code=args.trust_remote_code, name=args.model)
+        result = make_plan(shape, setup, args.device_memory, args.reserve, args.inference_dtype)
+    except (PlannerError, UnknownModelError, OSError, ValueError) as exc:  # transformers: OSError/ValueError for bad configs
+        print(f"plan error:\n{exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print(json.dumps(plan_as_json(result), indent=2) if args.json else format_plan(result))
+    if not args.probe:
+        return EXIT_OK
+    return probe(args.model, setup, result.training.total, args.probe_steps, args.rows)
+
+
+def probe(model: str, setup: Any, estimate: int, steps: int, rows: int) -> int:
+    """Train `model` for a few steps here; print measured vs estimated memory, tokens/s and time per epoch."""
+    from pipeline.planner import PlannerError, available_memory, epoch_seconds, format_bytes, probe_training
+
+    free = available_memory()
+    if free is not None and estimate > free:
+        print(f"\nprobe skipped: training needs about {format_bytes(estimate)}, this machine has {format_bytes(free)} available",
+              file=sys.stderr)
+        return EXIT_FAILED
+    try:
+        measured = probe_training(model, setup, steps=steps)
+    except PlannerError as exc:
+        print(f"\nprobe failed:\n{exc}", file=sys.stderr)
+        return EXIT_FAILED
+    seconds = epoch_seconds(rows, setup.seq_len, measured.tokens_per_second)
+    print(f"\nprobe ({steps} steps here): peak {format_bytes(measured.peak_bytes)} measured ({measured.peak_kind}) "
+          f"vs {format_bytes(estimate)} estimated ({estimate / measured.peak_bytes - 1:+.0%})")
+    print(f"throughput {measured.tokens_per_second:,.0f} tokens/s -> one epoch of {rows:,} rows x {setup.seq_len} tokens "
+          f"takes about {seconds / 60:,.1f} min here")
+    return EXIT_OK
+
+
+def sweep(config: PipelineConfig, config_path: str, overrides: list[str]) -> int:
+    """Run the sweep flow over the config's grid; print its table; return the exit code."""
+    from flows.sweep import grid_points, sweep as sweep_flow, table_markdown
+    from pipeline.assets import UnknownModelError
+    from pipeline.models import check_model_spec
+
+    for model in dict.fromkeys(point.model for point in grid_points(config)):
+        try:  # every grid model, before the first point spends minutes training
+            check_model_spec(model)
+        except UnknownModelError as exc:
+            print(f"config error:\n{config_path}: sweep.models: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+    state = sweep_flow(config_path=config_path, overrides=overrides, return_state=True)
+    outcome = state.result(raise_on_failure=False)
+    if isinstance(outcome, BaseException):
+        print(f"\nFAILED: {type(outcome).__name__}: {outcome}", file=sys.stderr)
+        return EXIT_FAILED
+    print(table_markdown(outcome["rows"]))
+    print(f"\nSweep: {outcome['store']}/{outcome['uri']} (table.json, table.csv, learning_curve.png)")
+    return EXIT_OK
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `finetune` console command; returns the process exit code."""
     args = build_parser().parse_args(argv)
     # Without PREFECT_API_URL each run starts a temporary Prefect server; on a busy 2-core
     # machine it can need more than Prefect's default 20 s.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    if args.command == "plan":  # needs a model, not a config
+        return plan(args)
     try:
         config = load_config(args.config, args.overrides)
     except ConfigError as exc:
@@ -140,6 +286,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_OK
     if args.command == "ask":
         return ask(config, args.model, args.question, args.max_new_tokens)
+    if args.command == "sweep":
+        return sweep(config, args.config, secrets_to_environment(args.overrides))
     from pipeline.assets import UnknownModelError
     from pipeline.models import check_model_spec
 

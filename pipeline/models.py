@@ -70,7 +70,9 @@ def check_model_folder(folder: str | Path) -> None:
     if is_adapter_folder(folder):
         if not any((folder / name).is_file() for name in SAFE_ADAPTER_WEIGHTS):
             raise ModelFolderError(f"adapter folder {folder}: expected adapter_model.safetensors (pickled weights are "
-                                   f"never loaded), found {found}" + (convert if pickles else ""))
+                                   f"never loaded), found {found}" + ("; convert it once where you trust its author: "
+                                   "PeftModel.from_pretrained(base, folder).save_pretrained(new_folder) writes "
+                                   "adapter_model.safetensors" if pickles else ""))
         return
     if not (folder / "config.json").is_file():
         raise ModelFolderError(f"model folder {folder}: expected config.json (a Hugging Face model folder as "

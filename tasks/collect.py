@@ -968,16 +968,26 @@ def collect_data(config: DataConfig, store: StoreSettings | None = None) -> tupl
 
 def check_rows(report: dict[str, Any], drops: DropLog, config: DataConfig) -> None:
     """Raise DataError when too large a share of the rows read was dropped, or too few rows remain."""
-    read, bad = report["rows_read"], sum(drops.counts.values())
-    if read and bad / read > config.max_bad_fraction:
+    check_drop_budget(report["rows_read"], sum(drops.counts.values()), report["rows"], drops.summary(), config,
+                      after="", advice="Fix the data (or map its columns), or raise data.max_bad_fraction.")
+
+
+def check_drop_budget(rows_read: int, dropped: int, rows_left: int, reasons: str, config: DataConfig, *,
+                      after: str, advice: str) -> None:
+    """The data budget, checked after collect and again after tokenize (`after` names the point).
+
+    In: rows read, rows dropped, rows left, the drop reasons as text, `data.max_bad_fraction`
+    and `data.min_rows`. Raises DataError naming the key, expected and found.
+    """
+    where = f" after {after}" if after else ""
+    if rows_read and dropped / rows_read > config.max_bad_fraction:
         raise DataError(
             f"data: expected at most data.max_bad_fraction={config.max_bad_fraction:g} of the rows read to be dropped, "
-            f"found {bad} of {read} ({bad / read:.0%}):\n{drops.summary()}\n"
-            "Fix the data (or map its columns), or raise data.max_bad_fraction."
+            f"found {dropped} of {rows_read} ({dropped / rows_read:.0%}){where}:\n{reasons}\n{advice}"
         )
-    if report["rows"] < config.min_rows:
-        detail = f"\n{drops.summary()}" if bad else ""
-        raise DataError(f"data: expected at least data.min_rows={config.min_rows} rows, found {report['rows']}{detail}")
+    if rows_left < config.min_rows:
+        detail = f"\n{reasons}" if dropped and reasons else ""
+        raise DataError(f"data: expected at least data.min_rows={config.min_rows} rows, found {rows_left}{where}{detail}")
 
 
 def collect_rows(config: DataConfig, store: StoreSettings | None = None) -> list[dict[str, Any]]:

@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 from pipeline.config import DataConfig, StoreConfig
 from pipeline.refs import Ref
 from pipeline.stage import begin_stage, stage_task
-from tasks.collect import EXAMPLES_PER_REASON, DataError
+from tasks.collect import EXAMPLES_PER_REASON, check_drop_budget
 
 VERSION = "1"
 TOP_ANSWERS = 5
@@ -122,15 +122,8 @@ def check_quality(report: dict[str, Any], config: DataConfig) -> None:
     dropped, read = sum(report["dropped"].values()), report["rows_read"]
     reasons = "\n".join(f"  {reason}: {count} (e.g. {report['examples'][reason][0]})"
                         for reason, count in report["dropped"].items() if report["examples"].get(reason))
-    if read and dropped / read > config.max_bad_fraction:
-        raise DataError(
-            f"data: expected at most data.max_bad_fraction={config.max_bad_fraction:g} of the rows read to be dropped, "
-            f"found {dropped} of {read} ({dropped / read:.0%}) after collect and tokenize:\n{reasons}\n"
-            "Fix the data, raise tokenize.max_length, or raise data.max_bad_fraction."
-        )
-    if report["rows"] < config.min_rows:
-        raise DataError(f"data: expected at least data.min_rows={config.min_rows} rows, found {report['rows']} "
-                        f"after tokenize\n{reasons}".rstrip())
+    check_drop_budget(read, dropped, report["rows"], reasons, config, after="collect and tokenize",
+                      advice="Fix the data, raise tokenize.max_length, or raise data.max_bad_fraction.")
 
 
 def quality_markdown(report: dict[str, Any]) -> str:

@@ -1,6 +1,7 @@
 """The three-line Python API runs the same flow: same artifacts, same caching, a report with the model and metrics."""
 
 import json
+import os
 
 import pytest
 
@@ -40,3 +41,15 @@ def test_three_lines_train_and_evaluate(prefect_harness, faq, tmp_path):
 def test_bad_settings_fail_at_once_not_after_training():
     with pytest.raises(ConfigError, match="train.max_steps"):
         FineTuner("tiny-neox").set(**{"train.max_steps": 0})
+
+
+def test_credentials_set_through_the_api_stay_out_of_the_parameters(monkeypatch):
+    from pipeline import FineTuner
+
+    for variable in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):  # recorded, so put back after the test
+        monkeypatch.setenv(variable, "placeholder")
+    ft = FineTuner("tiny-neox", config="configs/tiny.yaml", overrides=["store.access_key_id=AKIACANARYAPI0000"])
+    ft.set(**{"store.secret_access_key": "canary-api-secret"})
+    assert not any("canary" in o.lower() for o in ft.overrides), ft.overrides
+    assert os.environ["AWS_SECRET_ACCESS_KEY"] == "canary-api-secret"
+    assert os.environ["AWS_ACCESS_KEY_ID"] == "AKIACANARYAPI0000"

@@ -44,7 +44,7 @@ def test_gate_fails_on_bad_share_and_on_too_few_rows():
     with pytest.raises(DataError, match=r"max_bad_fraction=0.25 .* found 4 of 10 \(40%\) after collect and tokenize:\n"
                                         r"  duplicate: 2 \(e.g. faq.jsonl:4: repeats\)"):
         check_quality(report, DataConfig(max_bad_fraction=0.25, min_rows=1))
-    with pytest.raises(DataError, match=r"expected at least data.min_rows=20 rows, found 6 after tokenize"):
+    with pytest.raises(DataError, match=r"expected at least data.min_rows=20 rows, found 6 after collect and tokenize"):
         check_quality(report, DataConfig(max_bad_fraction=0.5, min_rows=20))
     check_quality(report, DataConfig(max_bad_fraction=0.5, min_rows=6))
 
