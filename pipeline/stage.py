@@ -31,7 +31,7 @@ from prefect.filesystems import WritableFileSystem
 from pydantic import Field
 
 from pipeline.refs import Ref, content_key
-from pipeline.store import ArtifactNotFound, ArtifactStore, StoreSettings, open_store
+from pipeline.store import ArtifactNotFound, ArtifactStore, CorruptArtifact, StoreSettings, StoreUnavailable, open_store
 
 RESULTS_PREFIX = "_prefect"
 STORE_PARAMETER = "store"
@@ -80,10 +80,22 @@ def result_storage_for(settings: StoreSettings) -> ArtifactStoreResults:
     Prefect only accepts result storage blocks saved on its server (so other
     processes can load them), so the block is saved under a name derived from the
     store's location; saving again overwrites it with the same content.
+
+    Two runs starting at the same moment on a fresh Prefect server both register the
+    block type: the slower one gets ObjectAlreadyExists (409), and saving again finds
+    what the faster one registered.
     """
+    from prefect.exceptions import ObjectAlreadyExists
+
     block = ArtifactStoreResults(uri=_absolute_uri(settings.uri), endpoint_url=settings.endpoint_url, region=settings.region)
     location = f"{block.uri}|{block.endpoint_url}|{block.region}"
-    block.save(f"artifact-store-{hashlib.sha256(location.encode()).hexdigest()[:12]}", overwrite=True)
+    for attempt in range(3):
+        try:
+            block.save(f"artifact-store-{hashlib.sha256(location.encode()).hexdigest()[:12]}", overwrite=True)
+            return block
+        except ObjectAlreadyExists:
+            if attempt == 2:
+                raise
     return block
 
 
@@ -100,17 +112,60 @@ def stage_inputs(parameters: dict[str, Any]) -> dict[str, Any]:
 def _cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
     """Prefect cache key: the stage's content key.
 
-    When the artifact behind a key is missing (deleted, or found corrupt and
-    removed by `ArtifactStore.fetch`), the cache record is stale: drop it so the
-    stage recomputes instead of handing out a Ref to nothing.
+    When the artifact behind a key is missing (deleted, interrupted before its
+    manifest, or found corrupt: `ArtifactStore.is_intact` hashes a local store's
+    files) the cache record is stale: drop it so the stage recomputes instead of
+    handing out a Ref to nothing, or to bytes that changed after the fact.
     """
     stage, version = context.task.name, context.task.version or "0"
     key = content_key(stage, version, stage_inputs(parameters))
     cache_key = f"{stage}-{key}"
     store = open_store(parameters[STORE_PARAMETER])
-    if not store.has_artifact(f"{stage}/{key}"):
+    if not _reusable(store, f"{stage}/{key}"):
         store.delete(f"{RESULTS_PREFIX}/{cache_key}")
     return cache_key
+
+
+def _reusable(store: ArtifactStore, uri: str) -> bool:
+    """Whether the committed artifact `uri` is intact; a corrupt one is reported in the run's log and recomputed."""
+    try:
+        return store.is_intact(uri)
+    except CorruptArtifact as error:
+        _run_logger().warning("%s; the stage recomputes it", error)
+        return False
+
+
+def _run_logger() -> Any:
+    """Prefect's run logger (the message shows in the UI), or this module's outside a run."""
+    import logging
+
+    from prefect import get_run_logger
+    from prefect.exceptions import MissingContextError
+
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger(__name__)
+
+
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (StoreUnavailable, ConnectionError, TimeoutError)
+"""Failures a retry may cure: the store's endpoint unreachable or failing, a dropped connection."""
+
+
+def retry_on_transient_errors(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect retry condition: retry only when the failure (or an error behind it) is transient I/O.
+
+    Bad input, a bug or running out of memory fails at once instead of after every retry delay.
+    """
+    error: BaseException | None = state.data if isinstance(state.data, BaseException) else None
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        network = type(error).__module__.startswith(("botocore", "urllib3")) and "Connection" in type(error).__name__
+        if isinstance(error, TRANSIENT_ERRORS) or network:
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def stage_task(name: str, version: str, retries: int = 0) -> Callable[[F], F]:
@@ -118,7 +173,9 @@ def stage_task(name: str, version: str, retries: int = 0) -> Callable[[F], F]:
 
     `version` must be bumped when the stage's core changes in a way that changes its
     output: Prefect only sees the task function's own source. Only I/O-bound stages
-    should pass `retries`.
+    should pass `retries`: they are retried on transient I/O failures only (the store
+    or a data source unreachable), after 2 s, 4 s, 8 s, ... (exponential backoff, +-25% jitter),
+    on top of the store's own per-request retries (`store.retry_attempts`).
     """
     return task(  # type: ignore[return-value]
         name=name,
@@ -127,7 +184,9 @@ def stage_task(name: str, version: str, retries: int = 0) -> Callable[[F], F]:
         persist_result=True,
         result_serializer="json",
         retries=retries,
-        retry_delay_seconds=[2, 10, 30][:retries] if retries else 0,
+        retry_delay_seconds=[2.0 * 2**attempt for attempt in range(retries)] if retries else 0,
+        retry_jitter_factor=0.25 if retries else None,
+        retry_condition_fn=retry_on_transient_errors if retries else None,
     )
 
 
@@ -148,8 +207,8 @@ class StageRun:
 
     @property
     def committed(self) -> bool:
-        """True when an earlier run already committed this exact output (it is reused, not recomputed)."""
-        return self.store.has_artifact(self.uri)
+        """True when an earlier run already committed this exact output, intact (it is reused, not recomputed)."""
+        return _reusable(self.store, self.uri)
 
     @property
     def ref(self) -> Ref:

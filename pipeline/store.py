@@ -24,17 +24,25 @@ import abc
 import hashlib
 import json
 import logging
+import errno
 import os
+import random
 import re
 import shutil
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
-from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
+try:  # POSIX: commits of the same artifact to a local store take turns (see LocalStore._exclusive)
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from pipeline.refs import MANIFEST_NAME, Ref, canonical_json
 
@@ -52,8 +60,23 @@ VERIFIED_MARKER = ".verified"
 _TMP_PREFIX = ".~tmp-"
 # Temp files of interrupted local writes carry this prefix; listings skip them.
 
+REJECTED_MANIFEST = f"{_TMP_PREFIX}rejected-manifest.json"
+# A manifest whose artifact was found corrupt is moved here (it matched its Ref, only a file did not). When
+# the stage recomputes exactly the same content, the new manifest keeps its `created_at`, so the artifact keeps
+# its sha256 and the stages after it stay cached.
+
+_RETRY_MAX_DELAY_S = 30.0
+_THROTTLE_CODES = frozenset(
+    {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "RequestLimitExceeded",
+     "TooManyRequests", "InternalError", "ServiceUnavailable"}
+)
+T = TypeVar("T")
+
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
 # 's3:', 'file:', 'http:' and also Windows drive letters ('C:'): none belongs in a relative path.
+
+_BUCKET = re.compile(r"[a-z0-9](?:[a-z0-9.-]{0,61}[a-z0-9])?")
+# S3 bucket names (DNS-compatible, as AWS, MinIO and SeaweedFS require); no ':', '@', '?', '#', '%' or '_'.
 
 _ACCESS_CODES = frozenset(
     {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "Forbidden", "403",
@@ -92,10 +115,16 @@ class CorruptArtifact(RuntimeError):
 
 
 class StoreError(RuntimeError):
-    """The store cannot be used: endpoint unreachable, access denied, bucket missing.
+    """The store cannot be used: endpoint unreachable, access denied, bucket missing, disk full,
+    no write permission.
 
-    The message names the endpoint and bucket and what to check; never a secret key.
+    The message names the endpoint and bucket (or the local folder) and what to check; never a secret key.
     """
+
+
+class StoreUnavailable(StoreError):
+    """A StoreError that may pass: the endpoint did not answer, or answered with a server error or
+    throttling, after every retry. Stage tasks that retry (I/O tasks) retry on this, not on others."""
 
 
 # --------------------------------------------------------------------------- settings
@@ -103,6 +132,8 @@ class StoreError(RuntimeError):
 
 class StoreSettings(BaseModel):
     """Where artifacts live: a local folder or `s3://bucket/prefix` on any S3-compatible server."""
+
+    model_config = ConfigDict(hide_input_in_errors=True)  # a rejected value may hold a credential
 
     uri: str = Field(
         "./artifacts",
@@ -132,6 +163,21 @@ class StoreSettings(BaseModel):
         description="Folder that S3 artifacts are downloaded into and verified in. Unset: "
         "~/.cache/finetune-pipeline/store/<hash of uri>.",
     )
+    retry_attempts: int = Field(
+        4,
+        ge=1,
+        le=20,
+        description="Attempts per S3 request, the first included, before the store gives up with an error "
+        "naming the endpoint. Only an unreachable endpoint, a timeout, a server error (5xx) or throttling is "
+        "retried; access denied or a missing key fails at once.",
+    )
+    retry_backoff_seconds: float = Field(
+        0.5,
+        ge=0,
+        le=60,
+        description="Wait before the first retry of an S3 request; it doubles for each further retry (with "
+        "+-20% jitter, at most 30 s each). The defaults ride out about 3.5 s of outage per request.",
+    )
 
     @field_validator("uri")
     @classmethod
@@ -142,7 +188,16 @@ class StoreSettings(BaseModel):
         if value.startswith("s3://"):
             parse_s3_uri(value)
         elif "://" in value and not value.startswith("file://"):
-            raise ValueError(f"expected a folder or s3://bucket/prefix, found {value!r}")
+            raise ValueError(f"expected a folder or s3://bucket/prefix, found {redact_uri(value)!r}")
+        return value
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _endpoint_has_no_credentials(cls, value: str | None) -> str | None:
+        """Credentials inside the endpoint URL would be shown wherever the endpoint is named."""
+        if value is not None and "@" in value.split("://", 1)[-1].split("/", 1)[0]:
+            raise ValueError(f"expected an endpoint URL without credentials (set access_key_id and secret_access_key "
+                             f"instead), found {redact_uri(value)!r}")
         return value
 
     @model_validator(mode="after")
@@ -186,12 +241,28 @@ def _path_problem(path: object) -> str | None:
         return "absolute paths are not allowed, paths are relative to the store root"
     if "\x00" in path:
         return "NUL characters are not allowed"
+    if any(ord(char) < 32 or ord(char) == 127 for char in path):
+        return "control characters are not allowed"
     segments = path.split("/")
     if "" in segments:
         return "empty segments ('//' or a trailing '/') are not allowed"
     if any(seg in (".", "..") for seg in segments):
         return "'.' and '..' segments are not allowed"
+    decoded = _decoded(path)
+    if decoded != path and _path_problem(decoded):
+        # '%2e%2e' is '..' to any server or proxy that decodes keys once more
+        return f"percent-encoded or look-alike characters that read as {decoded!r} are not allowed"
     return None
+
+
+def _decoded(path: str) -> str:
+    """`path` as a server that percent-decodes (repeatedly) and Unicode-normalises keys might read it."""
+    import unicodedata
+    from urllib.parse import unquote
+
+    for _ in range(3):  # '%252e' -> '%2e' -> '.'
+        path = unquote(path)
+    return unicodedata.normalize("NFKC", path)
 
 
 def _prefix_path(prefix: str) -> str:
@@ -213,6 +284,12 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def redact_uri(text: str) -> str:
+    """`text` with any 'user:password@' part of a URL replaced by '***@', for messages."""
+    text = re.sub(r"(?<=://)[^/@\s]*@", "***@", text)
+    return re.sub(r"^[^/@\s]*@", "***@", text)  # a bare 'user:secret@bucket' (an s3 uri's netloc)
+
+
 def parse_s3_uri(uri: str) -> tuple[str, str]:
     """In: 's3://bucket/some/prefix'. Out: ('bucket', 'some/prefix'); the prefix may be ''.
 
@@ -224,6 +301,10 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
     prefix = prefix.strip("/")
     if not bucket:
         raise ValueError(f"expected s3://bucket/prefix, found {uri!r} (no bucket)")
+    if not _BUCKET.fullmatch(bucket) or ".." in bucket:
+        # Also stops URL tricks: 'user:secret@host', '?query', '#fragment', '%2e' never reach an endpoint.
+        raise ValueError(f"invalid bucket in {redact_uri(uri)!r}: expected 1-63 lowercase letters, digits, '.' and "
+                         f"'-', starting and ending with a letter or digit, found {redact_uri(bucket)!r}")
     if prefix and _path_problem(prefix):
         raise ValueError(f"invalid prefix in {uri!r}: {_path_problem(prefix)}")
     return bucket, prefix
@@ -269,10 +350,17 @@ def _atomic_write(target: Path, write: Callable[[Path], None], *, durable: bool)
     `durable` fsyncs before the rename, so a crash cannot leave a renamed but empty file
     (which matters most for the manifest, the commit marker).
     """
-    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f"{_TMP_PREFIX}{target.name}.{uuid.uuid4().hex[:12]}"
     try:
-        write(tmp)
+        for attempt in range(3):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                write(tmp)
+                break
+            except FileNotFoundError:
+                # Another process pruned the folder while it was empty (LocalStore.delete): make it again.
+                if attempt == 2 or target.parent.is_dir():
+                    raise
         if durable:
             with open(tmp, "rb+") as handle:
                 os.fsync(handle.fileno())
@@ -290,6 +378,12 @@ def _write_bytes_atomic(target: Path, data: bytes, *, durable: bool = True) -> N
 def _copy_atomic(source: Path, target: Path, *, durable: bool = True) -> None:
     """Atomically copy the file `source` to `target`."""
     _atomic_write(target, lambda tmp: shutil.copyfile(source, tmp), durable=durable)
+
+
+def _gone_is_fine(function: Any, path: str, exc_info: Any) -> None:
+    """shutil.rmtree error handler: a file another process removed first is fine, anything else is raised."""
+    if not isinstance(exc_info[1], FileNotFoundError):
+        raise exc_info[1]
 
 
 def _require_local_file(local: Path) -> Path:
@@ -374,6 +468,14 @@ class ArtifactStore(abc.ABC):
         name, its config section (a model or plain values; secrets are dropped) and small
         summary figures (`meta`). Every file goes to '<uri>/<relpath>' first; the manifest
         goes last, so an interrupted commit leaves no artifact. Out: the Ref.
+
+        Faults: when the store refuses a write (StoreError: disk full, no permission, endpoint
+        gone) the files of this attempt are removed again, best effort, and the error raised.
+        When another run committed the same uri meanwhile (two runs of one config), its
+        artifact is kept and its Ref returned: a committed artifact is never overwritten, so a
+        Ref another run holds stays valid. Local stores serialise commits of one uri.
+        When the artifact was rejected as corrupt earlier and the same content is committed
+        again, the old manifest's `created_at` is kept, so the Ref (and what depends on it) is the same.
         """
         validate_path(uri)
         staging_dir = Path(staging_dir)
@@ -384,9 +486,6 @@ class ArtifactStore(abc.ABC):
             if reserved in files:
                 raise ValueError(f"{staging_dir / reserved}: {reserved!r} is reserved by the artifact store")
         entries = {rel: {"sha256": sha256_file(p), "size": p.stat().st_size} for rel, p in files.items()}
-        self._discard(uri)  # leftovers of an earlier attempt (or a corrupt artifact) must not mix in
-        for rel, path in files.items():
-            self.put_file(f"{uri}/{rel}", path)
         manifest = {
             "kind": kind,
             "uri": uri,
@@ -396,8 +495,20 @@ class ArtifactStore(abc.ABC):
             "meta": _plain_json(dict(meta)),
             "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
         }
-        data = _manifest_bytes(manifest)
-        self.put_bytes(f"{uri}/{MANIFEST_NAME}", data)
+        with self._exclusive(uri):
+            if self.has_artifact(uri):
+                log.info("%s was committed by another run meanwhile; keeping it", self.location(uri))
+                return self.open_ref(uri)
+            manifest["created_at"] = self._earlier_created_at(uri, manifest) or manifest["created_at"]
+            self._discard(uri)  # leftovers of an earlier attempt (or a corrupt artifact) must not mix in
+            try:
+                for rel, path in files.items():
+                    self.put_file(f"{uri}/{rel}", path)
+                data = _manifest_bytes(manifest)
+                self.put_bytes(f"{uri}/{MANIFEST_NAME}", data)
+            except StoreError:
+                self._abandon(uri)
+                raise
         return Ref(kind=kind, uri=uri, sha256=sha256_bytes(data), meta=manifest["meta"])
 
     def read_manifest(self, uri: str) -> dict | None:
@@ -482,9 +593,49 @@ class ArtifactStore(abc.ABC):
         self.delete(f"{uri}/{MANIFEST_NAME}")
         self.delete(uri)
 
-    def _reject(self, error: CorruptArtifact) -> NoReturn:
-        """Delete the corrupt artifact's manifest so its stage recomputes it, then raise `error`."""
+    @contextmanager
+    def _exclusive(self, uri: str) -> Iterator[None]:
+        """Hold off other commits of `uri` while this one runs (LocalStore; S3 relies on checking first)."""
+        yield
+
+    def _abandon(self, uri: str) -> None:
+        """After a failed commit: remove what this attempt wrote, unless a manifest is there. Never raises."""
         try:
+            if self.read_manifest(uri) is None:
+                self._discard(uri)
+        except Exception as exc:  # the write failure is the news; e.g. the endpoint is still down
+            log.warning("could not remove the partial upload %s: %s", self.location(uri), exc)
+
+    def _earlier_created_at(self, uri: str, manifest: dict[str, Any]) -> str | None:
+        """`created_at` of the manifest rejected at `uri` when everything else in it equals `manifest`."""
+        try:
+            earlier = _parse_manifest(self.get_bytes(f"{uri}/{REJECTED_MANIFEST}"))
+        except ArtifactNotFound:
+            return None
+        if earlier is None or not isinstance(earlier.get("created_at"), str):
+            return None
+        same = all(earlier.get(key) == value for key, value in manifest.items() if key != "created_at")
+        return earlier["created_at"] if same and set(earlier) == set(manifest) else None
+
+    def is_intact(self, uri: str) -> bool:
+        """Whether the committed artifact `uri` may be reused without recomputing it.
+
+        Here: `has_artifact` (manifest present, every file at its listed size); `fetch` hashes
+        every file that is used. LocalStore hashes every file now. A corrupt artifact is rejected
+        (CorruptArtifact raised, its manifest removed), so its stage recomputes it.
+        """
+        return self.has_artifact(uri)
+
+    def _reject(self, error: CorruptArtifact) -> NoReturn:
+        """Delete the corrupt artifact's manifest so its stage recomputes it, then raise `error`.
+
+        A manifest that matched its Ref (only a file did not) is kept aside as REJECTED_MANIFEST.
+        """
+        try:
+            if error.file != MANIFEST_NAME:
+                data = self._read_manifest_bytes(error.uri)
+                if data is not None:
+                    self.put_bytes(f"{error.uri}/{REJECTED_MANIFEST}", data)
             self.delete(f"{error.uri}/{MANIFEST_NAME}")
             log.warning("%s; removed its manifest so the producing stage recomputes it", error)
         except Exception as exc:  # the corruption is the news; a failed clean-up must not hide it
@@ -508,20 +659,85 @@ class LocalStore(ArtifactStore):
     def __init__(self, root: Path | str) -> None:
         """In: the root folder (created if missing; relative paths resolve against the cwd)."""
         self.root = Path(root).expanduser().resolve()
-        self.root.mkdir(parents=True, exist_ok=True)
         self.uri = str(self.root)
+        with self._writing("creating", self.root):
+            self.root.mkdir(parents=True, exist_ok=True)
+
+    @contextmanager
+    def _writing(self, action: str, target: Path) -> Iterator[None]:
+        """Turn an OSError of a write into a StoreError naming the file, the store and what to do.
+
+        The temp file of a failed write is already gone (`_atomic_write`); `commit` removes the
+        files of a failed attempt.
+        """
+        try:
+            yield
+        except StoreError:
+            raise
+        except OSError as exc:
+            code = exc.errno
+            if code in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):
+                what = ("no space left on the device (disk or quota full): free space there or point store.uri "
+                        "at a folder on a larger disk")
+            elif code in (errno.EACCES, errno.EPERM):
+                what = (f"permission denied: the pipeline (user id {os.getuid() if hasattr(os, 'getuid') else '?'}) "
+                        "may not write there; fix the folder's owner or mode, or choose another store.uri")
+            elif code == errno.EROFS:
+                what = "the file system is read-only: choose a writable store.uri"
+            else:
+                what = f"{exc.strerror or exc} (errno {errno.errorcode.get(code, code)})"
+            raise StoreError(f"cannot write to the local store {self.root} ({action} {target}): {what}. "
+                             "Nothing of this write was kept.") from exc
+
+    @contextmanager
+    def _exclusive(self, uri: str) -> Iterator[None]:
+        """Take an exclusive lock for committing `uri`: a second committer waits, then finds it committed.
+
+        The lock is a temp-named file in the root (listings skip it), removed on release; a
+        waiter that locked a file already removed tries again.
+        """
+        if fcntl is None:  # pragma: no cover - Windows: no locking
+            yield
+            return
+        path = self.root / f"{_TMP_PREFIX}commit-{sha256_bytes(uri.encode('utf-8'))[:32]}.lock"
+        with self._writing("taking the commit lock", path):
+            while True:
+                handle = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX)
+                    if os.path.samestat(os.fstat(handle), os.stat(path)):
+                        break
+                except FileNotFoundError:
+                    pass
+                except BaseException:
+                    os.close(handle)
+                    raise
+                os.close(handle)
+        try:
+            yield
+        finally:
+            try:
+                path.unlink(missing_ok=True)
+            finally:
+                os.close(handle)
 
     def _abs(self, path: str) -> Path:
-        """The local path of a store path."""
-        return self.root / validate_path(path)
+        """The local path of a store path; ValueError when a symbolic link inside the store leads out of its root."""
+        target = self.root / validate_path(path)
+        real = target.resolve()
+        if real != self.root and self.root not in real.parents:
+            raise ValueError(f"invalid store path {path!r}: a symbolic link leads it out of the store root {self.root}")
+        return target
 
     def location(self, path: str) -> str:
         """In: a store path. Out: its absolute local path."""
         return str(self._abs(path))
 
     def put_bytes(self, path: str, data: bytes) -> None:
-        """Write `data` to `path` atomically (temp file + os.replace, fsynced)."""
-        _write_bytes_atomic(self._abs(path), data)
+        """Write `data` to `path` atomically (temp file + os.replace, fsynced). StoreError when the disk refuses."""
+        target = self._abs(path)
+        with self._writing("writing", target):
+            _write_bytes_atomic(target, data)
 
     def get_bytes(self, path: str) -> bytes:
         """Out: the bytes at `path`. Raises ArtifactNotFound naming the local path."""
@@ -531,8 +747,10 @@ class LocalStore(ArtifactStore):
         return target.read_bytes()
 
     def put_file(self, path: str, local: Path) -> None:
-        """Copy the local file `local` to `path` atomically."""
-        _copy_atomic(_require_local_file(local), self._abs(path))
+        """Copy the local file `local` to `path` atomically. StoreError when the disk refuses."""
+        source, target = _require_local_file(local), self._abs(path)
+        with self._writing("writing", target):
+            _copy_atomic(source, target)
 
     def get_file(self, path: str, local: Path) -> None:
         """Copy `path` to `local` atomically. Raises ArtifactNotFound naming the local path."""
@@ -548,10 +766,11 @@ class LocalStore(ArtifactStore):
     def delete(self, prefix: str) -> None:
         """Delete the file or folder `prefix` (missing is fine) and the empty folders left above it."""
         target = self._abs(_prefix_path(prefix))
-        if target.is_dir() and not target.is_symlink():
-            shutil.rmtree(target)
-        else:
-            target.unlink(missing_ok=True)
+        with self._writing("deleting", target):
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target, onerror=_gone_is_fine)
+            else:
+                target.unlink(missing_ok=True)
         self._prune_empty_parents(target.parent)
 
     def _prune_empty_parents(self, folder: Path) -> None:
@@ -570,11 +789,18 @@ class LocalStore(ArtifactStore):
             return {prefix: base.stat().st_size}
         if not base.is_dir():
             return {}
-        return {
-            p.relative_to(self.root).as_posix(): p.stat().st_size
-            for p in base.rglob("*")
-            if p.is_file() and not p.name.startswith(_TMP_PREFIX)
-        }
+        sizes: dict[str, int] = {}
+        for folder, _, names in os.walk(base):  # another process may delete files meanwhile: skip those
+            for name in names:
+                if name.startswith(_TMP_PREFIX):
+                    continue
+                path = Path(folder) / name
+                try:
+                    if path.is_file():
+                        sizes[path.relative_to(self.root).as_posix()] = path.stat().st_size
+                except FileNotFoundError:
+                    continue
+        return sizes
 
     def _materialise(self, uri: str, manifest: dict[str, Any], manifest_sha: str) -> Path:
         """Verify every file in place; out: the artifact's own folder."""
@@ -582,6 +808,17 @@ class LocalStore(ArtifactStore):
         for rel, entry in sorted(manifest["files"].items()):
             self._check_file(uri, rel, entry, folder / validate_path(rel))
         return folder
+
+    def is_intact(self, uri: str) -> bool:
+        """Whether `uri` is committed with every file hashing to its manifest entry (local files hash fast).
+
+        False when there is no manifest or a file is missing or resized; CorruptArtifact (after
+        rejecting the artifact) when a file's bytes changed.
+        """
+        if not self.has_artifact(uri):
+            return False
+        self.fetch(self.open_ref(uri))
+        return True
 
 
 # --------------------------------------------------------------------------- S3
@@ -633,10 +870,55 @@ def make_s3_client(settings: StoreSettings) -> Any:
     if settings.access_key_id is not None and settings.secret_access_key is not None:
         kwargs["aws_access_key_id"] = settings.access_key_id.get_secret_value()
         kwargs["aws_secret_access_key"] = settings.secret_access_key.get_secret_value()
+    session = boto3.session.Session()
     try:
-        return boto3.session.Session().client("s3", **kwargs)
+        client = session.client("s3", **kwargs)
     except ValueError as exc:  # e.g. a malformed endpoint URL
         raise StoreError(f"cannot use S3 endpoint {settings.endpoint_url!r} for {settings.uri}: {exc}") from exc
+    if "aws_access_key_id" in kwargs:
+        _redact_in_logs(kwargs["aws_access_key_id"], kwargs["aws_secret_access_key"])
+    else:  # the chain's credentials, already resolved (and cached by the session) for the client
+        credentials = session.get_credentials()
+        if credentials is not None:
+            _redact_in_logs(*credentials.get_frozen_credentials())
+    return client
+
+
+class _RedactCredentials(logging.Filter):
+    """Masks the credentials the store uses in log records of boto3, botocore, s3transfer and urllib3.
+
+    botocore's DEBUG records dump request headers (`Authorization: ... Credential=<key id>/...`,
+    `X-Amz-Security-Token: <token>`): whoever turns DEBUG on must still get no credential in a log.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.values: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            text = record.getMessage()
+        except Exception:  # a record that cannot be formatted is not ours to fix
+            return True
+        redacted = text
+        for value in self.values:
+            redacted = redacted.replace(value, "***")
+        if redacted != text:
+            record.msg, record.args = redacted, ()
+        return True
+
+
+_REDACTOR = _RedactCredentials()
+
+
+def _redact_in_logs(*values: str | None) -> None:
+    """Add credential values to the redaction filter and make sure every AWS library logger has it."""
+    _REDACTOR.values.update(v for v in values if v and len(v) >= 8)  # shorter strings are no real credential
+    for name in list(logging.root.manager.loggerDict):
+        if name.split(".")[0] in ("boto3", "botocore", "s3transfer", "urllib3"):
+            logger = logging.getLogger(name)
+            if _REDACTOR not in logger.filters:
+                logger.addFilter(_REDACTOR)
 
 
 def _error_code(exc: Any) -> tuple[str, int]:
@@ -676,6 +958,7 @@ class S3Store(ArtifactStore):
         # Objects above 8 MB go multipart: parts retry on their own and upload in parallel.
         self._transfer = TransferConfig(multipart_threshold=MULTIPART_BYTES, multipart_chunksize=MULTIPART_BYTES)
         self._bucket_ready = False
+        self._attempts, self._backoff = settings.retry_attempts, settings.retry_backoff_seconds
 
     # ---- helpers
 
@@ -719,12 +1002,17 @@ class S3Store(ArtifactStore):
                 "and store.secret_access_key, or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
             ) from exc
         except (BotoConnectionError, HTTPClientError) as exc:
-            raise StoreError(
+            raise StoreUnavailable(
                 f"cannot reach the S3 endpoint {self.endpoint} (bucket {self.bucket!r}) while {action}: {exc}. "
                 "Check store.endpoint_url (or AWS_ENDPOINT_URL) and that the server is running."
             ) from exc
         except ClientError as exc:
             code, status = _error_code(exc)
+            if status >= 500 or status == 429 or code in _THROTTLE_CODES:
+                raise StoreUnavailable(
+                    f"the S3 endpoint {self.endpoint} answered {code or status} for {self._where()} while {action}: "
+                    "the server is failing or overloaded"
+                ) from exc
             if code in _ACCESS_CODES or status == 403:
                 raise StoreError(
                     f"access denied ({code or status}) for {self._where()} while {action}: check the "
@@ -737,7 +1025,36 @@ class S3Store(ArtifactStore):
                 ) from exc
             raise StoreError(f"S3 error {code or status} from {self._where()} while {action}: {exc}") from exc
         except (Boto3Error, BotoCoreError) as exc:  # e.g. S3UploadFailedError, which wraps the ClientError as text
-            raise StoreError(f"S3 failure for {self._where()} while {action}: {exc}") from exc
+            cause = exc.__cause__ or exc.__context__
+            code, status = _error_code(cause)
+            unavailable = isinstance(cause, (BotoConnectionError, HTTPClientError)) or status >= 500 or status == 429 \
+                or code in _THROTTLE_CODES
+            raise (StoreUnavailable if unavailable else StoreError)(
+                f"S3 failure for {self._where()} while {action}: {exc}") from exc
+
+    def _request(self, action: str, operation: Callable[[], T]) -> T:
+        """Run one idempotent S3 request; retry it while the store is unavailable, with exponential backoff.
+
+        Waits retry_backoff_seconds, then twice that, and so on (+-20% jitter, at most 30 s),
+        retry_attempts attempts in all. Other errors (access denied, no such key) are not retried.
+        When every attempt fails, the StoreUnavailable names the endpoint and what was waited.
+        """
+        started = time.monotonic()
+        for attempt in range(1, self._attempts + 1):
+            try:
+                with self._s3_errors(action):
+                    return operation()
+            except StoreUnavailable as error:
+                if attempt >= self._attempts:
+                    waited = time.monotonic() - started
+                    text = str(error).rstrip(".")
+                    raise StoreUnavailable(f"{text}. Gave up after {attempt} attempt(s) over {waited:.1f} s "
+                                           "(store.retry_attempts, store.retry_backoff_seconds).") from error.__cause__
+                delay = min(self._backoff * 2 ** (attempt - 1), _RETRY_MAX_DELAY_S) * random.uniform(0.8, 1.2)
+                log.warning("S3 request failed (attempt %d of %d), retrying in %.2f s: %s", attempt, self._attempts,
+                            delay, error)
+                time.sleep(delay)
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def _ensure_bucket(self) -> None:
         """Check once that the bucket answers; create it when it does not exist."""
@@ -745,7 +1062,7 @@ class S3Store(ArtifactStore):
             return
         from botocore.exceptions import ClientError
 
-        with self._s3_errors("checking the bucket"):
+        def check() -> None:
             try:
                 self._client.head_bucket(Bucket=self.bucket)
             except ClientError as exc:
@@ -753,6 +1070,8 @@ class S3Store(ArtifactStore):
                 if status != 404 and code not in _MISSING_BUCKET_CODES | {"NotFound"}:
                     raise
                 self._create_bucket()
+
+        self._request("checking the bucket", check)
         self._bucket_ready = True
 
     def _create_bucket(self) -> None:
@@ -781,8 +1100,7 @@ class S3Store(ArtifactStore):
         """Upload `data` as one object at `path`."""
         key = self._key(path)
         self._ensure_bucket()
-        with self._s3_errors(f"writing {self.location(path)}"):
-            self._client.put_object(Bucket=self.bucket, Key=key, Body=data)
+        self._request(f"writing {self.location(path)}", lambda: self._client.put_object(Bucket=self.bucket, Key=key, Body=data))
 
     def get_bytes(self, path: str) -> bytes:
         """Out: the object's bytes. Raises ArtifactNotFound naming s3://bucket/key."""
@@ -790,7 +1108,7 @@ class S3Store(ArtifactStore):
 
         key = self._key(path)
         self._ensure_bucket()
-        with self._s3_errors(f"reading {self.location(path)}"):
+        def read() -> bytes:
             try:
                 return self._client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
             except ClientError as exc:
@@ -798,13 +1116,15 @@ class S3Store(ArtifactStore):
                     raise ArtifactNotFound(f"{self.location(path)} does not exist") from None
                 raise
 
+        return self._request(f"reading {self.location(path)}", read)
+
     def put_file(self, path: str, local: Path) -> None:
         """Upload a local file; above 8 MB as a multipart upload."""
         local = _require_local_file(local)
         key = self._key(path)
         self._ensure_bucket()
-        with self._s3_errors(f"uploading {local} to {self.location(path)}"):
-            self._client.upload_file(str(local), self.bucket, key, Config=self._transfer)
+        self._request(f"uploading {local} to {self.location(path)}",
+                      lambda: self._client.upload_file(str(local), self.bucket, key, Config=self._transfer))
 
     def get_file(self, path: str, local: Path) -> None:
         """Download `path` to `local` through a temp file + os.replace. Raises ArtifactNotFound."""
@@ -816,7 +1136,7 @@ class S3Store(ArtifactStore):
         def download(tmp: Path) -> None:
             self._client.download_file(self.bucket, key, str(tmp), Config=self._transfer)
 
-        with self._s3_errors(f"downloading {self.location(path)}"):
+        def fetch() -> None:
             try:
                 _atomic_write(Path(local), download, durable=False)
             except ClientError as exc:
@@ -824,13 +1144,15 @@ class S3Store(ArtifactStore):
                     raise ArtifactNotFound(f"{self.location(path)} does not exist") from None
                 raise
 
+        self._request(f"downloading {self.location(path)}", fetch)
+
     def exists(self, path: str) -> bool:
         """Out: whether an object is stored at `path` (one HEAD request)."""
         from botocore.exceptions import ClientError
 
         key = self._key(path)
         self._ensure_bucket()
-        with self._s3_errors(f"checking {self.location(path)}"):
+        def head() -> bool:
             try:
                 self._client.head_object(Bucket=self.bucket, Key=key)
                 return True
@@ -839,30 +1161,31 @@ class S3Store(ArtifactStore):
                     return False
                 raise
 
+        return self._request(f"checking {self.location(path)}", head)
+
     def delete(self, prefix: str) -> None:
         """Delete the object `prefix` and every object under `prefix/`; missing is fine."""
         prefix = _prefix_path(prefix)
         keys = [self._key(path) for path in self._sizes(prefix)]
-        with self._s3_errors(f"deleting {self.location(prefix)}"):
-            for start in range(0, len(keys), 1000):  # DeleteObjects takes at most 1000 keys
-                batch = [{"Key": key} for key in keys[start:start + 1000]]
-                response = self._client.delete_objects(
-                    Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True}
+        for start in range(0, len(keys), 1000):  # DeleteObjects takes at most 1000 keys
+            batch = [{"Key": key} for key in keys[start:start + 1000]]
+            response = self._request(f"deleting {self.location(prefix)}", lambda: self._client.delete_objects(
+                Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True}))
+            if response.get("Errors"):
+                first = response["Errors"][0]
+                raise StoreError(
+                    f"could not delete {len(response['Errors'])} objects under {self.location(prefix)} "
+                    f"in {self._where()}, e.g. {first.get('Key')}: {first.get('Code')} {first.get('Message')}"
                 )
-                if response.get("Errors"):
-                    first = response["Errors"][0]
-                    raise StoreError(
-                        f"could not delete {len(response['Errors'])} objects under {self.location(prefix)} "
-                        f"in {self._where()}, e.g. {first.get('Key')}: {first.get('Code')} {first.get('Message')}"
-                    )
 
     def _sizes(self, prefix: str) -> dict[str, int]:
         """Out: {path: size} of the object `prefix` and the objects under `prefix/` (one paged listing)."""
         root = f"{self.prefix}/" if self.prefix else ""
         list_prefix = self._key(prefix) if prefix else root
         self._ensure_bucket()
-        sizes: dict[str, int] = {}
-        with self._s3_errors(f"listing {self.uri}/{prefix}"):
+
+        def listing() -> dict[str, int]:
+            sizes: dict[str, int] = {}
             pages = self._client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=list_prefix)
             for page in pages:
                 for obj in page.get("Contents", []):
@@ -873,7 +1196,9 @@ class S3Store(ArtifactStore):
                     # 'stage' must not match 'stage2/...': only the path itself or what is below it
                     if not prefix or rel == prefix or rel.startswith(prefix + "/"):
                         sizes[rel] = int(obj["Size"])
-        return sizes
+            return sizes
+
+        return self._request(f"listing {self.uri}/{prefix}", listing)
 
     # ---- artifact level
 
