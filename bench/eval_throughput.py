@@ -14,6 +14,14 @@ both sides may write equally long answers.
 
     .venv/bin/python bench/eval_throughput.py                      # the default model (minutes)
     .venv/bin/python bench/eval_throughput.py --model tiny-neox    # a quick check
+    .venv/bin/python bench/eval_throughput.py --threads 1          # both sides on one intra-op thread
+
+The machine's load average is printed before and after. On a shared machine with more
+runnable processes than cores, torch's OpenMP threads spin while they wait for each other
+at every parallel region (measured here at load 6 on 2 cores: a decode step 4-10x slower,
+the batched matmuls hit hardest). `--threads` sets `torch.set_num_threads` for the whole
+process; `OMP_WAIT_POLICY=PASSIVE` in the environment makes waiting threads sleep instead.
+Either applies to both sides alike, so the comparison stays the same one.
 """
 
 from __future__ import annotations
@@ -75,6 +83,11 @@ def _timed(total: list[float]) -> Iterator[None]:
         total[1] += time.process_time() - cpu
 
 
+def _load() -> str:
+    """The 1-minute load average against the CPUs this process may use, e.g. 'load 5.8 on 2 CPUs'."""
+    return f"load {os.getloadavg()[0]:.1f} on {len(os.sched_getaffinity(0))} CPUs"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run both sides, print answers/s of each, the ratio and the mismatches; exit 0."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -83,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--questions", type=int, default=64)
     parser.add_argument("--max-new-tokens", type=int, default=None, help="default: the config's eval.max_new_tokens")
     parser.add_argument("--batch-size", type=int, default=None, help="default: the config's eval.batch_size")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads for both sides (default: torch's)")
     args = parser.parse_args(argv)
     eval_config = load_config(args.config).eval
     args.max_new_tokens = args.max_new_tokens or eval_config.max_new_tokens
@@ -90,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     folder = resolve_model(args.model)
     tokenizer = load_tokenizer(folder, padding_side="left")
@@ -97,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     model.eval()
     prompts = test_prompts(args.config, args.questions)
     print(f"model {args.model} ({folder}), {len(prompts)} questions, max_new_tokens {args.max_new_tokens}, "
-          f"batch {args.batch_size}, torch threads {torch.get_num_threads()}", flush=True)
+          f"batch {args.batch_size}, torch threads {torch.get_num_threads()}, {_load()}", flush=True)
 
     # Warm-up on one prompt each, so neither side pays one-off start-up costs in its timing.
     generate_answers(model, tokenizer, prompts[:1], max_new_tokens=4, batch_size=1)
@@ -129,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"seeds inference():        {seeds_rate:.2f} answers/s ({seeds_s:.1f} s wall, {seeds_cpu:.1f} s CPU)")
     print(f"ratio: {batched_rate / seeds_rate:.2f}x by wall time, {seeds_cpu / batched_cpu:.2f}x by CPU time (target >= 4x)")
     print(f"identical greedy answers: {len(prompts) - len(mismatches)}/{len(prompts)}")
+    print(f"after: {_load()}")
     for i in mismatches[:5]:
         print(f"  mismatch #{i}:\n    batched: {batched[i][:160]!r}\n    seeds:   {seeds[i][:160]!r}")
     return 0

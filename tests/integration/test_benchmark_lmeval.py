@@ -4,6 +4,8 @@ The agreement test is what makes our scores comparable with anyone's `lm_eval` r
 the same model folder, task files and limit must give exactly the same accuracies.
 The command line indexes lm-eval's ~14,000 built-in tasks (no flag turns that off),
 so it is started first and runs while run_benchmark runs in this process.
+A LoRA adapter kept unmerged (`train.lora.merge: false`) must score as the model
+lm-eval itself builds with `peft=<adapter>`.
 """
 
 from __future__ import annotations
@@ -22,11 +24,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from pipeline.assets import arc_data_dir, resolve_model  # noqa: E402
-from tasks.benchmark import run_benchmark, write_task_files  # noqa: E402
+from tasks.benchmark import load_for_benchmark, run_benchmark, write_task_files  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
-LIMIT = 8
+LIMIT = 40  # enough questions that a single differing log-likelihood would likely show in acc or acc_norm
 BATCH_SIZE = 4
 LM_EVAL = Path(sys.executable).parent / "lm_eval"
 
@@ -117,3 +119,46 @@ def test_scores_equal_the_lm_eval_command_line(runs):
     assert scores["acc_norm"] == theirs["acc_norm,none"]
     assert scores["acc_stderr"] == pytest.approx(theirs["acc_stderr,none"])
     assert scores["acc_norm_stderr"] == pytest.approx(theirs["acc_norm_stderr,none"])
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(tiny_model, tmp_path_factory) -> Path:
+    """A LoRA adapter on tiny-neox with random (non-zero) weights, saved as train saves one with merge: false."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    # init_lora_weights=False: B is random too, so the adapter changes the model's outputs.
+    lora = LoraConfig(r=4, lora_alpha=16, target_modules=["query_key_value"], init_lora_weights=False)
+    out = tmp_path_factory.mktemp("lora") / "adapter"
+    get_peft_model(base, lora).save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(out)
+    config = out / "adapter_config.json"  # the base named by its alias, as the train stage writes it
+    config.write_text(json.dumps({**json.loads(config.read_text()), "base_model_name_or_path": "tiny-neox"}))
+    return out
+
+
+def test_a_lora_adapter_loads_as_lm_evals_peft_model_and_scores(adapter_dir, tiny_model, arc_dir):
+    import torch
+    from lm_eval.models.huggingface import HFLM
+
+    ours, tokenizer = load_for_benchmark(str(adapter_dir), "cpu")
+    theirs = HFLM(pretrained=tiny_model, peft=str(adapter_dir), dtype="float32", device="cpu", batch_size=1).model
+    plain, _ = load_for_benchmark(tiny_model, "cpu")
+    ids = tokenizer("Question: Which gas do plants take in?\nAnswer: carbon dioxide", return_tensors="pt")["input_ids"]
+    with torch.inference_mode():
+        logits = {name: model(ids).logits for name, model in (("ours", ours), ("peft", theirs), ("base", plain))}
+    assert ours.dtype == torch.float32
+    # lm-eval's peft path cuts the embeddings to the tokenizer's length (tiny-neox pads its vocab to 50,304):
+    # the tokens both models have must get the same logits (merged here, unmerged in lm-eval).
+    common = min(logits["ours"].shape[-1], logits["peft"].shape[-1])
+    assert common == len(tokenizer)
+    assert torch.allclose(logits["ours"][..., :common], logits["peft"][..., :common], atol=1e-4)
+    assert not torch.allclose(logits["ours"], logits["base"], atol=1e-2)  # the adapter did change the model
+
+    result = run_benchmark(str(adapter_dir), ["arc_easy"], limit=4, num_fewshot=0, batch_size=BATCH_SIZE,
+                           data_dir=arc_dir, device="cpu")
+    assert result["weights"].startswith("adapter") and result["adapter_base_model"] == "tiny-neox"
+    assert result["tasks"]["arc_easy"]["n_samples"] == 4
