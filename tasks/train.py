@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -149,6 +150,18 @@ def training_rows(path: Path) -> list[dict[str, list[int]]]:
     """Rows of a split file as the Trainer wants them: input_ids and labels, unpadded."""
     table = pq.read_table(path, columns=["input_ids", "labels"])
     return [{"input_ids": ids, "labels": labels} for ids, labels in zip(*(table.column(c).to_pylist() for c in ("input_ids", "labels")))]
+
+
+def nested_share(rows: list, fraction: float, seed: int) -> list:
+    """The first ceil(fraction x len(rows)) rows of a `seed`-shuffled order, kept in their original order.
+
+    The same seed gives the same order, so a smaller share is a subset of a larger one
+    (data-size sweeps compare nested sets). A fraction of 1 returns `rows` unchanged.
+    """
+    if fraction >= 1:
+        return rows
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
+    return [rows[i] for i in sorted(order[: max(1, math.ceil(fraction * len(rows)))])]
 
 
 # --------------------------------------------------------------------------- LoRA
@@ -511,7 +524,7 @@ def fine_tune(job: TrainJob) -> dict | None:
     trainer = MeteredTrainer(
         model=model,
         args=args,
-        train_dataset=training_rows(Path(job.split_dir) / "train.parquet"),
+        train_dataset=nested_share(training_rows(Path(job.split_dir) / "train.parquet"), config.train_fraction, config.seed),
         eval_dataset=training_rows(Path(job.split_dir) / "test.parquet"),
         data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX),
         callbacks=[StepTimer(meter)] + ([StoreCheckpoints(store, job.checkpoint_prefix)] if store else []),
