@@ -45,8 +45,11 @@ SWEEPS_PREFIX = "sweeps"
 TABLE_JSON, TABLE_CSV, PLOT_FILE = "table.json", "table.csv", "learning_curve.png"
 # Stages that only depend on the data and the base model: Cached after the first point of a model.
 SHARED_STAGES = ("collect", "template", "tokenize", "validate", "split", "evaluate (base)", "benchmark (base)")
+# train_loss: the mean over the run as the Trainer reports it (the last step's loss can come from a short final
+# batch); training_seconds: the optimizer steps when the model was trained (also for a point whose train stage
+# came back Cached); wall_seconds: the point's whole subflow in this sweep.
 COLUMNS = ("point", "model", "method", "learning_rate", "fraction", "train_rows", "steps", "train_loss", "eval_loss",
-           "similarity", "exact_match", "benchmark_delta", "tokens_seen", "wall_seconds", "passed", "state")
+           "similarity", "exact_match", "benchmark_delta", "tokens_seen", "training_seconds", "wall_seconds", "passed", "state")
 
 
 class SweepFailed(RuntimeError):
@@ -123,8 +126,8 @@ def point_record(point: GridPoint, outcome: Any, seconds: float, benchmark_task:
     return record | {
         "train_rows": report["train_rows"],
         "steps": report["steps"],
-        "train_loss": report["final_train_loss"],
-        "mean_train_loss": report["mean_train_loss"],
+        "train_loss": report["mean_train_loss"],
+        "final_train_loss": report["final_train_loss"],
         "eval_loss": report["test_loss"],
         "similarity": tuned.get("eval.similarity_mean"),
         "exact_match": tuned.get("eval.exact_match"),
@@ -153,8 +156,8 @@ def metric_value(record: dict[str, Any], metric: str, side: str = "fine_tuned") 
 
 
 def table_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The records cut down to COLUMNS, floats rounded for reading."""
-    return [{c: round(r[c], 4) if isinstance(r.get(c), float) else r.get(c) for c in COLUMNS} for r in records]
+    """The records cut down to COLUMNS, floats rounded to 4 significant digits for reading (5e-05 stays 5e-05)."""
+    return [{c: float(f"{r[c]:.4g}") if isinstance(r.get(c), float) else r.get(c) for c in COLUMNS} for r in records]
 
 
 def table_csv(rows: list[dict[str, Any]]) -> str:

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from flows.sweep import COLUMNS, PLOT_FILE, SHARED_STAGES, TABLE_CSV, TABLE_JSON, grid_points, sweep
+from flows.sweep import COLUMNS, PLOT_FILE, SHARED_STAGES, TABLE_CSV, TABLE_JSON, grid_points, sweep, table_rows
 from pipeline.config import ConfigError, load_config
 from pipeline.store import StoreSettings, open_store
 from tasks.train import nested_share
@@ -91,6 +91,11 @@ def test_grid_is_every_combination_with_config_values_for_empty_lists():
     assert {p.model for p in points} == {"tiny-neox"}
     assert [p.fraction for p in points[:2]] == [0.5, 1.0]  # each line of the curve in order
     assert "train.train_fraction=0.5" in points[0].overrides()
+
+
+def test_table_rounds_to_significant_digits():
+    row = table_rows([dict.fromkeys(COLUMNS) | {"learning_rate": 5e-05, "similarity": 0.123456, "train_rows": 65}])[0]
+    assert (row["learning_rate"], row["similarity"], row["train_rows"]) == (5e-05, 0.1235, 65)
 
 
 @pytest.mark.parametrize("override, message", [
