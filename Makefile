@@ -36,7 +36,7 @@ run: assets
 	$(BIN)/finetune run --config $(CONFIG) $(foreach s,$(SET),--set $(s))
 
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 test-unit: install
 	$(BIN)/python -m pytest -q tests/unit

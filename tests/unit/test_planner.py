@@ -1,7 +1,7 @@
 """The memory planner: sizes parse as promised, parameter counts are exact, the seeds' table holds
-(one 16 GB V100: a 7B model for inference, only about a 1B model for full fine-tuning), the activation
-count matches what autograd saves, and the training estimate is within 25% of the peak measured when
-the pipeline's own training runs the tiny and the default model on this CPU."""
+(one 16 GB V100: a 7B model for inference, only about a 1B model for full fine-tuning), and the activation
+count matches what autograd saves. The estimate against measured peaks is in
+tests/integration/test_planner_measured.py (it trains real models)."""
 
 import json
 
@@ -19,7 +19,6 @@ from pipeline.planner import (
     make_plan,
     model_shape,
     parse_memory,
-    probe_training,
 )
 
 GB, GiB = 10**9, 2**30
@@ -144,20 +143,6 @@ def test_activation_count_matches_what_autograd_saves(config):
     measured = saved_values_per_token_per_layer(config)
     estimated = activation_values_per_token(model_shape(config), seq_len=64)
     assert abs(estimated / measured - 1) < 0.10, (estimated, measured)
-
-
-# --------------------------------------------------------------------------- against measured peaks
-
-
-@pytest.mark.parametrize("model, setup", [
-    ("tiny-neox", TrainingSetup(method="full", batch_size=8, seq_len=96, optimizer="adamw")),
-    ("smollm2-135m-instruct", TrainingSetup(method="full", batch_size=4, seq_len=128, optimizer="adamw")),
-], ids=["tiny-neox", "smollm2-135m"])
-def test_training_estimate_is_within_25_percent_of_the_measured_peak(model, setup):
-    measured = probe_training(model, setup, steps=2)
-    estimated = estimate_training(model_shape(model), setup).total
-    assert abs(estimated / measured.peak_bytes - 1) < 0.25, (estimated, measured)
-    assert measured.tokens_per_second > 0
 
 
 # --------------------------------------------------------------------------- the command
