@@ -99,8 +99,8 @@ def _log_tail(path: Path, lines: int = 40) -> str:
         return "(no log)"
 
 
-def _s3_answers(endpoint_url: str) -> bool:
-    """Whether the S3 API accepts a signed request with the test credentials (not just the TCP port)."""
+def _s3_answers(endpoint_url: str, access_key: str = ACCESS_KEY, secret_key: str = SECRET_KEY) -> bool:
+    """Whether the S3 API accepts a signed request with these credentials (not just the TCP port)."""
     import boto3
     from botocore.config import Config
 
@@ -108,8 +108,8 @@ def _s3_answers(endpoint_url: str) -> bool:
         "s3",
         endpoint_url=endpoint_url,
         region_name="us-east-1",
-        aws_access_key_id=ACCESS_KEY,
-        aws_secret_access_key=SECRET_KEY,
+        aws_access_key_id=access_key,
+        aws_secret_access_key=secret_key,
         config=Config(retries={"max_attempts": 1}, connect_timeout=1, read_timeout=2, s3={"addressing_style": "path"}),
     )
     try:

@@ -119,19 +119,7 @@ class WeedServer:
         self.helpers._remove_leftover_sockets(self.ports.values())
 
     def _answers(self) -> bool:
-        import boto3
-        from botocore.config import Config
-
-        client = boto3.session.Session().client(
-            "s3", endpoint_url=self.endpoint_url, region_name="us-east-1", aws_access_key_id=self.access_key,
-            aws_secret_access_key=self.secret_key,
-            config=Config(retries={"max_attempts": 1}, connect_timeout=1, read_timeout=2, s3={"addressing_style": "path"}),
-        )
-        try:
-            client.list_buckets()
-            return True
-        except Exception:
-            return False
+        return self.helpers._s3_answers(self.endpoint_url, self.access_key, self.secret_key)
 
     def client(self) -> Any:
         """A plain boto3 client for looking into the bucket from outside the pipeline."""
