@@ -122,7 +122,7 @@ def finetune(config_path: str | None = "configs/default.yaml", overrides: list[s
     refinements: list[str] = []
     for number in range(1, cfg.refine.max_rounds + 1):
         log.round = number
-        round_cfg = load_config(config_path, [*overrides, *refinements])
+        round_cfg = load_config(config_path, [*overrides, *refinements]) if refinements else cfg
         current = run_round(round_cfg, log, [r.tuned_eval for r in rounds], list(refinements))
         rounds.append(current)
         history.append(round_record(current))
