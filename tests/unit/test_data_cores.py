@@ -229,3 +229,21 @@ def test_parallel_batch_encoding_gives_the_tokenizers_own_ids(model):
     texts = ["### Question:\nWhat does `chunked` do?\n\n### Answer:\n", " Break *iterable* into lists.", "", "naïve café — 東京 😀"]
     assert encode_texts(tokenizer, texts) == tokenizer(texts, add_special_tokens=False)["input_ids"]
     assert os.environ.get("TOKENIZERS_PARALLELISM") == "false", "the switch must be put back after the call"
+
+
+def test_tokenize_rows_puts_the_garbage_collector_back_even_when_it_fails(tiny_tokenizer):
+    import gc
+
+    rows = [apply_template({"id": "a", "question": "Short?", "answer": "Yes.", "source": "s"}, TemplateConfig())]
+    assert gc.isenabled()
+    tokenize_rows(rows, tiny_tokenizer, TokenizeConfig(max_length=16))
+    assert gc.isenabled(), "the collector is paused only while tokenizing"
+    with pytest.raises(KeyError):
+        tokenize_rows([{"id": "no prompt"}], tiny_tokenizer, TokenizeConfig(max_length=16))
+    assert gc.isenabled(), "a failing tokenize must not leave the collector off"
+    gc.disable()
+    try:
+        tokenize_rows(rows, tiny_tokenizer, TokenizeConfig(max_length=16))
+        assert not gc.isenabled(), "a caller that turned the collector off keeps it off"
+    finally:
+        gc.enable()
