@@ -751,9 +751,12 @@ def training_env(store: StoreSettings | None) -> dict[str, str]:
 
 
 def job_store(store: StoreSettings) -> StoreSettings:
-    """The store settings a training process gets: no secrets, a local folder made absolute."""
+    """The store settings a training process gets: every setting (retries too) but the secrets, a local folder made absolute.
+
+    The job file is written to disk, so the keys travel in the process's environment instead (`training_env`).
+    """
     uri = store.uri if "://" in store.uri else str(Path(store.uri).expanduser().resolve())
-    return StoreSettings(uri=uri, endpoint_url=store.endpoint_url, region=store.region, cache_dir=store.cache_dir)
+    return store.model_copy(update={"uri": uri, "access_key_id": None, "secret_access_key": None})
 
 
 def run_training(job: TrainJob, store: StoreSettings | None = None, log: Callable[[str], None] = print) -> dict:

@@ -11,13 +11,14 @@ import pytest
 from pipeline.assets import UnknownModelError, resolve_model
 from pipeline.config import LoraConfig, ModelConfig, TrainConfig
 from pipeline.models import alias_name, find_model, list_aliases, model_folder, read_alias, write_alias
-from pipeline.store import LocalStore
+from pipeline.store import LocalStore, StoreSettings
 from tasks.train import (
     LengthGroupedSampler,
     LoraTargetError,
     TrainingError,
     TrainingOutOfMemory,
     check_lora_targets,
+    job_store,
     launch_command,
     lora_targets,
     model_structure,
@@ -179,3 +180,16 @@ def test_report_markdown_embeds_the_loss_curve():
     text = report_markdown(report, b"\x89PNG fake", "faq_3_steps_x", "train/abc")
     assert "| padding share | 3.1% |" in text and "(resumed at step 2)" in text and "1.5e+09" in text
     assert "![loss curve](data:image/png;base64,iVBORyBmYWtl)" in text
+
+
+def test_the_training_process_gets_the_store_settings_but_never_the_secrets(tmp_path, monkeypatch):
+    from tasks.train import training_env
+
+    store = StoreSettings(uri="s3://bucket/runs", endpoint_url="http://127.0.0.1:8333", access_key_id="AKIAEXAMPLE",
+                          secret_access_key="do-not-write-me", retry_attempts=9, retry_backoff_seconds=2.5)
+    job = job_store(store)
+    assert (job.retry_attempts, job.retry_backoff_seconds, job.endpoint_url) == (9, 2.5, "http://127.0.0.1:8333")
+    assert "do-not-write-me" not in job.model_dump_json() and job.access_key_id is None
+    assert training_env(store)["AWS_SECRET_ACCESS_KEY"] == "do-not-write-me", "the secret goes by environment"
+    monkeypatch.chdir(tmp_path)
+    assert job_store(StoreSettings(uri="artifacts")).uri == str(tmp_path / "artifacts")
