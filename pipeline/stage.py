@@ -19,7 +19,9 @@ on this machine or any other pointed at the same store, shows every stage `Cache
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,8 +59,18 @@ class ArtifactStoreResults(WritableFileSystem):
         return open_store(StoreSettings(uri=self.uri, endpoint_url=self.endpoint_url, region=self.region))
 
     def read_path(self, path: str, _sync: bool | None = None) -> bytes:
-        """Bytes of a cache record; FileNotFoundError when there is none."""
-        return self._store().get_bytes(f"{RESULTS_PREFIX}/{path}")
+        """Bytes of a cache record; FileNotFoundError when there is none, UnsafeResultRecord when it is not safe JSON.
+
+        Prefect decodes a record with whatever serializer the record itself names, so a
+        record planted by anyone who can write to the bucket could make a cache lookup
+        unpickle it. A refused record counts as no record: the stage runs and writes a fresh one.
+        """
+        content = self._store().get_bytes(f"{RESULTS_PREFIX}/{path}")
+        try:
+            return check_result_record(content, f"{RESULTS_PREFIX}/{path}")
+        except UnsafeResultRecord as error:
+            _run_logger().warning("%s", error)
+            raise
 
     def write_path(self, path: str, content: bytes, _sync: bool | None = None) -> str:
         """Store a cache record; returns its path."""
@@ -72,6 +84,48 @@ class ArtifactStoreResults(WritableFileSystem):
     async def awrite_path(self, path: str, content: bytes) -> str:
         """Async form of write_path."""
         return self.write_path(path, content)
+
+
+RESULT_CLASSES = frozenset({"pipeline.refs.Ref"})
+"""The only classes a stage's result record may name: stage tasks return Refs."""
+
+
+class UnsafeResultRecord(ValueError):
+    """A Prefect result record in the store that is not plain JSON naming only RESULT_CLASSES."""
+
+
+def check_result_record(content: bytes, where: str) -> bytes:
+    """`content` unchanged when Prefect may safely decode it as a result record; else UnsafeResultRecord.
+
+    Safe: JSON, serializer 'json', and a result whose objects name no class but
+    RESULT_CLASSES, and no exception type from a module that is not imported already
+    (a failed task's record names its exception; Prefect imports whatever it names).
+    `where` names the record in the message.
+    """
+    try:
+        record = json.loads(content)
+        serializer, result = record["metadata"]["serializer"]["type"], record["result"]
+    except (ValueError, KeyError, TypeError):
+        raise UnsafeResultRecord(f"{where}: expected a Prefect result record in JSON, found other bytes; ignored") from None
+    if serializer != "json" or not isinstance(result, str):
+        raise UnsafeResultRecord(f"{where}: expected a record with serializer 'json', found {str(serializer)[:40]!r}; "
+                                 "ignored, so nothing in it is unpickled")
+    named: list[str] = []
+
+    def note_names(obj: dict) -> dict:
+        if "__class__" in obj and obj["__class__"] not in RESULT_CLASSES:
+            named.append(str(obj["__class__"]))
+        if "__exc_type__" in obj and str(obj["__exc_type__"]).rpartition(".")[0] not in sys.modules:
+            named.append(str(obj["__exc_type__"]))
+        return obj
+
+    try:
+        json.loads(result, object_hook=note_names)
+    except ValueError:
+        raise UnsafeResultRecord(f"{where}: expected a JSON result inside the record, found other text; ignored") from None
+    if named:
+        raise UnsafeResultRecord(f"{where}: expected results of type {sorted(RESULT_CLASSES)}, found {named[:3]}; ignored")
+    return content
 
 
 def result_storage_for(settings: StoreSettings) -> ArtifactStoreResults:
@@ -256,7 +310,9 @@ __all__ = [
     "ArtifactNotFound",
     "ArtifactStoreResults",
     "StageRun",
+    "UnsafeResultRecord",
     "begin_stage",
+    "check_result_record",
     "result_storage_for",
     "stage_task",
 ]

@@ -205,3 +205,52 @@ def test_stage_results_in_the_store_are_json_and_nothing_stored_is_a_pickle(pref
         assert not path.name.endswith(PICKLE_SUFFIXES), path
         assert not (path.is_file() and _is_pickle(path)), path
     assert open_store(store_config).has_artifact(ref.uri)
+
+
+def test_a_planted_pickle_cache_record_is_ignored_and_replaced_never_unpickled(prefect_harness, tmp_path: Path):
+    """Prefect decodes a record with the serializer the record names: a planted 'pickle' record must not be loaded."""
+    import base64
+
+    from pipeline.config import StoreConfig, load_config
+    from pipeline.stage import result_storage_for
+    from tasks.collect import collect, source_fingerprints
+
+    rows = tmp_path / "faq.jsonl"
+    rows.write_text("".join(json.dumps({"question": f"Q{i}?", "answer": f"A{i}."}) + "\n" for i in range(25)))
+    config = load_config(None, [f"data.sources=[{{path: '{rows}'}}]"])
+    store_config = StoreConfig(uri=str(tmp_path / "store"))
+    task = collect.with_options(result_storage=result_storage_for(store_config))
+    arguments = dict(config=config.data, store=store_config, fingerprints=source_fingerprints(config.data))
+    ref = task(**arguments)
+    [record_path] = (tmp_path / "store" / "_prefect").iterdir()
+    record = json.loads(record_path.read_bytes())
+    record["metadata"]["serializer"] = {"type": "pickle", "picklelib": "pickle"}
+    record["result"] = base64.encodebytes(exploit(tmp_path / MARKER)).decode()
+    record_path.write_text(json.dumps(record))
+
+    state = task(**arguments, return_state=True)
+    assert not (tmp_path / MARKER).exists(), "the planted record was unpickled"
+    assert state.name != "Cached" and state.result() == ref, "the refused record counts as none: the stage answers again"
+    rewritten = json.loads(record_path.read_bytes())
+    assert rewritten["metadata"]["serializer"]["type"] == "json", "a fresh JSON record replaced the planted one"
+    assert task(**arguments, return_state=True).name == "Cached"
+
+
+@pytest.mark.parametrize("record, reason", [
+    (b"\x80\x04not json", "in JSON"),
+    (json.dumps({"metadata": {"serializer": {"type": "pickle"}}, "result": "gASV"}).encode(), "serializer 'json'"),
+    (json.dumps({"metadata": {"serializer": {"type": "json"}},
+                 "result": json.dumps({"__class__": "os.PathLike", "data": {}})}).encode(), "os.PathLike"),
+    (json.dumps({"metadata": {"serializer": {"type": "json"}},
+                 "result": json.dumps({"__exc_type__": "antigravity.Fly", "message": ""})}).encode(), "antigravity"),
+])
+def test_result_records_naming_anything_but_refs_are_refused(record: bytes, reason: str):
+    from pipeline.stage import UnsafeResultRecord, check_result_record
+
+    with pytest.raises(UnsafeResultRecord, match=reason):
+        check_result_record(record, "_prefect/key")
+    good = {"metadata": {"serializer": {"type": "json"}},
+            "result": json.dumps({"__exc_type__": "tasks.collect.DataError", "message": "bad row"})}
+    import tasks.collect  # noqa: F401  (a failed task's record names an exception its run imported)
+
+    assert check_result_record(json.dumps(good).encode(), "_prefect/key") == json.dumps(good).encode()
