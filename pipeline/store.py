@@ -29,6 +29,7 @@ import os
 import random
 import re
 import shutil
+import socket
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -60,12 +61,20 @@ VERIFIED_MARKER = ".verified"
 _TMP_PREFIX = ".~tmp-"
 # Temp files of interrupted local writes carry this prefix; listings skip them.
 
+_COMMIT_LOCK_PREFIX = f"{_TMP_PREFIX}commit-"
+# Commit locks live in the store's root as '<prefix><hash of the uri>.lock'.
+
 REJECTED_MANIFEST = f"{_TMP_PREFIX}rejected-manifest.json"
 # A manifest whose artifact was found corrupt is moved here (it matched its Ref, only a file did not). When
 # the stage recomputes exactly the same content, the new manifest keeps its `created_at`, so the artifact keeps
 # its sha256 and the stages after it stay cached.
 
 _RETRY_MAX_DELAY_S = 30.0
+
+COMMIT_LOCK_STALE_S = 15 * 60.0
+"""An S3 commit lock older than this lost its holder (a commit uploads one artifact; a model takes minutes)."""
+COMMIT_LOCK_POLL_S = 1.0
+"""How often a committer waiting for an S3 commit lock looks again."""
 _THROTTLE_CODES = frozenset(
     {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "RequestLimitExceeded",
      "TooManyRequests", "InternalError", "ServiceUnavailable"}
@@ -595,7 +604,7 @@ class ArtifactStore(abc.ABC):
 
     @contextmanager
     def _exclusive(self, uri: str) -> Iterator[None]:
-        """Hold off other commits of `uri` while this one runs (LocalStore; S3 relies on checking first)."""
+        """Hold off other commits of `uri` while this one runs (each store has its own lock)."""
         yield
 
     def _abandon(self, uri: str) -> None:
@@ -699,7 +708,7 @@ class LocalStore(ArtifactStore):
         if fcntl is None:  # pragma: no cover - Windows: no locking
             yield
             return
-        path = self.root / f"{_TMP_PREFIX}commit-{sha256_bytes(uri.encode('utf-8'))[:32]}.lock"
+        path = self.root / f"{_COMMIT_LOCK_PREFIX}{sha256_bytes(uri.encode('utf-8'))[:32]}.lock"
         with self._writing("taking the commit lock", path):
             while True:
                 handle = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
@@ -935,6 +944,33 @@ def _is_not_found(exc: Any) -> bool:
     return code in _NOT_FOUND_CODES or (status == 404 and code not in _MISSING_BUCKET_CODES)
 
 
+_HELD_LOCKS: set[str] = set()
+# Tokens of the S3 commit locks this process holds now. A lock naming this process but not one of these
+# is a leftover of an earlier attempt (its release failed while the server was down) and is broken.
+
+
+def _lock_holder_is_gone(holder: Any, age_seconds: float) -> bool:
+    """Whether an S3 commit lock's holder {host, pid, token} can no longer release it.
+
+    True when the lock is older than COMMIT_LOCK_STALE_S, or its holder is on this host and is
+    either a process that no longer runs or this process without the lock in hand.
+    """
+    if age_seconds > COMMIT_LOCK_STALE_S or not isinstance(holder, dict):
+        return True
+    if holder.get("host") != socket.gethostname():
+        return False
+    pid = holder.get("pid")
+    if pid == os.getpid():
+        return holder.get("token") not in _HELD_LOCKS
+    try:
+        os.kill(int(pid), 0)  # signal 0: does the process exist?
+    except ProcessLookupError:
+        return True
+    except (PermissionError, TypeError, ValueError, OverflowError):
+        return not isinstance(pid, int)
+    return False
+
+
 class S3Store(ArtifactStore):
     """An artifact store under s3://bucket/prefix on any S3-compatible server.
 
@@ -1104,13 +1140,18 @@ class S3Store(ArtifactStore):
 
     def get_bytes(self, path: str) -> bytes:
         """Out: the object's bytes. Raises ArtifactNotFound naming s3://bucket/key."""
+        return self._get_object(path)[0]
+
+    def _get_object(self, path: str) -> tuple[bytes, float]:
+        """Out: the object's bytes and when it was last written (seconds since the epoch). ArtifactNotFound if none."""
         from botocore.exceptions import ClientError
 
         key = self._key(path)
         self._ensure_bucket()
-        def read() -> bytes:
+        def read() -> tuple[bytes, float]:
             try:
-                return self._client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+                response = self._client.get_object(Bucket=self.bucket, Key=key)
+                return response["Body"].read(), response["LastModified"].timestamp()
             except ClientError as exc:
                 if _is_not_found(exc):
                     raise ArtifactNotFound(f"{self.location(path)} does not exist") from None
@@ -1163,6 +1204,81 @@ class S3Store(ArtifactStore):
 
         return self._request(f"checking {self.location(path)}", head)
 
+    # ---- commit lock
+
+    @contextmanager
+    def _exclusive(self, uri: str) -> Iterator[None]:
+        """Hold off other commits of `uri`: a lock object created only if absent (a conditional PUT).
+
+        Without it, a second run committing the same uri could discard the first run's
+        files while that run writes its manifest. A waiter polls until the lock is gone,
+        then finds the artifact committed. A lock whose holder is gone (a dead process on
+        this host, an earlier attempt of this process, or older than COMMIT_LOCK_STALE_S)
+        is broken. A server without conditional writes answers 501 and the commit goes on
+        unlocked, as on stores without locking.
+        """
+        path = f"{_COMMIT_LOCK_PREFIX}{sha256_bytes(uri.encode('utf-8'))[:32]}.lock"
+        holder = {"host": socket.gethostname(), "pid": os.getpid(), "token": uuid.uuid4().hex}
+        waiting_logged = False
+        _HELD_LOCKS.add(holder["token"])  # before the PUT: a thread that finds the lock must see it in hand
+        try:
+            while not self._take_lock(path, holder):
+                if not waiting_logged:
+                    log.info("waiting for another run to finish committing %s", self.location(uri))
+                    waiting_logged = True
+                time.sleep(COMMIT_LOCK_POLL_S * random.uniform(0.8, 1.2))
+        except BaseException:
+            _HELD_LOCKS.discard(holder["token"])
+            raise
+        try:
+            yield
+        finally:
+            _HELD_LOCKS.discard(holder["token"])
+            try:
+                self._request(f"releasing the commit lock of {self.location(uri)}",
+                              lambda: self._client.delete_object(Bucket=self.bucket, Key=self._key(path)))
+            except StoreError as error:  # the commit's own outcome matters more; a left lock is broken later
+                log.warning("could not release the commit lock %s (the next commit breaks it): %s",
+                            self.location(path), error)
+
+    def _take_lock(self, path: str, holder: dict[str, Any]) -> bool:
+        """Create the lock object `path` unless it exists; True when `holder` holds it now.
+
+        When it exists and its holder is gone, it is deleted and False returned (the caller tries again).
+        """
+        from botocore.exceptions import ClientError
+
+        key = self._key(path)
+        self._ensure_bucket()
+
+        def create() -> bool:
+            try:
+                self._client.put_object(Bucket=self.bucket, Key=key, Body=json.dumps(holder).encode(), IfNoneMatch="*")
+                return True
+            except ClientError as exc:
+                code, status = _error_code(exc)
+                if status in (409, 412) or code in ("PreconditionFailed", "ConditionalRequestConflict"):
+                    return False
+                if status == 501 or code == "NotImplemented":
+                    log.warning("%s does not support conditional writes: commits are not locked", self._where())
+                    return True
+                raise
+
+        if self._request(f"taking the commit lock {self.location(path)}", create):
+            return True
+        try:
+            data, written_at = self._get_object(path)
+            found, age = json.loads(data), time.time() - written_at
+        except (ArtifactNotFound, ValueError):
+            return False  # released (or being written) meanwhile: try again
+        if _lock_holder_is_gone(found, age):
+            # Two waiters breaking the same dead lock at once could also remove the new lock one of them
+            # just took; dead holders are rare (a crash or an outage), so that window is accepted.
+            log.warning("breaking the stale commit lock %s held by %s", self.location(path), found)
+            self._request(f"breaking the commit lock {self.location(path)}",
+                          lambda: self._client.delete_object(Bucket=self.bucket, Key=key))
+        return False
+
     def delete(self, prefix: str) -> None:
         """Delete the object `prefix` and every object under `prefix/`; missing is fine."""
         prefix = _prefix_path(prefix)
@@ -1192,6 +1308,8 @@ class S3Store(ArtifactStore):
                     key: str = obj["Key"]
                     rel = key[len(root):]
                     if key.endswith("/") or not key.startswith(root):  # folder markers some servers keep
+                        continue
+                    if rel.startswith(_COMMIT_LOCK_PREFIX):  # held locks are no part of the store's content
                         continue
                     # 'stage' must not match 'stage2/...': only the path itself or what is below it
                     if not prefix or rel == prefix or rel.startswith(prefix + "/"):

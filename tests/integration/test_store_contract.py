@@ -297,6 +297,43 @@ def test_path_validation(store: ArtifactStore, bad: str) -> None:
     assert store.list() == []
 
 
+def test_two_commits_of_one_uri_at_once_keep_the_first_and_share_its_ref(
+    store: ArtifactStore, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """Two runs of one config commit the same uri: the second waits for the first and gets its Ref.
+
+    Without a commit lock the second would discard the first's files while the first was still
+    writing, and the first's Ref would point at a manifest that is gone.
+    """
+    import threading
+
+    settings = request.getfixturevalue("s3_settings") if isinstance(store, S3Store) else StoreSettings(uri=str(store.root))
+    second = open_store(settings)  # another run's store object on the same location
+    uploading, slow_put = threading.Event(), store.put_file
+    seen_while_locked: list[list[str]] = []
+
+    def put_file_slowly(path: str, local: Path) -> None:
+        if not uploading.is_set():
+            seen_while_locked.append(store.list())
+            uploading.set()
+            threading.Event().wait(1.0)  # the second committer arrives meanwhile
+        slow_put(path, local)
+
+    store.put_file = put_file_slowly  # type: ignore[method-assign]
+    refs: dict[str, Ref] = {}
+    first = threading.Thread(target=lambda: refs.update(first=_commit(store, tmp_path / "a")))
+    first.start()
+    assert uploading.wait(30), "the first commit never started uploading"
+    refs["second"] = _commit(second, tmp_path / "b")  # other random bytes: a commit of its own would differ
+    first.join(60)
+    assert refs["second"] == refs["first"], "the second commit must return the first's artifact"
+    folder = store.fetch(refs["first"])  # still valid: nothing of it was discarded
+    assert (folder / "model" / "shards" / "weights.bin").read_bytes() == \
+        (tmp_path / "a" / "staging" / "model" / "shards" / "weights.bin").read_bytes()
+    assert not any(".~tmp-" in path for path in seen_while_locked[0]), "a held lock shows in no listing"
+    assert not any(".~tmp-" in path for path in store.list())
+
+
 # --------------------------------------------------------------------------- S3 only
 
 
@@ -345,3 +382,54 @@ def test_local_store_is_a_plain_folder(tmp_path: Path) -> None:
     ref = _commit(store, tmp_path)
     assert (tmp_path / "plain" / URI / MANIFEST_NAME).is_file()
     assert store.fetch(ref) == tmp_path / "plain" / URI
+
+
+def _plant_lock(store: S3Store, holder: dict) -> str:
+    """Put a commit lock for URI in the bucket as another (gone) committer would have left it."""
+    path = f".~tmp-commit-{_sha(URI.encode())[:32]}.lock"
+    store.put_bytes(path, json.dumps(holder).encode())
+    assert store.exists(path) and path not in store.list()
+    return path
+
+
+@pytest.mark.parametrize("who", ["a dead process on this host", "an earlier attempt of this process"])
+def test_a_commit_lock_whose_holder_is_gone_is_broken_at_once(
+    s3_settings: StoreSettings, tmp_path: Path, caplog: pytest.LogCaptureFixture, who: str
+) -> None:
+    import socket
+    import subprocess
+    import sys
+
+    store = open_store(s3_settings)
+    if who.startswith("a dead"):
+        gone = subprocess.Popen([sys.executable, "-c", "pass"])
+        gone.wait()
+        holder = {"host": socket.gethostname(), "pid": gone.pid, "token": "t"}
+    else:  # e.g. the server went down before this process could release it
+        holder = {"host": socket.gethostname(), "pid": os.getpid(), "token": "released-never"}
+    path = _plant_lock(store, holder)
+    with caplog.at_level("WARNING", logger="pipeline.store"):
+        ref = _commit(store, tmp_path)
+    assert store.has_artifact(ref.uri) and not store.exists(path), "committed, and the lock released"
+    assert "breaking the stale commit lock" in caplog.text
+
+
+def test_a_live_commit_lock_from_another_host_is_waited_for_until_stale(
+    s3_settings: StoreSettings, tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    import pipeline.store as store_module
+
+    monkeypatch.setattr(store_module, "COMMIT_LOCK_POLL_S", 0.2)
+    store = open_store(s3_settings)
+    path = _plant_lock(store, {"host": "another-machine", "pid": 1, "token": "t"})
+    done = threading.Event()
+    worker = threading.Thread(target=lambda: (_commit(store, tmp_path), done.set()))
+    with caplog.at_level("INFO", logger="pipeline.store"):
+        worker.start()
+        assert not done.wait(1.5), "a live lock from another machine must hold the commit off"
+        assert "waiting for another run to finish committing" in caplog.text
+        monkeypatch.setattr(store_module, "COMMIT_LOCK_STALE_S", 0.0)  # from now on the lock counts as older than the limit
+        worker.join(30)
+    assert done.is_set() and store.has_artifact(URI) and not store.exists(path)
