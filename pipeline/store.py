@@ -1142,16 +1142,18 @@ class S3Store(ArtifactStore):
         """Out: the object's bytes. Raises ArtifactNotFound naming s3://bucket/key."""
         return self._get_object(path)[0]
 
-    def _get_object(self, path: str) -> tuple[bytes, float]:
-        """Out: the object's bytes and when it was last written (seconds since the epoch). ArtifactNotFound if none."""
+    def _get_object(self, path: str) -> tuple[bytes, float | None]:
+        """Out: the object's bytes and when it was last written (seconds since the epoch; None when the
+        server does not say). ArtifactNotFound if there is no such object."""
         from botocore.exceptions import ClientError
 
         key = self._key(path)
         self._ensure_bucket()
-        def read() -> tuple[bytes, float]:
+        def read() -> tuple[bytes, float | None]:
             try:
                 response = self._client.get_object(Bucket=self.bucket, Key=key)
-                return response["Body"].read(), response["LastModified"].timestamp()
+                written = response.get("LastModified")
+                return response["Body"].read(), written.timestamp() if written is not None else None
             except ClientError as exc:
                 if _is_not_found(exc):
                     raise ArtifactNotFound(f"{self.location(path)} does not exist") from None
@@ -1268,7 +1270,7 @@ class S3Store(ArtifactStore):
             return True
         try:
             data, written_at = self._get_object(path)
-            found, age = json.loads(data), time.time() - written_at
+            found, age = json.loads(data), time.time() - written_at if written_at is not None else 0.0
         except (ArtifactNotFound, ValueError):
             return False  # released (or being written) meanwhile: try again
         if _lock_holder_is_gone(found, age):
