@@ -104,7 +104,8 @@ def run_round(cfg: PipelineConfig, log: StageLog, earlier_evals: list[Ref], over
     versions = [base_eval, *earlier_evals, tuned_eval]
     labels = ["base", *(f"round {n}" for n in range(1, len(versions)))]
     verdict = log.run(gate, "gate", base_eval=base_eval, tuned_eval=tuned_eval, base_benchmark=base_bench,
-                      tuned_benchmark=tuned_bench, gates=cfg.gates, store=store, evaluations=versions, labels=labels)
+                      tuned_benchmark=tuned_bench, gates=cfg.gates, store=store, evaluations=versions, labels=labels,
+                      elo=cfg.elo)
     return Round(number=log.round, overrides=overrides, gate=verdict, tuned=tuned, tuned_eval=tuned_eval)
 
 

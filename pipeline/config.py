@@ -535,6 +535,41 @@ class BenchmarkConfig(Section):
         return list(dict.fromkeys(tasks))
 
 
+ELO_METRIC_JUDGES = ("similarity", "rouge_l", "token_f1", "exact_match")
+"""Per-answer metrics an Elo game can be judged by (columns of the evaluate stage's answers)."""
+
+
+class EloConfig(Section):
+    """How the gate's Elo tournament judges two model versions' answers to one question (tasks/gate.py)."""
+
+    judge: str = Field(
+        "similarity",
+        description=f"One of {', '.join(ELO_METRIC_JUDGES)}: the answer scoring higher against the target by more "
+        "than draw_margin wins. Or 'package.module:function', called with two answer rows (question, target, "
+        "answer and the metrics above) and returning 1.0, 0.5 or 0.0 for the first; e.g. an LLM judge.",
+    )
+    draw_margin: float = Field(0.02, ge=0, description="Metric difference at or below which a game is a draw.")
+
+    @field_validator("judge")
+    @classmethod
+    def _judge_exists(cls, value: str) -> str:
+        """A metric name, or an importable callable: found now rather than after training."""
+        if ":" not in value:
+            if value not in ELO_METRIC_JUDGES:
+                raise ValueError(f"expected one of {list(ELO_METRIC_JUDGES)} or 'package.module:function', found {value!r}")
+            return value
+        import importlib
+
+        module_name, _, function_name = value.partition(":")
+        try:
+            function = getattr(importlib.import_module(module_name), function_name)
+        except (ImportError, AttributeError, ValueError) as error:
+            raise ValueError(f"expected an importable 'package.module:function', found {value!r}: {error}") from None
+        if not callable(function):
+            raise ValueError(f"expected {value!r} to name a function, found a {type(function).__name__}")
+        return value
+
+
 class Gate(Section):
     """One check on the run's metrics.
 
@@ -695,6 +730,7 @@ class PipelineConfig(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     benchmark: BenchmarkConfig = Field(default_factory=BenchmarkConfig)
     gates: list[Gate] = Field(default_factory=list)
+    elo: EloConfig = Field(default_factory=EloConfig)
     refine: RefineConfig = Field(default_factory=RefineConfig)
     store: StoreConfig = Field(default_factory=StoreConfig)
     sweep: SweepConfig = Field(default_factory=SweepConfig)

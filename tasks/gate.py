@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import base64
 import csv
+import importlib
 import json
 import operator
 from itertools import combinations
@@ -34,19 +35,19 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from pipeline.config import BENCHMARK_METRICS, EVAL_METRICS, Gate, StoreConfig
+from pipeline.config import BENCHMARK_METRICS, EVAL_METRICS, EloConfig, Gate, StoreConfig
 from pipeline.refs import Ref
 from pipeline.stage import begin_stage, stage_task
 from tasks.benchmark import format_benchmark_table
 from tasks.evaluate import CATEGORIES, normalise_answer
 
-VERSION = "2"
+VERSION = "3"
 OPERATORS = {">=": operator.ge, "<=": operator.le}
 
 ELO_START = 1000.0
 ELO_K = 16.0
-DRAW_MARGIN = 0.02
-"""Similarity difference within which the default judge calls a draw (embedding noise)."""
+DRAW_MARGIN = EloConfig().draw_margin
+"""Metric difference within which a metric judge calls a draw (e.g. embedding noise); `elo.draw_margin`."""
 
 SIDE_BY_SIDE_ROWS = 20
 """Rows of the side-by-side table shown in the UI; the store keeps all of them."""
@@ -134,10 +135,26 @@ def worst_answers(rows: Sequence[Mapping[str, Any]], per_category: int = WORST_P
 # --------------------------------------------------------------------------- Elo
 
 
-def similarity_judge(a: Mapping[str, Any], b: Mapping[str, Any], margin: float = DRAW_MARGIN) -> float:
-    """1.0 when `a`'s answer is closer to the target than `b`'s by more than `margin`, 0.0 the reverse, else 0.5."""
-    diff = float(a["similarity"]) - float(b["similarity"])
-    return 0.5 if abs(diff) <= margin else (1.0 if diff > 0 else 0.0)
+def metric_judge(metric: str = "similarity", margin: float = DRAW_MARGIN) -> Judge:
+    """A judge by one per-answer metric: 1.0 when `a` beats `b` on it by more than `margin`, 0.0 the reverse, else 0.5."""
+
+    def judge(a: Mapping[str, Any], b: Mapping[str, Any]) -> float:
+        diff = float(a[metric]) - float(b[metric])
+        return 0.5 if abs(diff) <= margin else (1.0 if diff > 0 else 0.0)
+
+    return judge
+
+
+similarity_judge: Judge = metric_judge("similarity")
+"""The default judge: the answer closer to the target in embedding space wins."""
+
+
+def make_judge(config: EloConfig) -> Judge:
+    """The judge `config.judge` names: a per-answer metric, or a 'package.module:function' (imported here)."""
+    if ":" not in config.judge:
+        return metric_judge(config.judge, config.draw_margin)
+    module_name, _, function_name = config.judge.partition(":")
+    return getattr(importlib.import_module(module_name), function_name)
 
 
 def _expected(rating_a: float, rating_b: float) -> float:
@@ -242,8 +259,9 @@ def metrics_table(tuned: Mapping[str, float], base: Mapping[str, float]) -> list
 def report_markdown(
     tuned: Mapping[str, float], base: Mapping[str, float], verdicts: Sequence[dict], worst: Mapping[str, Sequence[Mapping]],
     elo: Sequence[dict], benchmark_table: str, plot_png: bytes | None, counts: Mapping[str, Mapping[str, int]],
+    judged_by: str = "similarity",
 ) -> str:
-    """The evaluation report: gates, metrics, plot, benchmark figures, categories, worst answers, Elo."""
+    """The evaluation report: gates, metrics, plot, benchmark figures, categories, worst answers, Elo (judged by `judged_by`)."""
     lines = ["# Evaluation report", "", "## Gates", "", "| gate | measured | verdict |", "|---|---:|---|"]
     lines += [f"| `{v['gate']}` | {v['measured']:.3f} | {'pass' if v['passed'] else '**FAIL**'} |" for v in verdicts]
     lines += ["", "## Base vs fine-tuned", "", *metrics_table(tuned, base), ""]
@@ -259,7 +277,7 @@ def report_markdown(
         lines.append("")
     if not worst:
         lines += ["No fine-tuned answer fell into an error category.", ""]
-    lines += ["## Elo (pairwise, judged by similarity to the target)", "",
+    lines += [f"## Elo (pairwise, judged by {judged_by})", "",
               "| rank | version | rating | games | wins | draws | losses | mean similarity |", "|---:|---|---:|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['rank']} | {r['label']} | {r['rating']:.1f} | {r['games']} | {r['wins']} | {r['draws']} | {r['losses']} | "
               f"{_cell(r['mean_similarity'])} |" for r in elo]
@@ -282,9 +300,10 @@ def publish(folder: Path) -> None:
 
 @stage_task("gate", version=VERSION)
 def gate(base_eval: Ref, tuned_eval: Ref, base_benchmark: Ref, tuned_benchmark: Ref, gates: list[Gate], store: StoreConfig,
-         evaluations: list[Ref] | None = None, labels: list[str] | None = None) -> Ref:
+         evaluations: list[Ref] | None = None, labels: list[str] | None = None, elo: EloConfig | None = None) -> Ref:
     """Compare base and fine-tuned, rank every version in `evaluations` (default: base, fine-tuned) by Elo
-    under `labels` (default: their model names), check every gate; returns the gate artifact's Ref."""
+    under `labels` (default: their model names) with the judge `elo` names (default: similarity), check every
+    gate; returns the gate artifact's Ref."""
     stage = begin_stage(store)
     if stage.committed:
         publish(stage.fetch(stage.ref))
@@ -299,24 +318,26 @@ def gate(base_eval: Ref, tuned_eval: Ref, base_benchmark: Ref, tuned_benchmark: 
 
     versions = evaluations if evaluations else [base_eval, tuned_eval]
     version_rows = [_answers(stage.fetch(ref)) for ref in versions]
-    elo = elo_tournament(version_rows, labels or version_labels([ref.meta for ref in versions]))
+    elo_config = elo or EloConfig()
+    ratings = elo_tournament(version_rows, labels or version_labels([ref.meta for ref in versions]), make_judge(elo_config))
 
     plot_comparison({"base": base, "fine-tuned": tuned},
                     [f"eval.{n}" for n in PLOTTED_EVAL_METRICS] + sorted(n for n in tuned if n.startswith("benchmark.")),
                     stage.dir / "comparison.png")
     counts = {"base": base_summary.get("categories", {}), "fine_tuned": tuned_summary.get("categories", {})}
-    report = report_markdown(tuned, base, verdicts, worst_answers(tuned_rows), elo,
-                             format_benchmark_table(base_bench, tuned_bench), (stage.dir / "comparison.png").read_bytes(), counts)
+    report = report_markdown(tuned, base, verdicts, worst_answers(tuned_rows), ratings,
+                             format_benchmark_table(base_bench, tuned_bench), (stage.dir / "comparison.png").read_bytes(), counts,
+                             judged_by=elo_config.judge)
     passed = all(v["passed"] for v in verdicts)
     _write_json(stage.dir / "verdicts.json", {"passed": passed, "verdicts": verdicts})
     _write_json(stage.dir / "metrics.json", {"base": base, "fine_tuned": tuned})
-    _write_json(stage.dir / "elo.json", elo)
+    _write_json(stage.dir / "elo.json", ratings)
     pq.write_table(pa.Table.from_pylist(rows), stage.dir / "side_by_side.parquet")
     _write_csv(stage.dir / "side_by_side.csv", rows)
     (stage.dir / "report.md").write_text(report, encoding="utf-8")
     publish(stage.dir)
     return stage.commit(meta={"passed": passed, "verdicts": verdicts, "base": base, "fine_tuned": tuned,
-                              "elo": {row["label"]: row["rating"] for row in elo}})
+                              "elo": {row["label"]: row["rating"] for row in ratings}})
 
 
 def _answers(folder: Path) -> list[dict[str, Any]]:

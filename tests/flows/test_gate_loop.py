@@ -66,8 +66,12 @@ def test_elo_ranks_every_model_version(failed_run):
 
 
 def test_a_passing_run_marks_latest_passing(prefect_harness, tmp_path):
-    summary = finetune(config_path="configs/tiny.yaml", overrides=[f"store.uri={tmp_path}", "refine.max_rounds=3"])
+    summary = finetune(config_path="configs/tiny.yaml",
+                       overrides=[f"store.uri={tmp_path}", "refine.max_rounds=3", "elo.judge=token_f1"])
     assert summary["passed"] and len(summary["rounds"]) == 1, "a passing first round must not loop"
+    [gate_uri] = [entry["uri"] for entry in summary["stages"] if entry["stage"] == "gate"]
+    assert "## Elo (pairwise, judged by token_f1)" in (tmp_path / gate_uri / "report.md").read_text(), \
+        "the configured judge reaches the gate stage"
     pointer = json.loads(open_store(StoreSettings(uri=str(tmp_path))).get_bytes(LATEST_PASSING))
     assert pointer["model_uri"] == summary["model_uri"] and pointer["round"] == 1
     assert (tmp_path / pointer["model_uri"] / "model.safetensors").is_file()

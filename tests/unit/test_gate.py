@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.config import ConfigError, EvalConfig, Gate, load_config
+from pipeline.config import ConfigError, EloConfig, EvalConfig, Gate, load_config
 from tasks.gate import (
     ELO_START,
     GateMetricMissing,
     check_gates,
     elo_tournament,
     flatten_metrics,
+    make_judge,
     plot_comparison,
     report_markdown,
     side_by_side,
@@ -113,6 +114,33 @@ def test_elo_takes_any_judge():
     assert table[0]["label"] == "terse"
     with pytest.raises(ValueError, match="one label per version"):
         elo_tournament([long_answers], ["a", "b"])
+
+
+def shorter_answer_wins(a: dict, b: dict) -> float:
+    """A custom judge named in config as '<this module>:shorter_answer_wins'."""
+    return 1.0 if len(a["answer"]) < len(b["answer"]) else 0.0 if len(a["answer"]) > len(b["answer"]) else 0.5
+
+
+def test_the_config_chooses_the_elo_judge_a_metric_or_a_function():
+    close_but_wordy = [{**r, "rouge_l": 0.1} for r in _answers([0.9] * 4)]  # near the target in meaning only
+    far_but_literal = [{**r, "rouge_l": 0.6, "answer": "a"} for r in _answers([0.3] * 4)]
+    versions, labels = [close_but_wordy, far_but_literal], ["wordy", "literal"]
+    by = lambda judge: elo_tournament(versions, labels, make_judge(EloConfig(judge=judge)))[0]["label"]  # noqa: E731
+    assert by("similarity") == "wordy" and by("rouge_l") == "literal"
+    assert by(f"{__name__}:shorter_answer_wins") == "literal"
+    draws = elo_tournament(versions, labels, make_judge(EloConfig(judge="rouge_l", draw_margin=0.6)))
+    assert all(r["draws"] == 4 for r in draws), "a difference within draw_margin is a draw"
+
+
+@pytest.mark.parametrize("judge, message", [
+    ("bleu", r"elo\.judge: expected one of \['similarity', 'rouge_l', 'token_f1', 'exact_match'\] or 'package\.module:function', found 'bleu'"),
+    ("no_such_module_xyz:judge", r"elo\.judge: expected an importable 'package\.module:function', found 'no_such_module_xyz:judge'"),
+    ("json:no_such_function", r"elo\.judge: expected an importable .*found 'json:no_such_function'"),
+    ("json:__doc__", r"elo\.judge: expected 'json:__doc__' to name a function, found a str"),
+])
+def test_an_unknown_elo_judge_is_a_config_error_before_anything_runs(judge: str, message: str):
+    with pytest.raises(ConfigError, match=message):  # the CLI exits 2 on any ConfigError
+        load_config(None, [f"elo.judge={judge}"])
 
 
 def test_version_labels_number_repeats():
