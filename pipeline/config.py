@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 from types import UnionType
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Callable, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, SecretStr, Tag, ValidationError, field_validator, model_validator
@@ -558,16 +558,22 @@ class EloConfig(Section):
             if value not in ELO_METRIC_JUDGES:
                 raise ValueError(f"expected one of {list(ELO_METRIC_JUDGES)} or 'package.module:function', found {value!r}")
             return value
-        import importlib
-
-        module_name, _, function_name = value.partition(":")
-        try:
-            function = getattr(importlib.import_module(module_name), function_name)
-        except (ImportError, AttributeError, ValueError) as error:
-            raise ValueError(f"expected an importable 'package.module:function', found {value!r}: {error}") from None
-        if not callable(function):
-            raise ValueError(f"expected {value!r} to name a function, found a {type(function).__name__}")
+        import_function(value)
         return value
+
+
+def import_function(spec: str) -> Callable[..., Any]:
+    """The function 'package.module:function' names, imported; ValueError saying what is wrong otherwise."""
+    import importlib
+
+    module_name, _, function_name = spec.partition(":")
+    try:
+        function = getattr(importlib.import_module(module_name), function_name)
+    except (ImportError, AttributeError, ValueError) as error:
+        raise ValueError(f"expected an importable 'package.module:function', found {spec!r}: {error}") from None
+    if not callable(function):
+        raise ValueError(f"expected {spec!r} to name a function, found a {type(function).__name__}")
+    return function
 
 
 class Gate(Section):

@@ -146,7 +146,7 @@ def result_storage_for(settings: StoreSettings) -> ArtifactStoreResults:
     for attempt in range(3):
         try:
             block.save(f"artifact-store-{hashlib.sha256(location.encode()).hexdigest()[:12]}", overwrite=True)
-            return block
+            break
         except ObjectAlreadyExists:
             if attempt == 2:
                 raise

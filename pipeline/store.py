@@ -62,7 +62,7 @@ _TMP_PREFIX = ".~tmp-"
 # Temp files of interrupted local writes carry this prefix; listings skip them.
 
 _COMMIT_LOCK_PREFIX = f"{_TMP_PREFIX}commit-"
-# Commit locks live in the store's root as '<prefix><hash of the uri>.lock'.
+# Commit locks live in the store's root as '<prefix><hash of the uri>.lock' (commit_lock_name).
 
 REJECTED_MANIFEST = f"{_TMP_PREFIX}rejected-manifest.json"
 # A manifest whose artifact was found corrupt is moved here (it matched its Ref, only a file did not). When
@@ -291,6 +291,11 @@ def sha256_file(path: Path) -> str:
         while chunk := handle.read(HASH_CHUNK_BYTES):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def commit_lock_name(uri: str) -> str:
+    """The store path of the lock that commits of the artifact `uri` take turns on (in the store's root)."""
+    return f"{_COMMIT_LOCK_PREFIX}{sha256_bytes(uri.encode('utf-8'))[:32]}.lock"
 
 
 def redact_uri(text: str) -> str:
@@ -708,7 +713,7 @@ class LocalStore(ArtifactStore):
         if fcntl is None:  # pragma: no cover - Windows: no locking
             yield
             return
-        path = self.root / f"{_COMMIT_LOCK_PREFIX}{sha256_bytes(uri.encode('utf-8'))[:32]}.lock"
+        path = self.root / commit_lock_name(uri)
         with self._writing("taking the commit lock", path):
             while True:
                 handle = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
@@ -1219,7 +1224,7 @@ class S3Store(ArtifactStore):
         is broken. A server without conditional writes answers 501 and the commit goes on
         unlocked, as on stores without locking.
         """
-        path = f"{_COMMIT_LOCK_PREFIX}{sha256_bytes(uri.encode('utf-8'))[:32]}.lock"
+        path = commit_lock_name(uri)
         holder = {"host": socket.gethostname(), "pid": os.getpid(), "token": uuid.uuid4().hex}
         waiting_logged = False
         _HELD_LOCKS.add(holder["token"])  # before the PUT: a thread that finds the lock must see it in hand
@@ -1237,8 +1242,7 @@ class S3Store(ArtifactStore):
         finally:
             _HELD_LOCKS.discard(holder["token"])
             try:
-                self._request(f"releasing the commit lock of {self.location(uri)}",
-                              lambda: self._client.delete_object(Bucket=self.bucket, Key=self._key(path)))
+                self._remove_lock(path, "releasing")
             except StoreError as error:  # the commit's own outcome matters more; a left lock is broken later
                 log.warning("could not release the commit lock %s (the next commit breaks it): %s",
                             self.location(path), error)
@@ -1277,9 +1281,14 @@ class S3Store(ArtifactStore):
             # Two waiters breaking the same dead lock at once could also remove the new lock one of them
             # just took; dead holders are rare (a crash or an outage), so that window is accepted.
             log.warning("breaking the stale commit lock %s held by %s", self.location(path), found)
-            self._request(f"breaking the commit lock {self.location(path)}",
-                          lambda: self._client.delete_object(Bucket=self.bucket, Key=key))
+            self._remove_lock(path, "breaking")
         return False
+
+    def _remove_lock(self, path: str, action: str) -> None:
+        """Delete the lock object `path` (one request: `delete` lists, and listings skip locks)."""
+        key = self._key(path)
+        self._request(f"{action} the commit lock {self.location(path)}",
+                      lambda: self._client.delete_object(Bucket=self.bucket, Key=key))
 
     def delete(self, prefix: str) -> None:
         """Delete the object `prefix` and every object under `prefix/`; missing is fine."""

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import base64
 import csv
-import importlib
 import json
 import operator
 from itertools import combinations
@@ -35,7 +34,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from pipeline.config import BENCHMARK_METRICS, EVAL_METRICS, EloConfig, Gate, StoreConfig
+from pipeline.config import BENCHMARK_METRICS, EVAL_METRICS, EloConfig, Gate, StoreConfig, import_function
 from pipeline.refs import Ref
 from pipeline.stage import begin_stage, stage_task
 from tasks.benchmark import format_benchmark_table
@@ -153,8 +152,7 @@ def make_judge(config: EloConfig) -> Judge:
     """The judge `config.judge` names: a per-answer metric, or a 'package.module:function' (imported here)."""
     if ":" not in config.judge:
         return metric_judge(config.judge, config.draw_margin)
-    module_name, _, function_name = config.judge.partition(":")
-    return getattr(importlib.import_module(module_name), function_name)
+    return import_function(config.judge)
 
 
 def _expected(rating_a: float, rating_b: float) -> float:

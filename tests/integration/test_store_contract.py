@@ -23,6 +23,7 @@ from pipeline.store import (
     S3Store,
     StoreError,
     StoreSettings,
+    commit_lock_name,
     open_store,
 )
 
@@ -386,7 +387,7 @@ def test_local_store_is_a_plain_folder(tmp_path: Path) -> None:
 
 def _plant_lock(store: S3Store, holder: dict) -> str:
     """Put a commit lock for URI in the bucket as another (gone) committer would have left it."""
-    path = f".~tmp-commit-{_sha(URI.encode())[:32]}.lock"
+    path = commit_lock_name(URI)
     store.put_bytes(path, json.dumps(holder).encode())
     assert store.exists(path) and path not in store.list()
     return path
