@@ -13,20 +13,19 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
-import pickle
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from exploits import MARKER, exploit  # a malicious pickle in the corpus writes MARKER if anything ever unpickles it
 
 import flows.finetune  # noqa: F401  Prefect sets up its console log handler on import: not inside a test's capsys
 from pipeline.cli import main
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = str(REPO / "configs" / "tiny.yaml")
-MARKER = "PWNED"  # a malicious pickle in the corpus writes this file if anything ever unpickles it
 
 GOOD = [{"question": f"What does function number {i} do?", "answer": f"It returns {i}."} for i in range(30)]
 
@@ -63,20 +62,6 @@ def run_data(tmp: Path, source: str, *sets: str) -> list[str]:
     return run(tmp, f"data.sources=[{source}]", "data.min_rows=1", *sets)
 
 
-class _WritesMarker:
-    """Unpickling this runs code: it writes MARKER next to the file. The loaders must never get that far."""
-
-    def __init__(self, folder: Path):
-        self.folder = folder
-
-    def __reduce__(self):
-        return (exec, (f"open({str(self.folder / MARKER)!r}, 'w').write('unpickled')",))
-
-
-def malicious_pickle(folder: Path) -> bytes:
-    return pickle.dumps(_WritesMarker(folder))
-
-
 def tiny_config_json() -> str:
     return json.dumps({"architectures": ["GPTNeoXForCausalLM"], "model_type": "gpt_neox", "hidden_size": 64,
                        "num_attention_heads": 4, "num_hidden_layers": 2, "intermediate_size": 128, "vocab_size": 512})
@@ -85,7 +70,7 @@ def tiny_config_json() -> str:
 def pickle_only_model(tmp: Path) -> str:
     folder = tmp / "pickled-model"
     write(folder, "config.json", tiny_config_json())
-    write(folder, "pytorch_model.bin", malicious_pickle(tmp))
+    write(folder, "pytorch_model.bin", exploit(tmp / MARKER))
     return str(folder)
 
 
@@ -142,7 +127,7 @@ def _api_adapter_pickle(tmp: Path) -> Callable[[], object]:
 
     folder = tmp / "adapter"
     write(folder, "adapter_config.json", json.dumps({"base_model_name_or_path": "tiny-neox", "peft_type": "LORA"}))
-    write(folder, "adapter_model.bin", malicious_pickle(tmp))
+    write(folder, "adapter_model.bin", exploit(tmp / MARKER))
     return lambda: load_model(str(folder), device="cpu")
 
 

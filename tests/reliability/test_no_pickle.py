@@ -17,25 +17,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from exploits import MARKER, exploit
 
 REPO = Path(__file__).resolve().parents[2]
-MARKER = "PWNED"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib")
 
 pytestmark = pytest.mark.filterwarnings("ignore:Logger 'prefect.task_runs' attempted:UserWarning")
-
-
-class _WritesMarker:
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (exec, (f"open({str(self.marker)!r}, 'w').write('unpickled')",))
-
-
-def exploit(marker: Path) -> bytes:
-    """Pickle bytes that write `marker` when unpickled."""
-    return pickle.dumps(_WritesMarker(marker))
 
 
 @pytest.fixture(scope="module")
