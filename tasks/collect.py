@@ -14,7 +14,8 @@ credentials also read `s3://` data). Out: an artifact with
 Sources: files (JSON Lines, JSON, CSV/TSV, Parquet; one, several or a glob; `.gz`
 too; local or `s3://`), Hugging Face datasets (a `save_to_disk` folder or a hub id),
 and `docs` (an installed package's documentation turned into question/answer pairs,
-plus off-topic refusals and optional general-knowledge replay). Files are read as
+plus off-topic refusals, near-domain refusals (questions about other packages) and
+optional general-knowledge replay). Files are read as
 streams, so `limit` takes the first rows of a corpus larger than memory.
 
 Each file's schema is detected from its columns (`SCHEMAS`) unless the source maps
@@ -46,7 +47,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from itertools import chain, islice, zip_longest
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from pipeline.assets import arc_train_questions
 from pipeline.config import DataConfig, DocsSource, HFSource, JsonlSource, StoreConfig
@@ -65,6 +66,31 @@ QUESTION_PHRASINGS = (
     "Can you summarise the documentation of {qualname}?",
 )
 REFUSAL = "I'm sorry, I can only answer questions about the {package} Python package."
+# How users ask in the evaluation's on_topic and near_domain probes (tasks/evaluate.py): no template
+# (and no rendering, token Jaccard < 0.8) in common with QUESTION_PHRASINGS, so an on-topic probe
+# tests the package, not a memorised wording (tests/unit/test_probes.py checks both).
+PROBE_PHRASINGS = (
+    "I'm using {package}; how does {name} work?",
+    "Give me an example use of {qualname}.",
+    "What's {name} good for in {package}?",
+    "When should I reach for {qualname} in my code?",
+    "Is there a quick way to get started with {name} from {package}?",
+    "Could you walk me through calling {qualname}?",
+)
+# Near-domain questions: other packages' functions. The docs source trains refusals on the first set,
+# the evaluation probes with the second; the two are disjoint, so a declined near-domain probe shows
+# the model tells its package from other software rather than recalling a trained question. Stdlib
+# modules for training (always installed); probes add the data libraries users ask about. A package
+# that is the taught one (or not installed) is skipped.
+NEAR_DOMAIN_TRAIN_PACKAGES = (
+    "os.path", "shutil", "textwrap", "csv", "heapq", "bisect", "statistics", "math", "operator", "base64",
+    "hashlib", "difflib", "calendar", "tempfile", "argparse", "subprocess", "logging", "sqlite3", "zipfile",
+    "urllib.parse", "secrets", "fnmatch", "glob", "shlex", "gzip", "zlib", "struct", "pprint",
+)
+NEAR_DOMAIN_PROBE_PACKAGES = (
+    "json", "collections", "functools", "itertools", "pathlib", "re", "dataclasses", "contextlib", "typing",
+    "asyncio", "numpy", "pandas", "pyarrow",
+)
 
 EXAMPLES_PER_REASON = 3
 """Dropped rows quoted per reason in the report and in error messages."""
@@ -769,6 +795,56 @@ def docs_rows(source: DocsSource, offtopic_questions: Iterable[str]) -> list[dic
     return rows
 
 
+def same_package(package: str, taught: str) -> bool:
+    """Whether two importable names are one package for near-domain purposes (same top-level name)."""
+    return package.split(".")[0] == taught.split(".")[0]
+
+
+def package_questions(packages: Iterable[str], phrasings: Sequence[str], seed: str,
+                      skip: Iterable[str] = ()) -> Iterator[dict[str, str]]:
+    """Questions about packages' documented objects: `{"question", "package", "name"}`, seeded, lazily.
+
+    In: importable package names, question templates ({package}, {name}, {qualname}, {kind}),
+    a seed string and taught package names to skip (same top-level name). Each package's public
+    documented objects are shuffled (seeded by `seed` and the package), then taken round-robin
+    across packages so a short draw still spans them; each question gets a seeded phrasing.
+    Packages that are not installed are left out.
+    """
+    rng = random.Random(seed)
+    skip = list(skip)
+    queues = []
+    for package in packages:
+        if any(same_package(package, taught) for taught in skip):
+            continue
+        try:
+            objects = [(n, k) for n, k, _ in documented_objects(package) if not n.startswith("_")]
+        except DataError:  # not installed here: a probe package set may name optional libraries
+            continue
+        random.Random(f"{seed}:{package}").shuffle(objects)
+        queues.append((package, objects))
+    for position in range(max((len(objects) for _, objects in queues), default=0)):
+        for package, objects in queues:
+            if position < len(objects):
+                name, kind = objects[position]
+                fields = {"package": package, "name": name, "qualname": f"{package}.{name}", "kind": kind}
+                yield {"question": rng.choice(phrasings).format(**fields), "package": package, "name": name}
+
+
+def near_domain_rows(source: DocsSource) -> list[dict[str, Any]]:
+    """`source.near_domain` refusal rows: questions about NEAR_DOMAIN_TRAIN_PACKAGES answered with REFUSAL.
+
+    Asked in the documentation rows' own phrasings (QUESTION_PHRASINGS[:phrasings]), so only the
+    package name tells a question to answer from one to decline.
+    """
+    if not source.near_domain:
+        return []
+    refusal = REFUSAL.format(package=source.package)
+    questions = package_questions(NEAR_DOMAIN_TRAIN_PACKAGES, QUESTION_PHRASINGS[: source.phrasings],
+                                  f"near_domain:{source.package}", skip=[source.package])
+    return [make_row(f"near_domain:{source.package}", q["question"], refusal, role=source.role)
+            for q in islice(questions, source.near_domain)]
+
+
 def replay_rows(arc_rows: Iterable[dict], role: str = "train") -> list[dict[str, Any]]:
     """General-knowledge rows: each ARC train question answered with the text of its correct choice."""
     rows = []
@@ -780,9 +856,10 @@ def replay_rows(arc_rows: Iterable[dict], role: str = "train") -> list[dict[str,
 
 
 def read_docs_source(source: DocsSource) -> list[dict[str, Any]]:
-    """Rows of a docs source: documentation pairs, off-topic refusals, then replay rows, capped at `limit`."""
+    """Rows of a docs source: documentation pairs, off-topic and near-domain refusals, then replay; `limit` at most."""
     arc = arc_train_questions() if source.offtopic or source.replay else []
     rows = docs_rows(source, [q["question"] for q in arc])
+    rows += near_domain_rows(source)
     # Replay questions come after the refused ones, so no question is both refused and answered.
     rows += replay_rows(arc[source.offtopic : source.offtopic + source.replay], role=source.role)
     return rows[: source.limit]

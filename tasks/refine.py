@@ -13,9 +13,13 @@ The default table (`refine.actions`, configurable):
 | --- | --- |
 | eval.similarity_mean, eval.exact_match, eval.rouge_l, eval.token_f1 | augment_phrasings, more_data |
 | eval.repetition_rate, eval.repetition_mean, eval.too_long_rate, eval.length_ratio_mean | cap_answer_length |
-| eval.refusal_rate, eval.not_declined_rate | more_refusals |
+| eval.refusal_rate, eval.refusal_rate.* (a probe category), eval.not_declined_rate | more_refusals |
+| eval.refusal_rate.near_domain (other software's questions answered) | more_near_domain_refusals |
 | eval.false_refusal_rate, eval.off_topic_rate | augment_phrasings |
 | benchmark.* (forgetting) | replay_general |
+
+A metric finds its exact entry first, then the longest `<prefix>.*` entry that matches
+(`eval.refusal_rate.chit_chat` -> `eval.refusal_rate.*` -> `eval.*`).
 """
 
 from __future__ import annotations
@@ -56,6 +60,13 @@ def more_refusals(data: DataConfig) -> tuple[list[str], str]:
     return overrides, "more off-topic questions answered with a refusal, so the model learns to decline"
 
 
+def more_near_domain_refusals(data: DataConfig) -> tuple[list[str], str]:
+    """Double the near-domain refusal examples (questions about other packages; at least 30 more)."""
+    overrides = [f"data.sources.{i}.near_domain={max(s.near_domain * 2, s.near_domain + 30)}"
+                 for i, s in enumerate(data.sources) if isinstance(s, DocsSource)]
+    return overrides, "more questions about other packages answered with a refusal, so the model tells them apart"
+
+
 def cap_answer_length(data: DataConfig) -> tuple[list[str], str]:
     """Cut training answers to three quarters of their word budget (at least 10 words)."""
     overrides = [f"data.sources.{i}.max_answer_words={max(10, int(s.max_answer_words * 0.75))}"
@@ -74,18 +85,25 @@ CHANGES: dict[str, Callable[[DataConfig], tuple[list[str], str]]] = {
     "augment_phrasings": augment_phrasings,
     "more_data": more_data,
     "more_refusals": more_refusals,
+    "more_near_domain_refusals": more_near_domain_refusals,
     "cap_answer_length": cap_answer_length,
     "replay_general": replay_general,
 }
 
 
 def changes_for(metric: str, actions: dict[str, list[str]]) -> list[str]:
-    """The change names configured for a failing metric: an exact entry, else its '<section>.*' entry."""
-    return actions.get(metric) or actions.get(metric.split(".")[0] + ".*") or []
+    """The change names configured for a failing metric: its exact entry, else the longest matching '<prefix>.*' entry.
+
+    `eval.refusal_rate.near_domain` -> its own entry; `eval.refusal_rate.chit_chat` -> `eval.refusal_rate.*`;
+    `benchmark.arc_easy.acc` -> `benchmark.arc_easy.*`, then `benchmark.*`. [] when nothing matches.
+    """
+    parts = metric.split(".")
+    candidates = [metric] + [".".join(parts[:end]) + ".*" for end in range(len(parts) - 1, 0, -1)]
+    return next((actions[key] for key in candidates if actions.get(key)), [])
 
 
 def plan_changes(verdicts: list[dict], data: DataConfig, config: RefineConfig) -> list[dict]:
-    """For each failing gate, the configured changes that still change something.
+    """For each failed gate (decision 'fail'), the configured changes that still change something.
 
     Out: `[{"gate", "change", "why", "overrides"}]`; a change already chosen for an
     earlier gate is not repeated, and one with nothing left to change is skipped.
@@ -93,7 +111,7 @@ def plan_changes(verdicts: list[dict], data: DataConfig, config: RefineConfig) -
     planned: list[dict] = []
     chosen: set[str] = set()
     for verdict in verdicts:
-        if verdict["passed"]:
+        if verdict["decision"] != "fail":  # only a failed gate changes data; an inconclusive one grows the sample
             continue
         for name in changes_for(verdict["metric"], config.actions):
             if name in chosen:

@@ -14,7 +14,7 @@ from pipeline.store import StoreSettings, open_store
 pytestmark = pytest.mark.flow
 
 STAGES = ["collect", "template", "tokenize", "validate", "split", "train", "evaluate (base)", "evaluate (fine-tuned)",
-          "benchmark (base)", "benchmark (fine-tuned)", "gate"]
+          "benchmark (base, arc_easy 0-8)", "benchmark (fine-tuned, arc_easy 0-8)", "gate (look 1)"]
 
 
 @pytest.fixture(scope="module")
@@ -74,5 +74,5 @@ def test_a_config_change_reruns_only_that_stage_and_later(prefect_harness, two_r
     changed = finetune(config_path="configs/tiny.yaml", overrides=[f"store.uri={store_dir}", "eval.max_new_tokens=6"])
     states = {e["stage"]: e["state"] for e in changed["stages"]}
     assert all(states[s] == "Cached" for s in ["collect", "template", "tokenize", "validate", "split", "train",
-                                               "benchmark (base)", "benchmark (fine-tuned)"])
-    assert states["evaluate (base)"] == states["evaluate (fine-tuned)"] == states["gate"] == "Completed"
+                                               "benchmark (base, arc_easy 0-8)", "benchmark (fine-tuned, arc_easy 0-8)"])
+    assert states["evaluate (base)"] == states["evaluate (fine-tuned)"] == states["gate (look 1)"] == "Completed"

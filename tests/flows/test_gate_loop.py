@@ -1,28 +1,38 @@
-"""The gate loop on the tiny model: a failing gate sends the run round again with changed data;
-stages the change does not touch come back Cached; the run's final state follows the last verdicts."""
+"""The gate loop on the tiny model.
+
+An inconclusive benchmark gate grows the question sample (scoring only the new questions) and never
+changes data; a failed gate sends the run round again with changed data; stages the change does not
+touch come back Cached; a gate still inconclusive when no items remain is decided by
+gates_on_inconclusive; the run's final state follows the last verdicts."""
 
 import json
 
 import pytest
 
 from flows.finetune import LATEST_PASSING, GatesFailed, finetune
-from pipeline.config import load_config
 from pipeline.models import find_model
 from pipeline.store import StoreSettings, open_store
 
 pytestmark = pytest.mark.flow
 
-UNREACHABLE_GATE = "gates=[{metric: eval.similarity_mean, op: '>=', value: 2.0}]"
-"""Cosine similarity never reaches 2.0: every round fails, so the loop must stop at max_rounds."""
+GROWING_GATE = "gates=[{metric: benchmark.arc_easy.acc, op: '>=', value: 0.65}]"
+"""The tiny model answers ARC near chance (about 0.3): on 8 questions the interval still reaches 0.65
+(inconclusive), on 64 it is wholly below (fail)."""
+LOOKS = "benchmark.sample_sizes=[8, 64]"
 
 
 @pytest.fixture(scope="module")
 def failed_run(prefect_harness, tmp_path_factory):
-    """The tiny config with a gate no model passes, two rounds allowed."""
+    """The tiny config with a gate the tiny model fails once the sample is large enough, two rounds allowed."""
     store_dir = tmp_path_factory.mktemp("loop-store")
-    overrides = [f"store.uri={store_dir}", UNREACHABLE_GATE, "refine.max_rounds=2"]
+    overrides = [f"store.uri={store_dir}", GROWING_GATE, LOOKS, "refine.max_rounds=2"]
     state = finetune(config_path="configs/tiny.yaml", overrides=overrides, return_state=True)
     return store_dir, state
+
+
+def _entries(state, round_number: int) -> list[dict]:
+    summary = state.result(raise_on_failure=False).summary
+    return [entry for entry in summary["stages"] if entry["round"] == round_number]
 
 
 def test_the_run_fails_after_the_last_round(failed_run):
@@ -34,44 +44,72 @@ def test_the_run_fails_after_the_last_round(failed_run):
     assert not open_store(StoreSettings(uri=str(store_dir))).exists(LATEST_PASSING), "a failed run must not move the pointer"
 
 
-def test_round_two_ran_with_the_planned_data_changes(failed_run):
+def test_an_inconclusive_gate_grows_the_sample_instead_of_changing_data(failed_run):
     _, state = failed_run
-    summary = state.result(raise_on_failure=False).summary
-    first, second = summary["rounds"]
-    assert [first["round"], second["round"]] == [1, 2]
-    assert first["overrides"] == [] and not first["passed"] and not second["passed"]
-    planned = first["changes_next"]
-    assert [c["change"] for c in planned] == ["augment_phrasings", "more_data"]
-    assert all(c["gate"] == "eval.similarity_mean >= 2" and c["why"] for c in planned)
-    tiny = load_config("configs/tiny.yaml").data.sources[0]
-    assert second["overrides"] == [f"data.sources.0.phrasings={tiny.phrasings + 1}",
-                                   f"data.sources.0.max_objects={tiny.max_objects * 2}"]
-    rows = {entry["round"]: entry for entry in summary["stages"] if entry["stage"] == "collect"}
-    assert rows[2]["meta"]["rows"] > rows[1]["meta"]["rows"], "round 2 must train on more rows"
-    assert rows[2]["uri"] != rows[1]["uri"]
+    stages = [entry["stage"] for entry in _entries(state, 1)]
+    assert stages[stages.index("evaluate (fine-tuned)") + 1:] == [
+        "benchmark (base, arc_easy 0-8)", "benchmark (fine-tuned, arc_easy 0-8)", "gate (look 1)",
+        "benchmark (base, arc_easy 8-64)", "benchmark (fine-tuned, arc_easy 8-64)", "gate (look 2)", "refine"]
+    looks = {e["stage"]: e["meta"] for e in _entries(state, 1) if e["stage"].startswith("gate")}
+    first, second = looks["gate (look 1)"], looks["gate (look 2)"]
+    assert first["status"] == "grow" and first["verdicts"][0]["verdict"] == "inconclusive", first["verdicts"]
+    assert first["verdicts"][0]["n"] == 8 and first["verdicts"][0]["items_to_decide"]
+    assert second["status"] == "fail" and second["verdicts"][0]["verdict"] == "fail", second["verdicts"]
+    assert second["verdicts"][0]["n"] == 64 and second["benchmark_n"] == {"arc_easy": 64}
+    # A larger look at alpha / looks: the interval is at 97.5% for 2 looks of a 95% gate.
+    assert second["verdicts"][0]["confidence"] == pytest.approx(0.975)
 
 
-def test_stages_the_change_does_not_touch_are_cached(failed_run):
-    _, state = failed_run
-    summary = state.result(raise_on_failure=False).summary
-    round_two = {e["stage"]: e["state"] for e in summary["stages"] if e["round"] == 2}
-    assert round_two["benchmark (base)"] == "Cached"  # the base model's ARC score does not depend on the data
+def test_the_earlier_questions_come_from_the_store(failed_run):
+    store_dir, state = failed_run
+    slices = {e["stage"]: e for e in _entries(state, 1) if e["stage"].startswith("benchmark (fine-tuned")}
+    first, second = slices["benchmark (fine-tuned, arc_easy 0-8)"], slices["benchmark (fine-tuned, arc_easy 8-64)"]
+    assert (first["meta"]["n"], second["meta"]["n"]) == (8, 56), "the second look scores only its 56 new questions"
+    items = [json.loads((store_dir / e["uri"] / "results.json").read_text())["sample"] for e in (first, second)]
+    assert (items[0]["start"], items[0]["end"], items[1]["start"], items[1]["end"]) == (0, 8, 8, 64)
+    round_two = {e["stage"]: e["state"] for e in _entries(state, 2)}
+    # The base model's questions do not depend on the data: every base slice round 2 asks for is reused.
+    base_slices = [stage for stage in round_two if stage.startswith("benchmark (base")]
+    assert "benchmark (base, arc_easy 0-8)" in base_slices
+    assert all(round_two[stage] == "Cached" for stage in base_slices), round_two
     assert round_two["collect"] == round_two["train"] == "Completed"
 
 
-def test_elo_ranks_every_model_version(failed_run):
+def test_a_failed_benchmark_gate_changes_data_for_the_next_round(failed_run):
     _, state = failed_run
     summary = state.result(raise_on_failure=False).summary
-    assert set(summary["elo"]) == {"base", "round 1", "round 2"}
+    first, second = summary["rounds"]
+    assert first["overrides"] == [] and not first["passed"] and not second["passed"]
+    assert [c["change"] for c in first["changes_next"]] == ["replay_general"]
+    assert second["overrides"] == first["changes_next"][0]["overrides"]
+    rows = {entry["round"]: entry for entry in summary["stages"] if entry["stage"] == "collect"}
+    assert rows[2]["meta"]["rows"] > rows[1]["meta"]["rows"], "round 2 must train on more rows"
 
 
-def test_a_passing_run_marks_latest_passing(prefect_harness, tmp_path):
-    summary = finetune(config_path="configs/tiny.yaml",
-                       overrides=[f"store.uri={tmp_path}", "refine.max_rounds=3", "elo.judge=token_f1"])
+def test_the_ranking_covers_every_model_version(failed_run):
+    _, state = failed_run
+    summary = state.result(raise_on_failure=False).summary
+    assert set(summary["ranking"]) == {"base", "round 1", "round 2"}
+
+
+INCONCLUSIVE_GATE = ("gates=[{metric: eval.similarity_mean, op: '>=', value: -1.0}, "
+                     "{metric: benchmark.arc_easy.acc_norm, op: '>=', value: 0.0, relative_to_base: true}]")
+"""Four training steps barely move the tiny model's ARC choices: on 8 questions the paired difference's
+interval straddles 0, and with one look there are no more questions to add."""
+
+
+def test_a_final_inconclusive_gate_is_decided_by_the_policy(prefect_harness, tmp_path):
+    overrides = [f"store.uri={tmp_path}", INCONCLUSIVE_GATE, "benchmark.sample_sizes=[8]", "refine.max_rounds=3",
+                 "gates_on_inconclusive=pass", "elo.judge=token_f1"]
+    summary = finetune(config_path="configs/tiny.yaml", overrides=overrides)
     assert summary["passed"] and len(summary["rounds"]) == 1, "a passing first round must not loop"
-    [gate_uri] = [entry["uri"] for entry in summary["stages"] if entry["stage"] == "gate"]
-    assert "## Elo (pairwise, judged by token_f1)" in (tmp_path / gate_uri / "report.md").read_text(), \
-        "the configured judge reaches the gate stage"
+    forgetting = summary["verdicts"][1]
+    assert forgetting["verdict"] == "inconclusive" and forgetting["decided_by"] == "gates_on_inconclusive"
+    assert forgetting["low"] < 0.0 < forgetting["high"] and forgetting["n"] == 8
+    [gate_uri] = [entry["uri"] for entry in summary["stages"] if entry["stage"].startswith("gate")]
+    report = (tmp_path / gate_uri / "report.md").read_text()
+    assert "judged by token_f1" in report, "the configured judge reaches the gate stage"
+    assert "(gates_on_inconclusive)" in report and (tmp_path / gate_uri / "intervals.png").is_file()
     pointer = json.loads(open_store(StoreSettings(uri=str(tmp_path))).get_bytes(LATEST_PASSING))
     assert pointer["model_uri"] == summary["model_uri"] and pointer["round"] == 1
     assert (tmp_path / pointer["model_uri"] / "model.safetensors").is_file()

@@ -14,7 +14,8 @@ from pipeline.store import StoreSettings, open_store
 from tasks.train import nested_share
 
 # Few test questions and probes: the sweep's cost is two whole flow runs.
-CHEAP = ["eval.limit=8", "eval.probes=2", "eval.probe_questions=[]", "benchmark.limit=4"]
+CHEAP = ["eval.limit=8", "eval.probe_counts={general_knowledge: 1, near_domain: 1}", "eval.probe_questions=[]",
+         "benchmark.limit=4"]
 
 
 @pytest.fixture(scope="module")

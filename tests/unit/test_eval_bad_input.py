@@ -68,7 +68,7 @@ def test_an_empty_test_split_names_the_file_and_what_was_expected(tmp_path):
     with pytest.raises(EmptyTestSplit, match=r"test.parquet has no rows \(expected at least one question.*found 0 rows"):
         read_test_rows(split_dir / "test.parquet", None)
     with pytest.raises(EmptyTestSplit, match="has no rows"):  # the stage core fails the same way, before loading a model
-        evaluate_model("/nonexistent/model", split_dir, EvalConfig(probes=0), TEMPLATE)
+        evaluate_model("/nonexistent/model", split_dir, EvalConfig(probe_counts={}), TEMPLATE)
 
 
 def test_a_split_of_only_unscorable_rows_says_why_each_was_dropped(tmp_path):
@@ -99,7 +99,7 @@ def test_a_model_folder_without_tokenizer_files_is_named_with_what_it_holds(tmp_
 def test_evaluate_names_the_folder_without_tokenizer_before_loading_it(tmp_path):
     split_dir = _write_split(tmp_path / "split", [ANSWER])
     with pytest.raises(MissingTokenizerFiles, match="weights-only"):
-        evaluate_model(str(_weights_only_folder(tmp_path)), split_dir, EvalConfig(probes=0), TEMPLATE)
+        evaluate_model(str(_weights_only_folder(tmp_path)), split_dir, EvalConfig(probe_counts={}), TEMPLATE)
 
 
 def test_benchmark_names_the_folder_without_tokenizer_before_lm_eval_runs(tmp_path, arc_dir):

@@ -28,6 +28,7 @@ from tasks.evaluate import (
     select_probes,
     summarise,
     token_f1,
+    write_outputs,
 )
 from tasks.template import render_prompt
 
@@ -97,10 +98,14 @@ def test_summary_rates_sum_to_one_and_refusal_rate_comes_from_probes():
          "exact_match": False, "similarity": 0.2, "rouge_l": 0.0, "token_f1": 0.0, "length_ratio": 2.0,
          "repetition": 0.0, "empty": False, "answer": "x y z w"},
     ]
-    summary = summarise(rows, [{"declined": True}, {"declined": False}, {"declined": True}, {"declined": True}], 2)
+    probes = [{"category": "general_knowledge", "declined": True}, {"category": "chit_chat", "declined": False},
+              {"category": "near_domain", "declined": True}, {"category": "hand_picked", "declined": True},
+              {"category": "on_topic", "declined": True}, {"category": "on_topic", "declined": False}]
+    summary = summarise(rows, probes, 2)
     assert sum(summary[f"{c}_rate"] for c in CATEGORIES) == pytest.approx(1.0)
-    assert summary["refusal_rate"] == 0.75
-    assert summary["false_refusal_rate"] == 0.5  # one of the two on-topic answers declined
+    assert summary["refusal_rate"] == 0.75  # the off-topic probes only
+    assert summary["false_refusal_rate"] == 0.5  # one of the two on_topic probes declined
+    assert summary["false_refusal_rate_test"] == 0.5  # one of the two on-topic test answers declined
     assert summary["repetition_rate"] == pytest.approx(1 / 3) and summary["empty_rate"] == pytest.approx(1 / 3)
     assert summary["excluded_empty_target"] == 2 and summary["offtopic_questions"] == 1
     assert set(EVAL_METRICS) <= set(summary)
@@ -110,15 +115,13 @@ def test_summary_rates_sum_to_one_and_refusal_rate_comes_from_probes():
 # --------------------------------------------------------------------------- probes and test rows
 
 
-def test_probes_come_from_the_end_of_arc_train_and_skip_seen_questions():
-    arc = [f"ARC question {i}?" for i in range(100)]
-    training_refusals = arc[:60]  # what the docs source uses (its first N)
-    seen = {q.lower().replace("?", "") for q in training_refusals} | {"arc question 99"}
-    probes = select_probes(arc, 3, ["What do you think of Mars?", "ARC question 98?"], seen)
-    assert [p["question"] for p in probes] == ["ARC question 98?", "ARC question 97?", "ARC question 96?",
-                                               "What do you think of Mars?"]
-    assert [p["source"] for p in probes] == ["arc_train"] * 3 + ["hand_picked"]
-    assert not {p["question"] for p in probes} & set(training_refusals)
+def test_probes_skip_seen_questions_and_keep_hand_picked_last():
+    candidates = {"general_knowledge": [{"question": f"Trivia question {i}?", "source": "trivia_qa"} for i in range(5)]}
+    seen = ["trivia question 0", "What do you think of Mars?"]  # a training row and a test row
+    probes = select_probes(candidates, {"general_knowledge": 2}, ["What do you think of Mars?", "Hi there?"], seen)
+    assert [p["question"] for p in probes] == ["Trivia question 1?", "Trivia question 2?", "Hi there?"]
+    assert [p["category"] for p in probes] == ["general_knowledge", "general_knowledge", "hand_picked"]
+    assert {p["expected"] for p in probes} == {"decline"}
 
 
 def test_question_is_recovered_from_the_templated_prompt():
@@ -129,7 +132,7 @@ def test_question_is_recovered_from_the_templated_prompt():
 def _write_split(folder: Path, targets: list[str], questions: list[str] | None = None) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     questions = questions or [f"What does `more_itertools.f{i}` do?" for i in range(len(targets))]
-    table = pa.table({"id": [f"id{i}" for i in range(len(targets))],
+    table = pa.table({"id": [f"id{i}" for i in range(len(targets))], "source": ["docs:more_itertools"] * len(targets),
                       "prompt": [render_prompt(q, TEMPLATE) for q in questions], "completion": targets})
     pq.write_table(table, folder / "test.parquet")
     pq.write_table(table.slice(0, 1), folder / "train.parquet")
@@ -167,12 +170,21 @@ def test_batched_answers_equal_one_at_a_time_greedy_answers(tiny):
 def test_evaluate_model_scores_test_questions_and_probes(tmp_path):
     questions = ["What does `more_itertools.chunked` do?", "What do you think of Jupiter?", "Tell me about `windowed`."]
     split_dir = _write_split(tmp_path / "split", [DOC_ANSWER, OFFTOPIC_ANSWER, ""], questions)
-    config = EvalConfig(max_new_tokens=6, batch_size=4, probes=2, probe_questions=["What do you think of Mars?"])
+    counts = {"general_knowledge": 2, "chit_chat": 1, "near_domain": 1, "on_topic": 1}
+    config = EvalConfig(max_new_tokens=6, batch_size=4, probe_counts=counts,
+                        probe_questions=["What do you think of Mars?"])
     result = evaluate_model(resolve_model("tiny-neox"), split_dir, config, TEMPLATE)
     assert [r["question"] for r in result.rows] == questions[:2]
     assert [r["offtopic_question"] for r in result.rows] == [False, True]
     assert result.summary["excluded_empty_target"] == 1 and result.summary["n"] == 2
-    assert [p["source"] for p in result.probes] == ["arc_train", "arc_train", "hand_picked"]
+    assert [p["category"] for p in result.probes] == ["general_knowledge", "general_knowledge", "chit_chat",
+                                                      "near_domain", "on_topic", "hand_picked"]
+    assert "chunked" in result.probes[4]["question"]  # the one documented object the split asks about
+    assert result.summary["probe_counts"]["general_knowledge"]["n"] == 2
+    write_outputs(result, tmp_path)
+    written = pq.read_table(tmp_path / "probes.parquet").to_pylist()
+    expected = [(p["category"], p["expected"]) for p in written]
+    assert expected[-2:] == [("on_topic", "answer"), ("hand_picked", "decline")]
     assert set(EVAL_METRICS) <= set(result.summary)
     assert all(r["category"] in CATEGORIES for r in result.rows)
     assert result.summary["answers_per_second"] > 0
