@@ -213,8 +213,9 @@ class DocsSource(SourceBase):
     replay: int = Field(
         0,
         ge=0,
-        description="Number of general-knowledge rows (ARC train questions after the off-topic ones, answered with "
-        "their correct choice) mixed in against forgetting.",
+        description="Number of general-text rows (Wikipedia paragraphs from BoolQ's passages, trained on as plain "
+        "text) mixed in against forgetting. Not questions, so they teach neither answering nor declining; not "
+        "ARC, so the forgetting gate's benchmark stays untouched.",
     )
 
 

@@ -49,7 +49,7 @@ from itertools import chain, islice, zip_longest
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
-from pipeline.assets import arc_train_questions
+from pipeline.assets import arc_train_questions, general_text_passages
 from pipeline.config import DataConfig, DocsSource, HFSource, JsonlSource, StoreConfig
 from pipeline.refs import Ref
 from pipeline.stage import begin_stage, stage_task
@@ -845,23 +845,21 @@ def near_domain_rows(source: DocsSource) -> list[dict[str, Any]]:
             for q in islice(questions, source.near_domain)]
 
 
-def replay_rows(arc_rows: Iterable[dict], role: str = "train") -> list[dict[str, Any]]:
-    """General-knowledge rows: each ARC train question answered with the text of its correct choice."""
-    rows = []
-    for arc in arc_rows:
-        labels = list(arc["choices"]["label"])
-        answer = arc["choices"]["text"][labels.index(arc["answerKey"])]
-        rows.append(make_row("replay:arc", arc["question"], answer, role=role))
-    return rows
+def replay_rows(passages: Iterable[str], role: str = "train") -> list[dict[str, Any]]:
+    """General-text rows against forgetting: each passage a plain-text row (loss on every token, no prompt).
+
+    Replay must not teach to the test: it is never the forgetting gate's benchmark (ARC), and never
+    question/answer pairs, which would teach the model to answer the off-topic questions it should decline.
+    """
+    return [make_text_row("replay:wikipedia", passage, role=role) for passage in passages]
 
 
 def read_docs_source(source: DocsSource) -> list[dict[str, Any]]:
     """Rows of a docs source: documentation pairs, off-topic and near-domain refusals, then replay; `limit` at most."""
-    arc = arc_train_questions() if source.offtopic or source.replay else []
+    arc = arc_train_questions() if source.offtopic else []
     rows = docs_rows(source, [q["question"] for q in arc])
     rows += near_domain_rows(source)
-    # Replay questions come after the refused ones, so no question is both refused and answered.
-    rows += replay_rows(arc[source.offtopic : source.offtopic + source.replay], role=source.role)
+    rows += replay_rows(general_text_passages()[: source.replay], role=source.role) if source.replay else []
     return rows[: source.limit]
 
 

@@ -75,10 +75,10 @@ def cap_answer_length(data: DataConfig) -> tuple[list[str], str]:
 
 
 def replay_general(data: DataConfig) -> tuple[list[str], str]:
-    """Mix general-knowledge replay rows (ARC *train* questions answered with their correct choice)."""
+    """Mix in (more) general-text replay rows: Wikipedia paragraphs trained on as plain text (tasks.collect.replay_rows)."""
     overrides = [f"data.sources.{i}.replay={max(s.replay * 2, 40)}" for i, s in enumerate(data.sources)
                  if isinstance(s, DocsSource)]
-    return overrides, "replay general questions with their answers, against forgetting general skills"
+    return overrides, "replay general text (Wikipedia paragraphs, not the benchmark), against forgetting general skills"
 
 
 CHANGES: dict[str, Callable[[DataConfig], tuple[list[str], str]]] = {

@@ -10,6 +10,7 @@ import pytest
 
 from pipeline.config import ConfigError, DataConfig, DocsSource, HFSource, JsonlSource, load_config
 from tasks.collect import (
+    is_text_row,
     DataError,
     collect_data,
     read_docs_source,
@@ -205,13 +206,16 @@ def test_hub_dataset_fails_fast_and_clearly_offline():
         collect(HFSource(dataset="tatsu-lab/alpaca"))
 
 
-def test_docs_source_replays_general_questions_after_the_refused_ones():
-    arc = read_docs_source(DocsSource(phrasings=1, max_objects=2, offtopic=2, replay=3))
-    refused = [r for r in arc if r["source"].startswith("offtopic")]
-    replayed = [r for r in arc if r["source"] == "replay:arc"]
-    assert len(refused) == 2 and len(replayed) == 3
-    assert not {r["question"] for r in refused} & {r["question"] for r in replayed}
-    assert all("only answer questions" not in r["answer"] for r in replayed)
+def test_docs_source_replays_general_text_not_the_benchmark():
+    from pipeline.assets import arc_data_dir
+
+    rows = read_docs_source(DocsSource(phrasings=1, max_objects=2, offtopic=2, near_domain=0, replay=3))
+    replayed = [r for r in rows if r["source"] == "replay:wikipedia"]
+    assert len(replayed) == 3 and rows[-3:] == replayed
+    # Plain text: no question to answer or decline, loss on every token.
+    assert all(is_text_row(r) and len(r["text"].split()) >= 20 for r in replayed)
+    arc_text = " ".join((arc_data_dir() / "arc_easy" / f"{split}.jsonl").read_text() for split in ("train", "test"))
+    assert not any(r["text"][:60] in arc_text for r in replayed), "replay must not come from the gated benchmark"
 
 
 def test_fingerprints_follow_file_content_and_never_raise(tmp_path):
