@@ -15,7 +15,7 @@ from tasks.train import nested_share
 
 # Few test questions and probes: the sweep's cost is two whole flow runs.
 CHEAP = ["eval.limit=8", "eval.probe_counts={general_knowledge: 1, near_domain: 1}", "eval.probe_questions=[]",
-         "benchmark.limit=4"]
+         "benchmark.sample_sizes=[4]"]
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +40,10 @@ def test_one_row_per_point_with_more_rows_at_each(swept):
         assert isinstance(row["eval_loss"], float) and isinstance(row["train_loss"], float)
         assert -1 <= row["similarity"] <= 1 and 0 <= row["exact_match"] <= 1
         assert isinstance(row["benchmark_delta"], float)
+        # Error bars: the paired interval around the benchmark change, the bootstrap interval around similarity.
+        assert row["benchmark_delta_low"] <= row["benchmark_delta"] <= row["benchmark_delta_high"], row
+        assert row["benchmark_n"] == 4
+        assert row["similarity_low"] <= row["similarity"] <= row["similarity_high"], row
 
 
 @pytest.mark.flow

@@ -37,7 +37,7 @@ from pipeline.store import ArtifactStore, LocalStore
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = "configs/tiny.yaml"
 STAGES = ["collect", "template", "tokenize", "validate", "split", "train", "evaluate (base)", "evaluate (fine-tuned)",
-          "benchmark (base)", "benchmark (fine-tuned)", "gate"]
+          "benchmark (base, arc_easy 0-8)", "benchmark (fine-tuned, arc_easy 0-8)", "gate (look 1)"]
 
 # Files that carry wall-clock figures (seconds, tokens/s, an alias with the UTC time): equal content,
 # different bytes in every run. Everything else a deterministic stage writes must hash the same.

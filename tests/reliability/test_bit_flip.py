@@ -53,7 +53,8 @@ def test_a_flipped_bit_is_detected_reported_recomputed_and_never_read(prefect_ha
         "split": "Completed",  # recomputed: its cached record pointed at a corrupt artifact
         "train": "Cached",  # the recomputed split has the same bytes and the same Ref: no retraining
         "evaluate (base)": "Completed", "evaluate (fine-tuned)": "Completed",  # eval.max_new_tokens changed
-        "benchmark (base)": "Cached", "benchmark (fine-tuned)": "Cached", "gate": "Completed",
+        "benchmark (base, arc_easy 0-8)": "Cached", "benchmark (fine-tuned, arc_easy 0-8)": "Cached",
+        "gate (look 1)": "Completed",
     }
     reports = [m for m in logs.messages() if "corrupt artifact" in m and "test.parquet" in m]
     assert reports and original in reports[0] and flipped in reports[0], logs.messages()
