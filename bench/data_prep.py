@@ -42,8 +42,9 @@ from transformers import PreTrainedTokenizerBase  # noqa: E402
 from pipeline.assets import resolve_model  # noqa: E402
 from pipeline.config import SplitConfig, TemplateConfig, TokenizeConfig  # noqa: E402
 from pipeline.models import load_tokenizer  # noqa: E402
+from pipeline.prompts import QA_PROMPT  # noqa: E402
 from tasks.split import split_table  # noqa: E402
-from tasks.template import QA_PROMPT, apply_template  # noqa: E402
+from tasks.template import apply_template  # noqa: E402
 from tasks.tokenize import encode_texts, tokenize_rows  # noqa: E402
 
 TARGET_RATIO = 20.0

@@ -138,7 +138,7 @@ def seeds_run(job_path: Path) -> None:
     """Child process: train with the seeds' recipe; print one JSON line with the measurements."""
     from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq
 
-    from tasks.tokenize import IGNORE_INDEX
+    from pipeline.models import IGNORE_INDEX
     from tasks.train import MeteredTrainer, StepTimer, TokenMeter, peak_memory, reset_peak_memory, training_rows
 
     job = json.loads(job_path.read_text())

@@ -122,7 +122,7 @@ def run_round(cfg: PipelineConfig, log: StageLog, earlier_evals: list[Ref], over
     return Round(number=log.round, overrides=overrides, gate=verdict, tuned=tuned, tuned_eval=tuned_eval)
 
 
-@flow(name="finetune", log_prints=False)  # log_prints breaks `datasets` fingerprinting (ASSETS.md)
+@flow(name="finetune", log_prints=False)  # log_prints breaks `datasets` fingerprinting (docs/assets.md)
 def finetune(config_path: str | None = "configs/default.yaml", overrides: list[str] | None = None) -> dict[str, Any]:
     """Run the pipeline for the config at `config_path` with `overrides`, looping while gates fail.
 

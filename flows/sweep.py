@@ -269,7 +269,7 @@ def publish(rows: list[dict[str, Any]], plot: bytes, metric: str, location: str)
 # --------------------------------------------------------------------------- the flow
 
 
-@flow(name="sweep", log_prints=False)  # log_prints breaks `datasets` fingerprinting (ASSETS.md)
+@flow(name="sweep", log_prints=False)  # log_prints breaks `datasets` fingerprinting (docs/assets.md)
 def sweep(config_path: str | None = "configs/default.yaml", overrides: list[str] | None = None) -> dict[str, Any]:
     """Run the fine-tuning flow for every point of the config's sweep grid; returns the sweep summary.
 

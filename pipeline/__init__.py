@@ -1,18 +1,6 @@
-"""What every stage shares: config, artifact store, refs, packaged assets, the CLI, and the Python API.
+"""What every stage shares, below the stages: the config tree, the artifact store, refs and keys, the stage
+decorator, packaged assets, model loading, the row model, prompts, statistics.
 
-    from pipeline import FineTuner
+It imports neither `tasks/` nor `flows/` (tests/unit/test_layering.py); the entry points (the CLI and
+`FineTuner`) live in `finetune/`.
 """
-
-from typing import Any
-
-
-def __getattr__(name: str) -> Any:
-    # Imported lazily: `import pipeline.config` must not pay for Prefect and torch.
-    if name in ("FineTuner", "RunReport"):
-        from pipeline import api
-
-        return getattr(api, name)
-    raise AttributeError(f"module 'pipeline' has no attribute {name!r}")
-
-
-__all__ = ["FineTuner", "RunReport"]

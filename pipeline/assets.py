@@ -21,7 +21,7 @@ Every cached build is written to a temporary folder and renamed into place under
 lock: a folder that exists is complete, and two processes never build the same thing.
 Folder names carry a hash of the source files and a build version string, so a new
 package release or a change to a build function makes a new folder instead of reusing a
-stale one. See /work/shared/ASSETS.md for where the packaged files come from.
+stale one. See docs/assets.md for where the packaged files come from.
 """
 
 from __future__ import annotations

@@ -192,7 +192,7 @@ class DocsSource(SourceBase):
     answered by the first paragraph of its docstring. Off-topic questions (ARC train
     questions, never ARC test) are answered with a polite refusal, which teaches the
     model to stay on the package. Near-domain questions (about functions of other packages,
-    `tasks.collect.NEAR_DOMAIN_TRAIN_PACKAGES`, asked in the documentation's own phrasings)
+    `pipeline.docs_source.NEAR_DOMAIN_TRAIN_PACKAGES`, asked in the documentation's own phrasings)
     get the same refusal, so the model learns to tell its package from other software.
     """
 
@@ -207,8 +207,9 @@ class DocsSource(SourceBase):
         ge=0,
         # Left out of the dump at 0, so a config that turns it off keeps the collect key it had before.
         exclude_if=lambda value: value == 0,
-        description="Number of questions about other packages' functions (tasks.collect.NEAR_DOMAIN_TRAIN_PACKAGES, "
-        "disjoint from the evaluation's near-domain probe packages) answered with the same refusal. 0: none.",
+        description="Number of questions about other packages' functions "
+        "(pipeline.docs_source.NEAR_DOMAIN_TRAIN_PACKAGES, disjoint from the evaluation's near-domain probe "
+        "packages) answered with the same refusal. 0: none.",
     )
     replay: int = Field(
         0,

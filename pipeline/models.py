@@ -34,6 +34,9 @@ ALIASES_PREFIX = "aliases"
 LATEST_PASSING = "pointers/latest-passing.json"
 """Store key of the pointer the flow moves to each model that passes every gate."""
 LATEST_PASSING_NAME = "latest-passing"
+IGNORE_INDEX = -100
+"""The label of a position the loss leaves out (Hugging Face's convention): prompt tokens when only the
+completion trains, and padding (tokenize writes it, train pads with it)."""
 
 Precision = str  # one of "fp32", "bf16", "fp16"
 
@@ -155,10 +158,34 @@ def model_folder(model: ModelConfig | Ref, store: ArtifactStore) -> str:
     (`train.lora.merge: false`); `load_model` and `load_tokenizer` accept both.
     """
     if isinstance(model, Ref):
-        artifact = store.fetch(model)
-        merged = artifact / MODEL_SUBDIR
-        return str(merged if merged.is_dir() or not (artifact / ADAPTER_SUBDIR).is_dir() else artifact / ADAPTER_SUBDIR)
+        return trained_model_folder(store.fetch(model))
     return resolve_model(model.name)
+
+
+def trained_model_folder(artifact: Path) -> str:
+    """The loadable folder inside a fetched train artifact: `model/`, or `adapter/` when only the adapter was kept."""
+    merged = artifact / MODEL_SUBDIR
+    return str(merged if merged.is_dir() or not (artifact / ADAPTER_SUBDIR).is_dir() else artifact / ADAPTER_SUBDIR)
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+"""Any one of these in a model folder means a tokenizer was saved with it."""
+
+
+class MissingTokenizerFiles(FileNotFoundError):
+    """A local model folder holds no tokenizer files; the message names the folder."""
+
+
+def check_tokenizer_files(folder: str) -> None:
+    """Raise MissingTokenizerFiles when the local model folder `folder` has no tokenizer file (hub ids pass)."""
+    path = Path(folder)
+    if path.is_dir() and not any((path / name).is_file() for name in TOKENIZER_FILES):
+        found = sorted(p.name for p in path.iterdir())
+        raise MissingTokenizerFiles(
+            f"model folder {path} has no tokenizer files: expected one of {', '.join(TOKENIZER_FILES)}, "
+            f"found {found or 'an empty folder'}; save the tokenizer next to the weights with "
+            "tokenizer.save_pretrained(folder)"
+        )
 
 
 def is_adapter_folder(folder: str | Path) -> bool:

@@ -41,22 +41,17 @@ between, each layer's activations are freed as its gradients are allocated. Infe
 layer's working activations + the last position's logits. `reserve` (default 10%) of
 the device stays free for the CUDA context, the caching allocator and fragmentation.
 
-Time: `probe_training` trains the model for a few steps on this machine through the
-pipeline's own training code (tasks/train.py) on fixed-length random rows and reports
-the measured peak memory and non-padding tokens per second; `epoch_seconds` turns
-that into time per epoch.
+Time: `finetune.probe.probe_training` trains the model for a few steps on this machine
+through the pipeline's own training code (tasks/train.py) on fixed-length random rows and
+reports the measured peak memory and non-padding tokens per second; it lives with the
+entry points, above the stages it runs, so this module stays below them.
 """
 
 from __future__ import annotations
 
 import itertools
-import json
 import math
-import os
 import re
-import subprocess
-import sys
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -78,8 +73,6 @@ LOGIT_COPIES = 3
 """Float32 copies of the logits alive at the start of the backward pass: logits, log-softmax, its gradient."""
 DEFAULT_RESERVE = 0.1
 """Share of the device's memory kept free (CUDA context, caching allocator, fragmentation)."""
-PROBE_MALLOC_MMAP_THRESHOLD = "131072"
-"""glibc setting for probe processes: large blocks come from mmap and go back to the system when freed."""
 
 _UNITS = {"": 1, "k": 1000, "m": 1000**2, "g": 1000**3, "t": 1000**4}
 _MEMORY = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([kmgt]?)(i?)(b?)\s*$", re.IGNORECASE)
@@ -337,12 +330,12 @@ def optimizer_state_bytes(shape: ModelShape, setup: TrainingSetup, trainable: in
 
 
 def lora_modules(shape: ModelShape, setup: TrainingSetup) -> list[LinearShape]:
-    """The modules LoRA adapts: `setup.lora_targets`, else the pipeline's default for the architecture (tasks.train)."""
+    """The modules LoRA adapts: `setup.lora_targets`, else the architecture's default (pipeline.lora, as in training)."""
     if setup.lora_targets:
         targets = list(setup.lora_targets)
     else:
         from pipeline.config import LoraConfig
-        from tasks.train import lora_targets  # the one table of per-architecture targets
+        from pipeline.lora import lora_targets  # the one table of per-architecture targets, shared with training
 
         targets = lora_targets(shape.model_type, LoraConfig(r=setup.lora_r))
     # A target matches a module whose full name equals it or ends with '.<target>', as in peft.
@@ -588,130 +581,3 @@ def plan_as_json(plan: Plan) -> dict[str, Any]:
         "fewest_changes": None if plan.fewest_changes is None else {
             "changes": [c.name for c in plan.fewest_changes.changes], "total": plan.fewest_changes.estimate.total},
     }
-
-
-# --------------------------------------------------------------------------- time: a short probe run
-
-
-@dataclass(frozen=True)
-class ProbeResult:
-    """What a short training run on this machine measured."""
-
-    peak_bytes: int
-    peak_kind: str
-    tokens_per_second: float
-    step_seconds: list[float]
-    parameters: int
-    trainable_parameters: int
-
-
-def pipeline_optimizer(optimizer: str) -> str:
-    """The Trainer's name (train.optim) for a planner optimizer; PlannerError for ones the pipeline does not run."""
-    names = {"adamw": "adamw_torch", "adafactor": "adafactor", "sgd": "sgd"}
-    if optimizer not in names:
-        raise PlannerError(f"probe: the pipeline trains with {sorted(names)}, found optimizer {optimizer!r}")
-    return names[optimizer]
-
-
-def pipeline_dtype(precision: str) -> str:
-    """The pipeline's train.dtype for a planner precision; PlannerError for 16-bit weights (the pipeline keeps float32 weights)."""
-    if precision == "float32":
-        return "float32"
-    if precision == "mixed":
-        return "bfloat16"
-    raise PlannerError(f"probe: the pipeline trains float32 weights (precision float32 or mixed), found {precision!r}")
-
-
-def probe_training(model: str, setup: TrainingSetup, steps: int = 3, timeout: float = 1800.0) -> ProbeResult:
-    """Train `model` (a spec) for `steps` steps of `setup` on this machine; out: measured peak memory and tokens/s.
-
-    Runs the pipeline's own training (tasks.train.fine_tune) in a child process on
-    fixed-length random rows, so every batch is `batch_size` x `seq_len` tokens. The
-    peak is CUDA's peak allocation on a GPU; on a CPU it is the process's peak resident
-    set during training minus its resident set before the model was loaded (Python,
-    torch and transformers themselves), with glibc told to hand large freed blocks back
-    (MALLOC_MMAP_THRESHOLD_), so the figure is the memory training held at its peak
-    rather than what the allocator kept around. Tokens/s leaves out the first step
-    (warm-up). Raises PlannerError when the probe fails.
-    """
-    from pipeline.config import TrainConfig
-
-    config = TrainConfig(method=setup.method, max_steps=steps, batch_size=setup.batch_size, gradient_accumulation_steps=1,
-                         optim=pipeline_optimizer(setup.optimizer), dtype=pipeline_dtype(setup.precision), warmup_steps=0,
-                         eval_steps=10**6, save_steps=10**6, best_model_at_end=False, group_by_length=False,
-                         gradient_checkpointing=setup.gradient_checkpointing, logging_steps=1,
-                         lora={"r": setup.lora_r, "target_modules": list(setup.lora_targets) if setup.lora_targets else None})
-    with tempfile.TemporaryDirectory(prefix="finetune-probe-") as work:
-        job = {"model": model, "seq_len": setup.seq_len, "work": work, "config": config.model_dump(mode="json")}
-        job_path = Path(work) / "probe.json"
-        job_path.write_text(json.dumps(job), encoding="utf-8")
-        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=PROBE_MALLOC_MMAP_THRESHOLD)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH")]))
-        done = subprocess.run([sys.executable, "-m", "pipeline.planner", str(job_path)], capture_output=True, text=True,
-                              env=env, timeout=timeout)
-        result_path = Path(work) / "result.json"
-        if done.returncode != 0 or not result_path.is_file():
-            tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-15:])
-            raise PlannerError(f"probe: training {model!r} failed (exit {done.returncode}):\n{tail}")
-        return ProbeResult(**json.loads(result_path.read_text(encoding="utf-8")))
-
-
-def epoch_seconds(rows: int, tokens_per_row: float, tokens_per_second: float) -> float:
-    """Seconds for one pass over `rows` rows of `tokens_per_row` non-padding tokens at a measured throughput."""
-    return rows * tokens_per_row / tokens_per_second
-
-
-def available_memory() -> int | None:
-    """Bytes this machine can still give a new process (MemAvailable on Linux), None where unknown."""
-    meminfo = Path("/proc/meminfo")
-    if meminfo.is_file():
-        for line in meminfo.read_text(encoding="ascii").splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return None
-
-
-def _resident_bytes() -> int:
-    """This process's resident set now (Linux), 0 where /proc is missing."""
-    status = Path("/proc/self/status")
-    if status.is_file():
-        for line in status.read_text(encoding="ascii").splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def _run_probe(job_path: Path) -> None:
-    """The probe's child process: write random fixed-length rows, train through tasks.train, write result.json."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    import torch
-
-    from pipeline.assets import resolve_model
-    from pipeline.config import TrainConfig
-    from tasks.train import TrainJob, fine_tune
-
-    job = json.loads(job_path.read_text(encoding="utf-8"))
-    work, config = Path(job["work"]), TrainConfig.model_validate(job["config"])
-    folder = resolve_model(job["model"])
-    vocab = load_model_config(folder).vocab_size
-    generator = torch.Generator().manual_seed(0)
-    split = work / "split"
-    split.mkdir()
-    for name, rows in (("train", config.batch_size * (config.max_steps or 1)), ("test", config.batch_size)):
-        ids = torch.randint(0, vocab, (rows, job["seq_len"]), generator=generator).tolist()
-        pq.write_table(pa.table({"input_ids": ids, "labels": ids}), split / f"{name}.parquet")
-    baseline = _resident_bytes()  # libraries loaded, model not yet
-    report = fine_tune(TrainJob(base_folder=folder, base_spec=job["model"], split_dir=str(split), out_dir=str(work / "out"),
-                                work_dir=str(work / "train"), config=config))
-    on_gpu = report["peak_memory_kind"].startswith("CUDA")
-    seconds, tokens = report["step_seconds"][1:] or report["step_seconds"], report["step_tokens"][1:] or report["step_tokens"]
-    result = {"peak_bytes": report["peak_memory_bytes"] - (0 if on_gpu else baseline),
-              "peak_kind": report["peak_memory_kind"] + ("" if on_gpu else " minus the resident set before loading the model"),
-              "tokens_per_second": sum(tokens) / sum(seconds), "step_seconds": report["step_seconds"],
-              "parameters": report["parameters"], "trainable_parameters": report["trainable_parameters"]}
-    (work / "result.json").write_text(json.dumps(result), encoding="utf-8")
-
-
-if __name__ == "__main__":
-    _run_probe(Path(sys.argv[1]))

@@ -21,8 +21,9 @@ class Ref(BaseModel):
 
     `uri` is the artifact's location relative to the store root (`<stage>/<key>`), so
     the same Ref resolves against a local folder or a bucket holding the same data.
-    `sha256` is the digest of the artifact's manifest, which lists every file's
-    digest: two Refs with the same sha256 point at byte-identical artifacts.
+    `sha256` is the digest of the artifact's manifest without its timing fields
+    (`pipeline.store.manifest_sha256`); the manifest lists every file's digest, so two
+    Refs with the same sha256 point at byte-identical artifacts, whenever each was made.
     `meta` carries a few small figures (row counts, losses) for summaries.
     """
 
@@ -30,7 +31,7 @@ class Ref(BaseModel):
 
     kind: str = Field(description="The stage that produced the artifact, e.g. 'collect'.")
     uri: str = Field(description="Location relative to the store root: '<stage>/<key>'.")
-    sha256: str = Field(description="sha256 of the artifact's manifest.json bytes.")
+    sha256: str = Field(description="sha256 of the artifact's manifest without created_at (its content).")
     meta: dict[str, Any] = Field(default_factory=dict, description="Small summary figures.")
 
     @property
@@ -68,8 +69,8 @@ def _plain(value: Any) -> Any:
 def content_key(stage: str, version: str, inputs: Mapping[str, Any]) -> str:
     """The content-addressed key of a stage's output.
 
-    In: the stage name, the stage's version string (bumped when its code changes) and
-    its inputs (Refs and config sections, by parameter name). Out: a 32-hex-digit key.
+    In: the stage name, the stage's code version (`pipeline.code_version`: changes with its code)
+    and its inputs (Refs and config sections, by parameter name). Out: a 32-hex-digit key.
     """
     payload = canonical_json({"stage": stage, "version": version, "inputs": inputs})
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:32]

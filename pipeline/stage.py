@@ -1,44 +1,70 @@
-"""How a stage function becomes a content-addressed, cached Prefect task.
+"""How a stage body becomes a content-addressed, cached Prefect task.
 
-A stage task takes Refs and config sections (plus the `store` settings) and returns
-a Ref. Its output lives at `<stage>/<key>` in the artifact store, where the key
-hashes the stage name, its version string, its input Refs and its config
-(`pipeline.refs.content_key`). Prefect's cache key is the same hash, and Prefect's
-cache records are kept in the same store (`_prefect/`), so an unchanged rerun,
-on this machine or any other pointed at the same store, shows every stage `Cached`.
+A stage body is a plain function of its inputs' folders, its config and an output folder,
+returning its figures (Kedro's node idea): testable without Prefect or a store.
 
-    @stage_task("template", version="1")
-    def template(collected: Ref, config: TemplateConfig, store: StoreConfig) -> Ref:
-        stage = begin_stage(store)
-        if stage.committed:
-            return stage.ref
-        ...write files into stage.dir...
-        return stage.commit(meta={"rows": n})
+    @stage_task("split")
+    def split(tokenized: Path, config: SplitConfig, out: Path) -> dict[str, Any]:
+        train, test, figures = split_rows(pq.read_table(tokenized / "tokens.parquet"), config)
+        pq.write_table(train, out / "train.parquet")
+        pq.write_table(test, out / "test.parquet")
+        return figures
+
+    split(tokenized=ref, config=cfg.split, store=cfg.store)  # the task: returns a Ref
+    split.body(tokens_dir, SplitConfig(), tmp_path)           # the plain function
+
+The task's parameters are the body's, except that
+
+* a parameter annotated `Path` (or `Artifact`: folder and Ref, for provenance), `list[Path]` or either
+  `| None` is an input artifact: the task takes a `Ref` (`list[Ref]`, `| None`) under that name and the
+  body gets the hash-verified local folder(s);
+* `out` is the output folder the body writes into; the task takes `store: StoreConfig` in its place
+  (a body that needs the store settings itself, collect's s3:// data, declares `store` too);
+* `stage: StageRun` (optional) hands over the running stage's key and store, for a stage that keeps
+  state outside its artifact (train's checkpoints); it is not a task parameter.
+
+The decorator does the rest: it opens the stage, returns the committed Ref when the artifact exists
+(calling `on_cached(ref, stage)`, e.g. the gate re-publishes its UI artifacts), fetches the input
+Refs, calls the body, commits what it wrote with its return value as the Ref's meta (manifest last)
+and calls `on_commit(ref, stage)`.
+
+Keys. A stage's output lives at `<stage>/<key>` in the artifact store, where the key hashes the
+stage name, its code version, its input Refs (their sha256) and its config (`pipeline.refs.content_key`;
+the store settings take no part). The code version (`pipeline.code_version`) hashes the stage's
+module and every `pipeline.*`/`tasks.*` module it imports, transitively, read statically with `ast`:
+editing a stage's code reruns that stage and, since its output's uri (and so its Ref) changes, every
+stage after it; editing a module no stage imports (`pipeline/planner.py`, `flows/`) reuses everything.
+Prefect's cache key is the same hash, and Prefect's cache records are kept in the same store
+(`_prefect/`), so an unchanged rerun, on this machine or any other pointed at the same store, shows
+every stage `Cached`.
 """
 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from types import UnionType
+from typing import Any, NamedTuple, Union, get_args, get_origin, get_type_hints
 
 from prefect import task
 from prefect.context import TaskRunContext
 from prefect.filesystems import WritableFileSystem
 from pydantic import Field
 
+from pipeline.code_version import code_version
+from pipeline.config import StoreConfig
 from pipeline.refs import Ref, content_key
 from pipeline.store import ArtifactNotFound, ArtifactStore, CorruptArtifact, StoreSettings, StoreUnavailable, open_store
 
 RESULTS_PREFIX = "_prefect"
 STORE_PARAMETER = "store"
-
-F = TypeVar("F", bound=Callable[..., Any])
 
 
 class ArtifactStoreResults(WritableFileSystem):
@@ -222,26 +248,11 @@ def retry_on_transient_errors(task: Any, task_run: Any, state: Any) -> bool:
     return False
 
 
-def stage_task(name: str, version: str, retries: int = 0) -> Callable[[F], F]:
-    """Decorator: a Prefect task named after the stage, cached on its content key.
+class Artifact(NamedTuple):
+    """An input artifact as a stage body receives it: its local folder and its Ref (for provenance)."""
 
-    `version` must be bumped when the stage's core changes in a way that changes its
-    output: Prefect only sees the task function's own source. Only I/O-bound stages
-    should pass `retries`: they are retried on transient I/O failures only (the store
-    or a data source unreachable), after 2 s, 4 s, 8 s, ... (exponential backoff, +-25% jitter),
-    on top of the store's own per-request retries (`store.retry_attempts`).
-    """
-    return task(  # type: ignore[return-value]
-        name=name,
-        version=version,
-        cache_key_fn=_cache_key,
-        persist_result=True,
-        result_serializer="json",
-        retries=retries,
-        retry_delay_seconds=[2.0 * 2**attempt for attempt in range(retries)] if retries else 0,
-        retry_jitter_factor=0.25 if retries else None,
-        retry_condition_fn=retry_on_transient_errors if retries else None,
-    )
+    path: Path
+    ref: Ref
 
 
 @dataclass
@@ -278,41 +289,212 @@ class StageRun:
         refs = {name: value.sha256 for name, value in self.inputs.items() if isinstance(value, Ref)}
         config = {name: value for name, value in self.inputs.items() if not isinstance(value, Ref)}
         try:
-            return self.store.commit(self.uri, self.dir, kind=self.stage, inputs=refs, config=_jsonable(config), meta=meta or {})
+            return self.store.commit(self.uri, self.dir, kind=self.stage, inputs=refs, config=_jsonable(config),
+                                     meta=meta or {})
         finally:
-            shutil.rmtree(self.dir, ignore_errors=True)
+            self.discard()
+
+    def discard(self) -> None:
+        """Remove the staging folder (after a commit, or when the body failed: a half-written model is large)."""
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def _jsonable(value: Any) -> Any:
     """Config sections as plain JSON for the manifest (secrets are dropped by canonical_json's rules)."""
-    import json
-
     from pipeline.refs import canonical_json
 
     return json.loads(canonical_json(value))
 
 
-def begin_stage(store_settings: StoreSettings) -> StageRun:
-    """Start building the output of the stage task that is running now.
+def open_stage(stage: str, version: str, parameters: dict[str, Any]) -> StageRun:
+    """The output of stage `stage` (code version `version`) for a task's `parameters`, about to be built.
 
-    In: the store settings the task received. Out: a StageRun whose key is
-    computed from the task's own parameters, exactly as its cache key was.
+    Its key is computed from the parameters exactly as the task's cache key is (`_cache_key`).
     """
-    context = TaskRunContext.get()
-    if context is None:
-        raise RuntimeError("begin_stage() must be called inside a stage task")
-    stage, version = context.task.name, context.task.version or "0"
-    inputs = stage_inputs(context.parameters)
-    return StageRun(store=open_store(store_settings), stage=stage, key=content_key(stage, version, inputs), inputs=inputs)
+    inputs = stage_inputs(parameters)
+    return StageRun(store=open_store(parameters[STORE_PARAMETER]), stage=stage, key=content_key(stage, version, inputs),
+                    inputs=inputs)
+
+
+# --------------------------------------------------------------------------- the decorator
+
+OUT_PARAMETER = "out"
+"""The body parameter that receives the (empty) output folder; the task takes `store` in its place."""
+STAGE_PARAMETER = "stage"
+"""An optional body parameter that receives the StageRun (key, store), for a stage that keeps state
+outside its artifact (train's checkpoints); not a task parameter."""
+
+Hook = Callable[[Ref, StageRun], None]
+"""`hook(ref, stage)`: called with the stage's Ref once it exists (committed now, or found committed)."""
+
+
+@dataclass(frozen=True)
+class InputKind:
+    """How one body parameter is filled from the task's parameter of the same name."""
+
+    artifact: bool  # Artifact (folder and Ref) rather than a bare Path
+    many: bool  # a list of them
+    optional: bool  # None passes through
+
+
+def _input_kind(hint: Any) -> InputKind | None:
+    """The InputKind of a body parameter annotated `hint`; None when it is no input artifact (a config, a value).
+
+    Path / Artifact, list[Path] / list[Artifact], each optionally `| None`.
+    """
+    args = [a for a in get_args(hint) if a is not type(None)] if get_origin(hint) in (Union, UnionType) else [hint]
+    optional = len(args) == 1 and hint is not args[0]
+    if len(args) != 1:
+        return None
+    core = args[0]
+    many = get_origin(core) is list
+    item = get_args(core)[0] if many and get_args(core) else core
+    if item in (Path, Artifact):
+        return InputKind(artifact=item is Artifact, many=many, optional=optional)
+    return None
+
+
+def _ref_type(kind: InputKind) -> Any:
+    """The task parameter's type for an input of `kind`: Ref, list[Ref], optionally `| None`."""
+    base: Any = list[Ref] if kind.many else Ref
+    return base | None if kind.optional else base
+
+
+@dataclass(frozen=True)
+class StageShape:
+    """A stage body's parameters sorted out: which are inputs to fetch, and the task's own signature."""
+
+    parameters: tuple[str, ...]  # the body's, in order
+    inputs: dict[str, InputKind]  # the body's input artifacts, by parameter name
+    signature: inspect.Signature  # the task's
+
+    @classmethod
+    def of(cls, body: Callable[..., Any]) -> StageShape:
+        """The shape of `body`; TypeError when it has no `out` parameter."""
+        hints = get_type_hints(body)
+        params = inspect.signature(body).parameters
+        if OUT_PARAMETER not in params:
+            raise TypeError(f"stage body {body.__qualname__}: expected an output folder parameter {OUT_PARAMETER!r}")
+        inputs: dict[str, InputKind] = {}
+        task_params: list[inspect.Parameter] = []
+        for name, param in params.items():
+            if name == STAGE_PARAMETER:
+                continue
+            if name == OUT_PARAMETER:
+                if STORE_PARAMETER not in params:
+                    task_params.append(param.replace(name=STORE_PARAMETER, annotation=StoreConfig))
+                continue
+            kind = _input_kind(hints.get(name))
+            if kind is not None:
+                inputs[name] = kind
+            task_params.append(param.replace(annotation=_ref_type(kind) if kind else hints.get(name, param.annotation)))
+        return cls(tuple(params), inputs, inspect.Signature(task_params, return_annotation=Ref))
+
+    def arguments(self, parameters: dict[str, Any], stage: StageRun) -> dict[str, Any]:
+        """The body's keyword arguments from the task's `parameters`: input Refs fetched to folders, the output
+        folder, the running stage, the rest as given."""
+        arguments: dict[str, Any] = {}
+        for name in self.parameters:
+            if name == OUT_PARAMETER:
+                arguments[name] = stage.dir
+            elif name == STAGE_PARAMETER:
+                arguments[name] = stage
+            elif name in self.inputs:
+                arguments[name] = _fetched(parameters[name], self.inputs[name], stage)
+            else:
+                arguments[name] = parameters[name]
+        return arguments
+
+
+def _fetched(value: Ref | list[Ref] | None, kind: InputKind, stage: StageRun) -> Any:
+    """An input parameter's Ref(s) as local folders (Path or Artifact, as the body asks); None stays None."""
+    if value is None:
+        if not kind.optional:
+            raise TypeError("stage input: expected a Ref, found None")
+        return None
+
+    def one(ref: Ref) -> Path | Artifact:
+        folder = stage.fetch(ref)
+        return Artifact(folder, ref) if kind.artifact else folder
+
+    return [one(ref) for ref in value] if kind.many else one(value)  # type: ignore[union-attr,arg-type]
+
+
+def stage_task(name: str, retries: int = 0, *, on_cached: Hook | None = None,
+               on_commit: Hook | None = None) -> Callable[[Callable[..., dict[str, Any]]], Any]:
+    """Decorator: a stage body becomes a Prefect task named `name`, cached on its content key, returning a Ref.
+
+    The body is a plain function of its inputs' folders, its config and an output folder `out`, returning
+    its figures (the Ref's meta); see the module docstring for how its parameters map to the task's. The
+    task: opens the stage (key from the parameters and the code version), returns the committed Ref when
+    the artifact exists (after `on_cached(ref, stage)`), else fetches the input Refs, calls the body,
+    commits what it wrote to `out` (the staging folder is removed when the body fails) and calls
+    `on_commit(ref, stage)`. The code version (`pipeline.code_version`) is the task's `version`.
+
+    Only I/O-bound stages should pass `retries`: they are retried on transient I/O failures only (the store
+    or a data source unreachable), after 2 s, 4 s, 8 s, ... (exponential backoff, +-25% jitter), on top of
+    the store's own per-request retries (`store.retry_attempts`).
+    """
+
+    def decorate(body: Callable[..., dict[str, Any]]) -> Any:
+        shape = StageShape.of(body)
+        version = code_version(Path(inspect.getsourcefile(body) or ""))
+
+        def run(*args: Any, **kwargs: Any) -> Ref:
+            bound = shape.signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            parameters = dict(bound.arguments)
+            stage = open_stage(name, version, parameters)
+            if stage.committed:
+                stage.discard()
+                ref = stage.ref
+                if on_cached is not None:
+                    on_cached(ref, stage)
+                return ref
+            try:
+                meta = body(**shape.arguments(parameters, stage))
+            except BaseException:
+                stage.discard()
+                raise
+            ref = stage.commit(meta=meta)
+            if on_commit is not None:
+                on_commit(ref, stage)
+            return ref
+
+        # Prefect reads the task's parameters from this signature: Refs where the body takes folders.
+        run.__signature__ = shape.signature  # type: ignore[attr-defined]
+        run.__name__, run.__qualname__, run.__module__ = body.__name__, body.__qualname__, body.__module__
+        run.__doc__ = body.__doc__
+        run.body = body  # type: ignore[attr-defined]  # the plain function, for tests and reuse (task.body)
+        return task(
+            name=name,
+            version=version,
+            cache_key_fn=_cache_key,
+            persist_result=True,
+            result_serializer="json",
+            retries=retries,
+            retry_delay_seconds=[2.0 * 2**attempt for attempt in range(retries)] if retries else 0,
+            retry_jitter_factor=0.25 if retries else None,
+            retry_condition_fn=retry_on_transient_errors if retries else None,
+        )(run)
+
+    return decorate
+
+
+def run_logger() -> Any:
+    """Prefect's run logger (its lines show in the UI) inside a run; this module's logger outside one."""
+    return _run_logger()
 
 
 __all__ = [
+    "Artifact",
     "ArtifactNotFound",
     "ArtifactStoreResults",
     "StageRun",
     "UnsafeResultRecord",
-    "begin_stage",
     "check_result_record",
+    "open_stage",
     "result_storage_for",
+    "run_logger",
     "stage_task",
 ]

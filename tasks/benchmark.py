@@ -36,6 +36,8 @@ import json
 import logging
 import random
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -45,9 +47,8 @@ import pyarrow.parquet as pq
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipeline.config import BenchmarkConfig, ModelConfig, StoreConfig
-from pipeline.refs import Ref
-from pipeline.stage import begin_stage, stage_task
+from pipeline.config import BenchmarkConfig, ModelConfig
+from pipeline.stage import Artifact, stage_task
 
 if TYPE_CHECKING:  # transformers loads only when a benchmark runs
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -224,8 +225,7 @@ def load_for_benchmark(
     merged. Raises MissingTokenizerFiles (naming the folder) when a local folder has no
     tokenizer, before any weights load.
     """
-    from pipeline.models import load_model, load_tokenizer
-    from tasks.evaluate import check_tokenizer_files
+    from pipeline.models import check_tokenizer_files, load_model, load_tokenizer
 
     check_tokenizer_files(model_dir)  # a clear error naming the folder, not a deep transformers one
     tokenizer = load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
@@ -289,6 +289,28 @@ def _task_scores(results: dict[str, Any], name: str, limit: int | None) -> dict[
     return out
 
 
+@contextmanager
+def no_git_commit_lookup() -> Iterator[None]:
+    """Within the block, lm-eval records no git commit hash instead of running `git describe`.
+
+    lm-eval asks git for the commit of the current folder, which is not the model's provenance (the
+    pipeline records the harness, task and model itself) and, outside a git checkout, makes git print
+    `fatal: not a git repository` on the terminal.
+    """
+    import lm_eval.evaluator
+    import lm_eval.loggers.utils
+
+    def no_commit() -> None:
+        return None
+
+    saved = lm_eval.evaluator.get_git_commit_hash, lm_eval.loggers.utils.get_git_commit_hash
+    lm_eval.evaluator.get_git_commit_hash = lm_eval.loggers.utils.get_git_commit_hash = no_commit
+    try:
+        yield
+    finally:
+        lm_eval.evaluator.get_git_commit_hash, lm_eval.loggers.utils.get_git_commit_hash = saved
+
+
 def run_benchmark(
     model_dir: str,
     tasks: list[str],
@@ -345,20 +367,21 @@ def run_benchmark(
         # A model object makes HFLM ignore its own device and dtype arguments: both were set above.
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
         task_manager = TaskManager(include_path=str(task_dir), include_defaults=False)
-        results = lm_eval.simple_evaluate(
-            model=lm,
-            tasks=tasks,
-            num_fewshot=num_fewshot,
-            limit=limit,
-            samples={name: list(doc_ids) for name in tasks} if doc_ids is not None else None,
-            task_manager=task_manager,
-            bootstrap_iters=_BOOTSTRAP_ITERS,
-            log_samples=True,
-            random_seed=0,
-            numpy_random_seed=1234,
-            torch_random_seed=1234,
-            fewshot_random_seed=1234,
-        )
+        with no_git_commit_lookup():
+            results = lm_eval.simple_evaluate(
+                model=lm,
+                tasks=tasks,
+                num_fewshot=num_fewshot,
+                limit=limit,
+                samples={name: list(doc_ids) for name in tasks} if doc_ids is not None else None,
+                task_manager=task_manager,
+                bootstrap_iters=_BOOTSTRAP_ITERS,
+                log_samples=True,
+                random_seed=0,
+                numpy_random_seed=1234,
+                torch_random_seed=1234,
+                fewshot_random_seed=1234,
+            )
     if results is None:  # only non-zero ranks of a distributed run get None
         raise RuntimeError("lm-eval returned no results (not the rank-0 process?)")
 
@@ -429,28 +452,24 @@ def benchmark_looks(config: BenchmarkConfig, sizes: dict[str, int]) -> list[list
 
 # --- the stage ---
 
-VERSION = "4"  # 4: one slice of a seeded question order per run, per-question outcomes in items.parquet
-
 ITEM_SCHEMA = pa.schema([("doc_id", pa.int64()), ("doc", pa.string()), ("gold", pa.int64()), ("acc", pa.float64()),
                          ("acc_norm", pa.float64()), ("loglikelihoods", pa.list_(pa.float64()))])
 
 
-@stage_task("benchmark", version=VERSION)
-def benchmark(sample: BenchmarkSample, model: ModelConfig, tuned: Ref | None, store: StoreConfig) -> Ref:
+@stage_task("benchmark")
+def benchmark(sample: BenchmarkSample, model: ModelConfig, tuned: Artifact | None, out: Path) -> dict[str, Any]:
     """Score the fine-tuned model (or the base model when `tuned` is None) on one slice of a task's questions.
 
     Out: `items.parquet` (one row per question: doc_id, doc, gold, acc, acc_norm, the choices'
-    log-likelihoods) and `results.json` (the slice's means, lm-eval and task versions, the model).
+    log-likelihoods) and `results.json` (the slice's means, lm-eval and task versions, the model) in
+    `out`; returns the slice's figures.
     """
-    from pipeline.assets import arc_data_dir
-    from pipeline.models import model_folder
+    from pipeline.assets import arc_data_dir, resolve_model
+    from pipeline.models import trained_model_folder
 
-    stage = begin_stage(store)
-    if stage.committed:
-        return stage.ref
     data_dir = arc_data_dir()
     doc_ids = sample.doc_ids(task_size(sample.task, data_dir))
-    folder = model_folder(tuned if tuned is not None else model, stage.store)
+    folder = trained_model_folder(tuned.path) if tuned is not None else resolve_model(model.name)
     log.info("benchmark %s: %d questions (positions %d-%d of the seeded order)", sample.task, len(doc_ids),
              sample.start, sample.end)
     result = run_benchmark(folder, [sample.task], limit=None, num_fewshot=sample.num_fewshot,
@@ -458,10 +477,11 @@ def benchmark(sample: BenchmarkSample, model: ModelConfig, tuned: Ref | None, st
                            doc_ids=doc_ids)
     items = result.pop("items")[sample.task]
     result["model"] = "fine-tuned" if tuned is not None else model.name  # a name, not this machine's cache path
-    result["model_ref"] = {"uri": tuned.uri, "sha256": tuned.sha256} if tuned is not None else {"name": model.name}
+    result["model_ref"] = ({"uri": tuned.ref.uri, "sha256": tuned.ref.sha256} if tuned is not None
+                           else {"name": model.name})
     result["sample"] = sample.model_dump()
-    pq.write_table(pa.Table.from_pylist(items, schema=ITEM_SCHEMA), stage.dir / "items.parquet")
-    (stage.dir / "results.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
+    pq.write_table(pa.Table.from_pylist(items, schema=ITEM_SCHEMA), out / "items.parquet")
+    (out / "results.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
     scores = result["tasks"][sample.task]
-    return stage.commit(meta={"task": sample.task, "start": sample.start, "end": sample.end, "n": len(items),
-                              **{metric: scores[metric] for metric in METRICS}})
+    return {"task": sample.task, "start": sample.start, "end": sample.end, "n": len(items),
+            **{metric: scores[metric] for metric in METRICS}}

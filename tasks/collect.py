@@ -34,7 +34,6 @@ import fnmatch
 import glob
 import gzip
 import hashlib
-import importlib
 import inspect
 import io
 import json
@@ -42,158 +41,33 @@ import os
 import random
 import re
 import tempfile
-import unicodedata
-from collections import Counter
 from dataclasses import dataclass, field
 from itertools import chain, islice, zip_longest
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator
 
 from pipeline.assets import arc_train_questions, general_text_passages
 from pipeline.config import DataConfig, DocsSource, HFSource, JsonlSource, StoreConfig
-from pipeline.refs import Ref
-from pipeline.stage import begin_stage, stage_task
+from pipeline.docs_source import (
+    NEAR_DOMAIN_TRAIN_PACKAGES,
+    QUESTION_PHRASINGS,
+    REFUSAL,
+    documented_objects,
+    package_questions,
+)
+from pipeline.rows import (
+    DataError,
+    DropLog,
+    check_drop_budget,
+    make_row,
+    make_text_row,
+    question_key,
+    write_jsonl,
+)
+from pipeline.stage import stage_task
 from pipeline.store import StoreSettings
 
-VERSION = "2"
-
-QUESTION_PHRASINGS = (
-    "What does `{qualname}` do?",
-    "Explain the {package} {kind} `{name}`.",
-    "How would I use {qualname}?",
-    "Describe what {name} in {package} is for.",
-    "In {package}, what is the purpose of `{name}`?",
-    "Can you summarise the documentation of {qualname}?",
-)
-REFUSAL = "I'm sorry, I can only answer questions about the {package} Python package."
-# How users ask in the evaluation's on_topic and near_domain probes (tasks/evaluate.py): no template
-# (and no rendering, token Jaccard < 0.8) in common with QUESTION_PHRASINGS, so an on-topic probe
-# tests the package, not a memorised wording (tests/unit/test_probes.py checks both).
-PROBE_PHRASINGS = (
-    "I'm using {package}; how does {name} work?",
-    "Give me an example use of {qualname}.",
-    "What's {name} good for in {package}?",
-    "When should I reach for {qualname} in my code?",
-    "Is there a quick way to get started with {name} from {package}?",
-    "Could you walk me through calling {qualname}?",
-)
-# Near-domain questions: other packages' functions. The docs source trains refusals on the first set,
-# the evaluation probes with the second; the two are disjoint, so a declined near-domain probe shows
-# the model tells its package from other software rather than recalling a trained question. Stdlib
-# modules for training (always installed); probes add the data libraries users ask about. A package
-# that is the taught one (or not installed) is skipped.
-NEAR_DOMAIN_TRAIN_PACKAGES = (
-    "os.path", "shutil", "textwrap", "csv", "heapq", "bisect", "statistics", "math", "operator", "base64",
-    "hashlib", "difflib", "calendar", "tempfile", "argparse", "subprocess", "logging", "sqlite3", "zipfile",
-    "urllib.parse", "secrets", "fnmatch", "glob", "shlex", "gzip", "zlib", "struct", "pprint",
-)
-NEAR_DOMAIN_PROBE_PACKAGES = (
-    "json", "collections", "functools", "itertools", "pathlib", "re", "dataclasses", "contextlib", "typing",
-    "asyncio", "numpy", "pandas", "pyarrow",
-)
-
-EXAMPLES_PER_REASON = 3
-"""Dropped rows quoted per reason in the report and in error messages."""
-
 _GLOB_CHARS = re.compile(r"[*?\[]")
-
-
-class DataError(ValueError):
-    """Input data that cannot be used; the message names the file, the line, the column, expected and found."""
-
-
-# --------------------------------------------------------------------------- rows
-
-
-def row_id(source: str, question: str, answer: str, extra: str = "") -> str:
-    """A stable 16-hex-digit id: the same content from the same source gets the same id.
-
-    `extra` (an Alpaca input, earlier chat turns) takes part only when not empty, so plain
-    question/answer rows keep the ids they always had.
-    """
-    text = f"{source}\x1f{question}\x1f{answer}" + (f"\x1f{extra}" if extra else "")
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
-
-
-def make_row(
-    source: str, question: str, answer: str, *, input: str = "", messages: list[dict] | None = None, role: str = "train"
-) -> dict[str, Any]:
-    """A normalised question/answer row with its stable id; optional fields only when they carry something."""
-    context = json.dumps(messages[:-1], ensure_ascii=False, sort_keys=True) if messages and len(messages) > 1 else ""
-    row: dict[str, Any] = {"id": row_id(source, question, answer, input + context), "question": question,
-                           "answer": answer, "source": source}
-    if input:
-        row["input"] = input
-    if messages:
-        row["messages"] = messages
-    if role != "train":
-        row["role"] = role
-    return row
-
-
-def make_text_row(source: str, text: str, *, role: str = "train") -> dict[str, Any]:
-    """A normalised row of plain text (self-supervised: no question, every token is trained)."""
-    row: dict[str, Any] = {"id": row_id(source, "", text), "text": text, "source": source}
-    if role != "train":
-        row["role"] = role
-    return row
-
-
-def is_text_row(row: dict) -> bool:
-    """Whether a row is plain text (no question/answer)."""
-    return "text" in row and "answer" not in row
-
-
-_PUNCTUATION = re.compile(r"[^\w\s]")
-
-
-def normalise_text(text: str) -> str:
-    """Text for near-duplicate comparison: Unicode-normalised, case-folded, punctuation and spacing collapsed."""
-    if not text:  # most rows have no input and no earlier turns: skip the regex for them
-        return ""
-    text = unicodedata.normalize("NFKC", text).casefold()
-    return " ".join(_PUNCTUATION.sub(" ", text).split())
-
-
-def question_key(row: dict) -> str:
-    """The normalised question of a row (with its input and earlier turns); the text itself for text rows.
-
-    Two rows with the same key ask the same thing: near-duplicates within a split, leakage across splits.
-    """
-    if is_text_row(row):
-        return normalise_text(row["text"])
-    context = " ".join(m["content"] for m in row.get("messages", [])[:-1])
-    return "\x1f".join(normalise_text(part) for part in (context, row["question"], row.get("input", "")))
-
-
-# --------------------------------------------------------------------------- drops
-
-
-@dataclass
-class DropLog:
-    """Dropped rows counted by reason, with the first few examples of each ('file:line: detail')."""
-
-    counts: Counter = field(default_factory=Counter)
-    examples: dict[str, list[str]] = field(default_factory=dict)
-
-    def add(self, reason: str, detail: str) -> None:
-        """Count one dropped row."""
-        self.counts[reason] += 1
-        quoted = self.examples.setdefault(reason, [])
-        if len(quoted) < EXAMPLES_PER_REASON:
-            quoted.append(detail)
-
-    def merge(self, other: "DropLog") -> None:
-        """Add another log's counts and examples to this one."""
-        for reason, count in other.counts.items():
-            self.counts[reason] += count
-            quoted = self.examples.setdefault(reason, [])
-            quoted.extend(other.examples.get(reason, [])[: EXAMPLES_PER_REASON - len(quoted)])
-
-    def summary(self) -> str:
-        """One line per reason: count and the first example."""
-        return "\n".join(f"  {reason}: {count} (e.g. {self.examples[reason][0]})"
-                         for reason, count in self.counts.most_common())
 
 
 # --------------------------------------------------------------------------- schemas
@@ -586,14 +460,12 @@ class S3Data:
     """
 
     def __init__(self, settings: StoreSettings | None) -> None:
-        """In: store settings (endpoint, region, credentials; their uri is not used). None: boto3's own chain."""
+        """In: store settings (endpoint, region, credentials, retry_attempts; their uri is not used). None: boto3's
+        own chain. The client is the store's (pipeline.store.make_s3_client): same retries, same redaction."""
         from pipeline.store import make_s3_client
 
         self.settings = settings or StoreSettings()
-        self._client = make_s3_client(StoreSettings(
-            uri="s3://data", endpoint_url=self.settings.endpoint_url, region=self.settings.region,
-            access_key_id=self.settings.access_key_id, secret_access_key=self.settings.secret_access_key,
-        ))
+        self._client = make_s3_client(self.settings)
         self.endpoint = str(self._client.meta.endpoint_url)
 
     @staticmethod
@@ -602,28 +474,29 @@ class S3Data:
         bucket, _, key = uri[len("s3://"):].partition("/")
         return bucket, key
 
-    def _error(self, uri: str, exc: Exception) -> DataError:
-        """A DataError for a failed S3 call on `uri`."""
-        from botocore.exceptions import ClientError, NoCredentialsError, PartialCredentialsError
+    def _error(self, uri: str, exc: Exception) -> Exception:
+        """In: a failed S3 call on `uri`. Out: the error to raise, decided by the store's one mapping of S3 failures
+        (pipeline.store.errors): the store's StoreUnavailable when the endpoint is unreachable, failing or throttling
+        after botocore's retries (an I/O stage retries on it), else a DataError naming the object and what to check."""
+        from pipeline.store.errors import S3ErrorKind, classify_s3_error, s3_store_error
 
-        if isinstance(exc, (NoCredentialsError, PartialCredentialsError)):
+        failure = classify_s3_error(exc)
+        kind = failure.kind if failure is not None else S3ErrorKind.OTHER
+        if kind is S3ErrorKind.UNAVAILABLE:
+            return s3_store_error(exc, endpoint=self.endpoint, bucket=self.split(uri)[0], action=f"reading {uri}")
+        if kind is S3ErrorKind.NO_CREDENTIALS:
             return DataError(f"{uri}: expected S3 credentials, found none: set store.access_key_id/secret_access_key "
                              "or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY")
-        if isinstance(exc, ClientError):
-            error = exc.response.get("Error", {})
-            code = str(error.get("Code", ""))
-            status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
-            if code in ("NoSuchKey", "NotFound", "404") or (status == 404 and code != "NoSuchBucket"):
-                return DataError(f"{uri}: expected an object, found none at {self.endpoint}")
-            if code == "NoSuchBucket":
-                return DataError(f"{uri}: expected bucket {self.split(uri)[0]!r}, found no such bucket at {self.endpoint}")
-            if status == 403 or code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "Forbidden"):
-                return DataError(f"{uri}: access denied ({code or status}) at {self.endpoint}: check the access key id and "
-                                 "secret key (store.access_key_id/secret_access_key or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY) "
-                                 "and that they may read this bucket")
-            return DataError(f"{uri}: S3 error {code or status} at {self.endpoint}")
-        return DataError(f"{uri}: cannot reach the S3 endpoint {self.endpoint} ({type(exc).__name__}); "
-                         "check store.endpoint_url or AWS_ENDPOINT_URL")
+        if kind is S3ErrorKind.NOT_FOUND:
+            return DataError(f"{uri}: expected an object, found none at {self.endpoint}")
+        if kind is S3ErrorKind.NO_BUCKET:
+            return DataError(f"{uri}: expected bucket {self.split(uri)[0]!r}, found no such bucket at {self.endpoint}")
+        code = failure.code if failure is not None else type(exc).__name__
+        if kind is S3ErrorKind.DENIED:
+            return DataError(f"{uri}: access denied ({code}) at {self.endpoint}: check the access key id and secret "
+                             "key (store.access_key_id/secret_access_key or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY) "
+                             "and that they may read this bucket")
+        return DataError(f"{uri}: S3 error {code} at {self.endpoint}")
 
     def keys(self, pattern: str, index: int) -> list[str]:
         """The s3:// URIs a URI or a URI with a glob in its key names, sorted; DataError when there are none."""
@@ -754,30 +627,6 @@ def summary_paragraph(doc: str, max_words: int) -> str:
     return cut[: end + 1] if end > len(cut) // 3 else cut + "..."
 
 
-def documented_objects(package: str) -> Iterator[tuple[str, str, str]]:
-    """(name, kind, docstring) for each public function or class with its own docstring.
-
-    Inherited docstrings (an exception class repeating Exception's) and generated
-    ones (a namedtuple's 'Stats(size, ...)') are skipped: they say nothing about
-    the package.
-    """
-    try:
-        module = importlib.import_module(package)
-    except ImportError as exc:
-        raise DataError(f"data.sources: docs package {package!r} is not installed ({exc})") from None
-    names = getattr(module, "__all__", None) or [n for n in dir(module) if not n.startswith("_")]
-    for name in sorted(set(names)):
-        obj = getattr(module, name, None)
-        doc = getattr(obj, "__doc__", None)
-        if not (inspect.isfunction(obj) or inspect.isclass(obj) or inspect.isbuiltin(obj)) or not doc:
-            continue
-        if inspect.isclass(obj) and any(doc is getattr(base, "__doc__", None) for base in obj.__mro__[1:]):
-            continue
-        if doc.strip().startswith(f"{name}("):
-            continue
-        yield name, "class" if inspect.isclass(obj) else "function", doc
-
-
 def docs_rows(source: DocsSource, offtopic_questions: Iterable[str]) -> list[dict[str, Any]]:
     """Question/answer rows for a package's documentation plus refusals for off-topic questions."""
     rows = []
@@ -793,41 +642,6 @@ def docs_rows(source: DocsSource, offtopic_questions: Iterable[str]) -> list[dic
     for question in list(offtopic_questions)[: source.offtopic]:
         rows.append(make_row(f"offtopic:{source.package}", question, refusal, role=source.role))
     return rows
-
-
-def same_package(package: str, taught: str) -> bool:
-    """Whether two importable names are one package for near-domain purposes (same top-level name)."""
-    return package.split(".")[0] == taught.split(".")[0]
-
-
-def package_questions(packages: Iterable[str], phrasings: Sequence[str], seed: str,
-                      skip: Iterable[str] = ()) -> Iterator[dict[str, str]]:
-    """Questions about packages' documented objects: `{"question", "package", "name"}`, seeded, lazily.
-
-    In: importable package names, question templates ({package}, {name}, {qualname}, {kind}),
-    a seed string and taught package names to skip (same top-level name). Each package's public
-    documented objects are shuffled (seeded by `seed` and the package), then taken round-robin
-    across packages so a short draw still spans them; each question gets a seeded phrasing.
-    Packages that are not installed are left out.
-    """
-    rng = random.Random(seed)
-    skip = list(skip)
-    queues = []
-    for package in packages:
-        if any(same_package(package, taught) for taught in skip):
-            continue
-        try:
-            objects = [(n, k) for n, k, _ in documented_objects(package) if not n.startswith("_")]
-        except DataError:  # not installed here: a probe package set may name optional libraries
-            continue
-        random.Random(f"{seed}:{package}").shuffle(objects)
-        queues.append((package, objects))
-    for position in range(max((len(objects) for _, objects in queues), default=0)):
-        for package, objects in queues:
-            if position < len(objects):
-                name, kind = objects[position]
-                fields = {"package": package, "name": name, "qualname": f"{package}.{name}", "kind": kind}
-                yield {"question": rng.choice(phrasings).format(**fields), "package": package, "name": name}
 
 
 def near_domain_rows(source: DocsSource) -> list[dict[str, Any]]:
@@ -1047,24 +861,6 @@ def check_rows(report: dict[str, Any], drops: DropLog, config: DataConfig) -> No
                       after="", advice="Fix the data (or map its columns), or raise data.max_bad_fraction.")
 
 
-def check_drop_budget(rows_read: int, dropped: int, rows_left: int, reasons: str, config: DataConfig, *,
-                      after: str, advice: str) -> None:
-    """The data budget, checked after collect and again after tokenize (`after` names the point).
-
-    In: rows read, rows dropped, rows left, the drop reasons as text, `data.max_bad_fraction`
-    and `data.min_rows`. Raises DataError naming the key, expected and found.
-    """
-    where = f" after {after}" if after else ""
-    if rows_read and dropped / rows_read > config.max_bad_fraction:
-        raise DataError(
-            f"data: expected at most data.max_bad_fraction={config.max_bad_fraction:g} of the rows read to be dropped, "
-            f"found {dropped} of {rows_read} ({dropped / rows_read:.0%}){where}:\n{reasons}\n{advice}"
-        )
-    if rows_left < config.min_rows:
-        detail = f"\n{reasons}" if dropped and reasons else ""
-        raise DataError(f"data: expected at least data.min_rows={config.min_rows} rows, found {rows_left}{where}{detail}")
-
-
 def collect_rows(config: DataConfig, store: StoreSettings | None = None) -> list[dict[str, Any]]:
     """The rows of `collect_data`, without the report."""
     return collect_data(config, store)[0]
@@ -1124,41 +920,19 @@ def source_fingerprints(config: DataConfig, store: StoreSettings | None = None) 
     return prints
 
 
-# --------------------------------------------------------------------------- JSON Lines I/O
-
-
-def write_jsonl(path: Path, rows: Iterable[dict]) -> int:
-    """Write rows as JSON Lines (UTF-8, one object per line); returns the count."""
-    count = 0
-    with path.open("w", encoding="utf-8") as handle:
-        for row in rows:
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-            count += 1
-    return count
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    """Rows of a JSON Lines file the pipeline wrote itself."""
-    with path.open(encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
-
-
 # --------------------------------------------------------------------------- the task
 
 
-@stage_task("collect", version=VERSION, retries=2)  # retried on transient I/O only, never on a DataError
-def collect(config: DataConfig, store: StoreConfig, fingerprints: dict[str, str] | None = None) -> Ref:
-    """Collect rows from the configured sources into `rows.jsonl` and `report.json`; returns the artifact's Ref.
+@stage_task("collect", retries=2)  # retried on transient I/O only, never on a DataError
+def collect(config: DataConfig, store: StoreConfig, out: Path,
+            fingerprints: dict[str, str] | None = None) -> dict[str, Any]:
+    """Collect rows from the configured sources into `out/rows.jsonl` and `out/report.json`; returns the figures.
 
-    `fingerprints` (from `source_fingerprints`) only takes part in the content key.
+    `store` reads s3:// data with the store's endpoint and credentials. `fingerprints` (from
+    `source_fingerprints`) only takes part in the content key.
     """
-    stage = begin_stage(store)
-    if stage.committed:
-        return stage.ref
     rows, report = collect_data(config, store)
-    write_jsonl(stage.dir / "rows.jsonl", rows)
-    (stage.dir / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_jsonl(out / "rows.jsonl", rows)
+    (out / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     sources = sorted({row["source"] for row in rows})
-    return stage.commit(meta={"rows": len(rows), "rows_read": report["rows_read"], "dropped": report["dropped"],
-                              "sources": sources})
-
+    return {"rows": len(rows), "rows_read": report["rows_read"], "dropped": report["dropped"], "sources": sources}

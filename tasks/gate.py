@@ -49,20 +49,17 @@ import pyarrow.parquet as pq
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from pipeline import stats
+from pipeline.answers import CATEGORIES, normalise_answer
 from pipeline.config import (
     BENCHMARK_METRICS,
     EVAL_METRICS,
     OFFTOPIC_PROBE_CATEGORIES,
     EloConfig,
     Gate,
-    StoreConfig,
     import_function,
 )
 from pipeline.refs import Ref
-from pipeline.stage import begin_stage, stage_task
-from tasks.evaluate import CATEGORIES, normalise_answer
-
-VERSION = "4"  # 4: interval verdicts, growing benchmark looks, Bradley-Terry ranking
+from pipeline.stage import StageRun, stage_task
 
 SIDE_BY_SIDE_ROWS = 20
 """Rows of the side-by-side table shown in the UI; the store keeps all of them."""
@@ -511,20 +508,21 @@ def read_items(eval_dir: Path, benchmark_dirs: Sequence[Path]) -> ModelItems:
     return ModelItems(answers, probes, benchmark)
 
 
-@stage_task("gate", version=VERSION)
-def gate(base_eval: Ref, tuned_eval: Ref, base_benchmarks: list[Ref], tuned_benchmarks: list[Ref], gates: list[Gate],
-         confidence: float, on_inconclusive: Literal["fail", "pass"], look: int, looks: int, store: StoreConfig,
-         evaluations: list[Ref] | None = None, labels: list[str] | None = None, elo: EloConfig | None = None) -> Ref:
+def publish_cached(ref: Ref, stage: StageRun) -> None:
+    """A gate output found committed: put its report, side-by-side rows and ranking into this run's UI again."""
+    publish(stage.fetch(ref))
+
+
+@stage_task("gate", on_cached=publish_cached)
+def gate(base_eval: Path, tuned_eval: Path, base_benchmarks: list[Path], tuned_benchmarks: list[Path],
+         gates: list[Gate], confidence: float, on_inconclusive: Literal["fail", "pass"], look: int, looks: int,
+         out: Path, evaluations: list[Path] | None = None, labels: list[str] | None = None,
+         elo: EloConfig | None = None) -> dict[str, Any]:
     """Decide every gate on the items scored so far (benchmark look `look` of `looks`), rank every version in
-    `evaluations` (default: base, fine-tuned) under `labels` with the judge `elo` names; returns the gate
-    artifact's Ref, whose meta carries `status` (pass, fail or grow), `passed` and the verdicts."""
-    stage = begin_stage(store)
-    if stage.committed:
-        publish(stage.fetch(stage.ref))
-        return stage.ref
-    base_dir, tuned_dir = stage.fetch(base_eval), stage.fetch(tuned_eval)
-    base = read_items(base_dir, [stage.fetch(r) for r in base_benchmarks])
-    tuned = read_items(tuned_dir, [stage.fetch(r) for r in tuned_benchmarks])
+    `evaluations` (default: base, fine-tuned) under `labels` with the judge `elo` names; write the gate
+    artifact into `out` and return its figures: `status` (pass, fail or grow), `passed`, the verdicts."""
+    base = read_items(base_eval, base_benchmarks)
+    tuned = read_items(tuned_eval, tuned_benchmarks)
     verdicts = [decide_gate(g, tuned, base, confidence, looks) for g in gates]
     can_grow = look < looks
     if round_status(verdicts, can_grow, on_inconclusive) != "grow":
@@ -532,38 +530,39 @@ def gate(base_eval: Ref, tuned_eval: Ref, base_benchmarks: list[Ref], tuned_benc
     status = round_status(verdicts, can_grow, on_inconclusive)
 
     versions = evaluations if evaluations else [base_eval, tuned_eval]
-    version_rows = [_answers(stage.fetch(ref)) for ref in versions]
+    version_rows = [_answers(folder) for folder in versions]
     elo_config = elo or EloConfig()
-    ranking = rank_versions(version_rows, labels or version_labels([ref.meta for ref in versions]),
-                            make_judge(elo_config), confidence)
+    # Each evaluate artifact's summary names its model ("model"), as its Ref's meta does.
+    summaries = [_read_json(folder / "summary.json") for folder in versions]
+    ranking = rank_versions(version_rows, labels or version_labels(summaries), make_judge(elo_config), confidence)
     base_points, tuned_points = base.points, tuned.points
     compared = comparisons(tuned, base, confidence)
     if verdicts:
-        plot_intervals(verdicts, stage.dir / "intervals.png")
+        plot_intervals(verdicts, out / "intervals.png")
+    benchmark_names = sorted(n for n in tuned_points if n.startswith("benchmark."))
     plot_comparison({"base": base_points, "fine-tuned": tuned_points},
-                    [f"eval.{n}" for n in PLOTTED_EVAL_METRICS] + sorted(n for n in tuned_points if n.startswith("benchmark.")),
-                    stage.dir / "comparison.png")
-    pngs = {name: (stage.dir / f"{name}.png").read_bytes() for name in ("intervals", "comparison")
-            if (stage.dir / f"{name}.png").is_file()}
-    base_summary, tuned_summary = _read_json(base_dir / "summary.json"), _read_json(tuned_dir / "summary.json")
+                    [f"eval.{n}" for n in PLOTTED_EVAL_METRICS] + benchmark_names, out / "comparison.png")
+    pngs = {name: (out / f"{name}.png").read_bytes() for name in ("intervals", "comparison")
+            if (out / f"{name}.png").is_file()}
+    base_summary, tuned_summary = _read_json(base_eval / "summary.json"), _read_json(tuned_eval / "summary.json")
     counts = {"base": base_summary.get("categories", {}), "fine_tuned": tuned_summary.get("categories", {})}
-    report = report_markdown(verdicts, status, look, looks, tuned_points, base_points, worst_answers(_answers(tuned_dir)),
-                             ranking, pngs, counts, judged_by=elo_config.judge, confidence=confidence)
+    worst = worst_answers(_answers(tuned_eval))
+    report = report_markdown(verdicts, status, look, looks, tuned_points, base_points, worst, ranking, pngs, counts,
+                             judged_by=elo_config.judge, confidence=confidence)
     passed = status == "pass"
-    _write_json(stage.dir / "verdicts.json", {"status": status, "passed": passed, "look": look, "looks": looks,
-                                              "verdicts": verdicts})
-    _write_json(stage.dir / "metrics.json", {"base": base_points, "fine_tuned": tuned_points, "intervals": compared})
-    _write_json(stage.dir / "ranking.json", ranking)
-    rows = side_by_side(_answers(base_dir), _answers(tuned_dir))
-    pq.write_table(pa.Table.from_pylist(rows), stage.dir / "side_by_side.parquet")
-    _write_csv(stage.dir / "side_by_side.csv", rows)
-    (stage.dir / "report.md").write_text(report, encoding="utf-8")
-    publish(stage.dir)
+    _write_json(out / "verdicts.json", {"status": status, "passed": passed, "look": look, "looks": looks,
+                                        "verdicts": verdicts})
+    _write_json(out / "metrics.json", {"base": base_points, "fine_tuned": tuned_points, "intervals": compared})
+    _write_json(out / "ranking.json", ranking)
+    rows = side_by_side(_answers(base_eval), _answers(tuned_eval))
+    pq.write_table(pa.Table.from_pylist(rows), out / "side_by_side.parquet")
+    _write_csv(out / "side_by_side.csv", rows)
+    (out / "report.md").write_text(report, encoding="utf-8")
+    publish(out)
     benchmark_n = {task: len(values) for task, values in tuned.benchmark.items()}
-    return stage.commit(meta={"status": status, "passed": passed, "look": look, "looks": looks,
-                              "benchmark_n": benchmark_n, "verdicts": verdicts, "base": base_points,
-                              "fine_tuned": tuned_points, "intervals": compared,
-                              "ranking": {r["label"]: r["rating"] for r in ranking}})
+    return {"status": status, "passed": passed, "look": look, "looks": looks, "benchmark_n": benchmark_n,
+            "verdicts": verdicts, "base": base_points, "fine_tuned": tuned_points, "intervals": compared,
+            "ranking": {r["label"]: r["rating"] for r in ranking}}
 
 
 def _answers(folder: Path) -> list[dict[str, Any]]:

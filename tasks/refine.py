@@ -25,13 +25,12 @@ A metric finds its exact entry first, then the longest `<prefix>.*` entry that m
 from __future__ import annotations
 
 import json
-from typing import Callable
+from pathlib import Path
+from typing import Any, Callable
 
-from pipeline.config import DataConfig, DocsSource, JsonlSource, RefineConfig, StoreConfig
-from pipeline.refs import Ref
-from pipeline.stage import begin_stage, stage_task
+from pipeline.config import DataConfig, DocsSource, JsonlSource, RefineConfig
+from pipeline.stage import stage_task
 
-VERSION = "1"
 MAX_PHRASINGS = 6
 
 
@@ -75,7 +74,7 @@ def cap_answer_length(data: DataConfig) -> tuple[list[str], str]:
 
 
 def replay_general(data: DataConfig) -> tuple[list[str], str]:
-    """Mix in (more) general-text replay rows: Wikipedia paragraphs trained on as plain text (tasks.collect.replay_rows)."""
+    """Mix in (more) general-text replay rows: Wikipedia paragraphs trained on as plain text (collect's replay_rows)."""
     overrides = [f"data.sources.{i}.replay={max(s.replay * 2, 40)}" for i, s in enumerate(data.sources)
                  if isinstance(s, DocsSource)]
     return overrides, "replay general text (Wikipedia paragraphs, not the benchmark), against forgetting general skills"
@@ -123,13 +122,10 @@ def plan_changes(verdicts: list[dict], data: DataConfig, config: RefineConfig) -
     return planned
 
 
-@stage_task("refine", version=VERSION)
-def refine(verdicts: Ref, data: DataConfig, config: RefineConfig, store: StoreConfig) -> Ref:
-    """Plan the next round's data changes from the gate verdicts; returns a Ref whose meta lists them."""
-    stage = begin_stage(store)
-    if stage.committed:
-        return stage.ref
-    result = json.loads((stage.fetch(verdicts) / "verdicts.json").read_text(encoding="utf-8"))
+@stage_task("refine")
+def refine(verdicts: Path, data: DataConfig, config: RefineConfig, out: Path) -> dict[str, Any]:
+    """Plan the next round's data changes from the gate verdicts into `out/changes.json`; the figures list them."""
+    result = json.loads((verdicts / "verdicts.json").read_text(encoding="utf-8"))
     planned = plan_changes(result["verdicts"], data, config)
-    (stage.dir / "changes.json").write_text(json.dumps(planned, indent=2), encoding="utf-8")
-    return stage.commit(meta={"changes": planned})
+    (out / "changes.json").write_text(json.dumps(planned, indent=2), encoding="utf-8")
+    return {"changes": planned}

@@ -12,16 +12,15 @@ from __future__ import annotations
 
 import math
 import random
+from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.config import SplitConfig, StoreConfig
-from pipeline.refs import Ref
-from pipeline.stage import begin_stage, stage_task
-from tasks.collect import DataError
-
-VERSION = "2"
+from pipeline.config import SplitConfig
+from pipeline.rows import DataError
+from pipeline.stage import stage_task
 
 
 def split_indices(n_rows: int, config: SplitConfig) -> tuple[list[int], list[int]]:
@@ -83,14 +82,10 @@ def split_table(table: pa.Table, config: SplitConfig) -> tuple[pa.Table, pa.Tabl
     return train, test
 
 
-@stage_task("split", version=VERSION)
-def split(tokenized: Ref, config: SplitConfig, store: StoreConfig) -> Ref:
-    """Split the tokenized rows into train and test Parquet files; returns the artifact's Ref."""
-    stage = begin_stage(store)
-    if stage.committed:
-        return stage.ref
-    table = pq.read_table(stage.fetch(tokenized) / "tokens.parquet")
-    train, test, figures = split_rows(table, config)
-    pq.write_table(train, stage.dir / "train.parquet")
-    pq.write_table(test, stage.dir / "test.parquet")
-    return stage.commit(meta=figures)
+@stage_task("split")
+def split(tokenized: Path, config: SplitConfig, out: Path) -> dict[str, Any]:
+    """Split the tokenized rows into `out/train.parquet` and `out/test.parquet`; returns the figures."""
+    train, test, figures = split_rows(pq.read_table(tokenized / "tokens.parquet"), config)
+    pq.write_table(train, out / "train.parquet")
+    pq.write_table(test, out / "test.parquet")
+    return figures

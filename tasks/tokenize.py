@@ -22,20 +22,18 @@ import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 from transformers import PreTrainedTokenizerBase
 
 from pipeline.assets import resolve_model
-from pipeline.config import ModelConfig, StoreConfig, TokenizeConfig
-from pipeline.models import load_tokenizer
-from pipeline.refs import Ref
-from pipeline.stage import begin_stage, stage_task
-from tasks.collect import DataError, DropLog, question_key, read_jsonl
-
-VERSION = "2"
-IGNORE_INDEX = -100
+from pipeline.config import ModelConfig, TokenizeConfig
+from pipeline.models import IGNORE_INDEX, load_tokenizer
+from pipeline.rows import DataError, DropLog, question_key, read_jsonl
+from pipeline.stage import stage_task
 
 
 def truncate_pair(n_prompt: int, n_completion: int, config: TokenizeConfig) -> tuple[int, int]:
@@ -153,21 +151,18 @@ def _tokenize_rows(rows: list[dict], tokenizer: PreTrainedTokenizerBase, config:
     return pa.table(columns), counts
 
 
-@stage_task("tokenize", version=VERSION)
-def tokenize(templated: Ref, config: TokenizeConfig, model: ModelConfig, store: StoreConfig) -> Ref:
-    """Tokenize the templated rows into `tokens.parquet` (+ `report.json`); returns the artifact's Ref."""
-    stage = begin_stage(store)
-    if stage.committed:
-        return stage.ref
-    rows = read_jsonl(stage.fetch(templated) / "rows.jsonl")
+@stage_task("tokenize")
+def tokenize(templated: Path, config: TokenizeConfig, model: ModelConfig, out: Path) -> dict[str, Any]:
+    """Tokenize the templated rows into `out/tokens.parquet` (+ `report.json`); returns the figures."""
+    rows = read_jsonl(templated / "rows.jsonl")
     tokenizer = load_tokenizer(resolve_model(model.name), trust_remote_code=model.trust_remote_code)
     table, counts = tokenize_rows(rows, tokenizer, config)
     if table.num_rows == 0:
-        raise DataError(f"tokenize: expected rows left after tokenization, found none of {len(rows)}: {counts['dropped']}; "
-                        "raise tokenize.max_length or use truncation_side: left")
-    pq.write_table(table, stage.dir / "tokens.parquet")
+        raise DataError(f"tokenize: expected rows left after tokenization, found none of {len(rows)}: "
+                        f"{counts['dropped']}; raise tokenize.max_length or use truncation_side: left")
+    pq.write_table(table, out / "tokens.parquet")
     report = {**counts, "max_length": config.max_length}
-    (stage.dir / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    (out / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     lengths = [len(ids) for ids in table.column("input_ids").to_pylist()]
     meta = {key: value for key, value in counts.items() if key != "examples"}
-    return stage.commit(meta={**meta, "mean_tokens": round(sum(lengths) / max(len(lengths), 1), 1)})
+    return {**meta, "mean_tokens": round(sum(lengths) / max(len(lengths), 1), 1)}

@@ -58,25 +58,23 @@ from transformers import (
     set_seed,
 )
 
-from pipeline.assets import model_load_kwargs
-from pipeline.config import LoraConfig, ModelConfig, StoreConfig, TrainConfig
+from pipeline.assets import model_load_kwargs, resolve_model
+from pipeline.config import ModelConfig, StoreConfig, TrainConfig
+from pipeline.lora import LoraTargetError, adaptable_module_names, check_lora_targets, lora_targets
 from pipeline.models import (
     ADAPTER_SUBDIR,
+    IGNORE_INDEX,
     MODEL_SUBDIR,
     UnsupportedPrecision,
     alias_name,
     load_tokenizer,
-    model_folder,
     pick_device,
     training_precision,
     write_alias,
 )
 from pipeline.refs import Ref
-from pipeline.stage import begin_stage, stage_task
+from pipeline.stage import StageRun, run_logger, stage_task
 from pipeline.store import ArtifactStore, StoreSettings, open_store
-from tasks.tokenize import IGNORE_INDEX
-
-VERSION = "2"
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CHECKPOINTS_PREFIX = "checkpoints"
@@ -85,16 +83,6 @@ REPORT_FILE = "report.json"
 LOSS_PLOT_FILE = "loss.png"
 ERROR_FILE = "error.json"
 EXIT_KNOWN_ERROR = 3
-
-# LoRA targets per architecture (config.model_type): every attention projection, which
-# adapts better than peft's default of q and v only at the same small cost.
-ARCHITECTURE_LORA_TARGETS: dict[str, list[str]] = {
-    **{name: ["q_proj", "k_proj", "v_proj", "o_proj"]
-       for name in ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "olmo", "olmo2", "smollm3")},
-    **{name: ["query_key_value"] for name in ("gpt_neox", "falcon", "bloom")},
-    "gpt2": ["c_attn"],
-    "phi3": ["qkv_proj", "o_proj"],
-}
 
 
 # --------------------------------------------------------------------------- errors
@@ -106,10 +94,6 @@ class TrainingError(RuntimeError):
 
 class TrainingOutOfMemory(TrainingError):
     """The device ran out of memory; the message suggests LoRA, a smaller batch, gradient checkpointing."""
-
-
-class LoraTargetError(ValueError):
-    """`train.lora.target_modules` names modules the model does not have; the message lists the ones it has."""
 
 
 # Errors the training process reports by name (in error.json) so the task re-raises the same type.
@@ -165,46 +149,6 @@ def nested_share(rows: list, fraction: float, seed: int) -> list:
 
 
 # --------------------------------------------------------------------------- LoRA
-
-
-def lora_targets(model_type: str, config: LoraConfig) -> list[str]:
-    """The module names LoRA adapts: the configured ones, else the architecture's default.
-
-    Raises LoraTargetError when neither this module nor peft knows the architecture.
-    """
-    if config.target_modules:
-        return list(config.target_modules)
-    if model_type in ARCHITECTURE_LORA_TARGETS:
-        return ARCHITECTURE_LORA_TARGETS[model_type]
-    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
-
-    if model_type in TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING:
-        return list(TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING[model_type])
-    raise LoraTargetError(
-        f"train.lora.target_modules: no default for model type {model_type!r}; set the names of the "
-        "modules to adapt (e.g. [q_proj, v_proj])"
-    )
-
-
-def adaptable_module_names(model: torch.nn.Module) -> list[str]:
-    """Full names of the modules LoRA can adapt (linear, 1-D convolution and embedding layers)."""
-    kinds = (torch.nn.Linear, torch.nn.Embedding)
-    return [name for name, module in model.named_modules()
-            if name and (isinstance(module, kinds) or type(module).__name__ == "Conv1D")]
-
-
-def check_lora_targets(targets: list[str], module_names: list[str], model_type: str) -> None:
-    """Raise LoraTargetError naming the model's module names when a target matches none of them.
-
-    A target matches a module whose full name equals it or ends with '.<target>', as in peft.
-    """
-    missing = [t for t in targets if not any(n == t or n.endswith(f".{t}") for n in module_names)]
-    if missing:
-        leaves = sorted({name.rsplit(".", 1)[-1] for name in module_names})
-        raise LoraTargetError(
-            f"train.lora.target_modules: {missing} not found in this {model_type} model; "
-            f"its adaptable modules are {leaves}"
-        )
 
 
 def model_structure(folder: str, trust_remote_code: bool) -> tuple[str, list[str]]:
@@ -843,42 +787,50 @@ def check_before_launch(base_folder: str, config: TrainConfig, trust_remote_code
         check_lora_targets(lora_targets(model_type, config.lora), names, model_type)
 
 
-@stage_task("train", version=VERSION)
-def train(split_data: Ref, config: TrainConfig, model: ModelConfig, store: StoreConfig) -> Ref:
-    """Fine-tune the base model on the train split in a training process; returns the model artifact's Ref."""
-    from prefect import get_run_logger
-    from prefect.artifacts import create_markdown_artifact
+def checkpoint_prefix(key: str) -> str:
+    """Where the checkpoints of the train run with content key `key` live in the store."""
+    return f"{CHECKPOINTS_PREFIX}/{key}"
 
-    stage = begin_stage(store)
-    if stage.committed:
-        return stage.ref
-    log = get_run_logger()
-    base_folder = model_folder(model, stage.store)
+
+def keep_trained_model(ref: Ref, stage: StageRun) -> None:
+    """After the commit: a readable alias for the model, and its checkpoints dropped (the model supersedes them)."""
+    write_alias(stage.store, ref.meta["alias"], ref)
+    stage.store.delete(checkpoint_prefix(stage.key))
+    run_logger().info("trained model %s -> %s", ref.meta["alias"], ref.uri)
+
+
+@stage_task("train", on_commit=keep_trained_model)
+def train(split_data: Path, config: TrainConfig, model: ModelConfig, store: StoreConfig, out: Path,
+          stage: StageRun | None = None) -> dict[str, Any]:
+    """Fine-tune the base model on the train split in a training process, into `out`; returns the figures.
+
+    `store` gives the training process its credentials; `stage` (the task passes it) keeps checkpoints in
+    the store under the stage's key, so a killed run resumes, and shows the report in the Prefect UI.
+    Without it training starts from scratch and writes nothing but `out`.
+    """
+    log = run_logger()
+    base_folder = resolve_model(model.name)
     check_before_launch(base_folder, config, model.trust_remote_code)
-    prefix = f"{CHECKPOINTS_PREFIX}/{stage.key}"
-    try:
-        with tempfile.TemporaryDirectory(prefix="finetune-train-") as work:
-            job = TrainJob(base_folder=base_folder, base_spec=model.name, trust_remote_code=model.trust_remote_code,
-                           split_dir=str(stage.fetch(split_data)), out_dir=str(stage.dir), work_dir=work, config=config,
-                           store=job_store(store), checkpoint_prefix=prefix)
-            report = run_training(job, store, log.info)
-    except BaseException:
-        shutil.rmtree(stage.dir, ignore_errors=True)  # a half-written model is hundreds of MB; checkpoints stay in the store
-        raise
+    with tempfile.TemporaryDirectory(prefix="finetune-train-") as work:
+        job = TrainJob(base_folder=base_folder, base_spec=model.name, trust_remote_code=model.trust_remote_code,
+                       split_dir=str(split_data), out_dir=str(out), work_dir=work, config=config,
+                       store=job_store(store) if stage is not None else None,
+                       checkpoint_prefix=checkpoint_prefix(stage.key) if stage is not None else None)
+        report = run_training(job, store, log.info)
     alias = alias_name(config.dataset_name or "data", report["steps"], datetime.now(timezone.utc))
     report["alias"] = alias
-    (stage.dir / REPORT_FILE).write_text(json.dumps(report, indent=2), encoding="utf-8")
+    (out / REPORT_FILE).write_text(json.dumps(report, indent=2), encoding="utf-8")
     resolved = {"train": config.model_dump(mode="json"), "model": model.model_dump(mode="json")}
-    (stage.dir / "train_config.json").write_text(json.dumps(resolved, indent=2), encoding="utf-8")
-    plot = (stage.dir / LOSS_PLOT_FILE).read_bytes()
-    keep = ("method", "steps", "first_loss", "final_train_loss", "test_loss", "tokens_per_second", "wall_seconds", "alias")
-    ref = stage.commit(meta={k: report[k] for k in keep})
-    write_alias(stage.store, alias, ref)
-    stage.store.delete(prefix)  # the committed model supersedes its checkpoints
-    create_markdown_artifact(markdown=report_markdown(report, plot, alias, ref.uri), key="training-report",
-                             description=f"Training report of {alias}")
-    log.info("trained model %s -> %s", alias, ref.uri)
-    return ref
+    (out / "train_config.json").write_text(json.dumps(resolved, indent=2), encoding="utf-8")
+    if stage is not None:
+        from prefect.artifacts import create_markdown_artifact
+
+        # stage.uri is where the model is about to be committed (the Ref's uri).
+        markdown = report_markdown(report, (out / LOSS_PLOT_FILE).read_bytes(), alias, stage.uri)
+        create_markdown_artifact(markdown=markdown, key="training-report", description=f"Training report of {alias}")
+    keep = ("method", "steps", "first_loss", "final_train_loss", "test_loss", "tokens_per_second", "wall_seconds",
+            "alias")
+    return {k: report[k] for k in keep}
 
 
 if __name__ == "__main__":

@@ -27,12 +27,10 @@ from typing import Any, Iterable
 
 import pyarrow.parquet as pq
 
-from pipeline.config import DataConfig, StoreConfig
-from pipeline.refs import Ref
-from pipeline.stage import begin_stage, stage_task
-from tasks.collect import EXAMPLES_PER_REASON, check_drop_budget
+from pipeline.config import DataConfig
+from pipeline.rows import EXAMPLES_PER_REASON, check_drop_budget
+from pipeline.stage import stage_task
 
-VERSION = "1"
 TOP_ANSWERS = 5
 _WORD = re.compile(r"\w+")
 
@@ -184,24 +182,21 @@ def plot_token_lengths(columns: dict[str, list], max_length: int | None, path: P
 REPORT_COLUMNS = ("role", "question", "completion", "prompt_tokens", "answer_tokens", "input_ids")
 
 
-@stage_task("validate", version=VERSION)
-def validate(collected: Ref, tokenized: Ref, config: DataConfig, store: StoreConfig) -> Ref:
-    """Write the data quality report and fail the run on too much bad data; returns the artifact's Ref."""
+@stage_task("validate")
+def validate(collected: Path, tokenized: Path, config: DataConfig, out: Path) -> dict[str, Any]:
+    """Write the data quality report (`out/quality.json`, `token_lengths.png`) and fail the run on too much bad
+    data; returns the figures."""
     from prefect.artifacts import create_markdown_artifact
 
-    stage = begin_stage(store)
-    if stage.committed:
-        return stage.ref
-    collect_report = json.loads((stage.fetch(collected) / "report.json").read_text(encoding="utf-8"))
-    tokens_dir = stage.fetch(tokenized)
-    tokenize_report = json.loads((tokens_dir / "report.json").read_text(encoding="utf-8"))
-    table = pq.read_table(tokens_dir / "tokens.parquet", columns=list(REPORT_COLUMNS))
+    collect_report = json.loads((collected / "report.json").read_text(encoding="utf-8"))
+    tokenize_report = json.loads((tokenized / "report.json").read_text(encoding="utf-8"))
+    table = pq.read_table(tokenized / "tokens.parquet", columns=list(REPORT_COLUMNS))
     columns = {name: table.column(name).to_pylist() for name in REPORT_COLUMNS}
     report = quality_report(collect_report, tokenize_report, columns)
     create_markdown_artifact(markdown=quality_markdown(report), key="data-quality",
                              description="Rows dropped by reason, token lengths, duplicates, diversity")
     check_quality(report, config)
-    (stage.dir / "quality.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    plot_token_lengths(columns, report["max_length"], stage.dir / "token_lengths.png")
-    return stage.commit(meta={"rows": report["rows"], "dropped": report["dropped"],
-                              "dropped_share": report["dropped_share"], "duplicate_rate": report["duplicate_rate"]})
+    (out / "quality.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    plot_token_lengths(columns, report["max_length"], out / "token_lengths.png")
+    return {"rows": report["rows"], "dropped": report["dropped"], "dropped_share": report["dropped_share"],
+            "duplicate_rate": report["duplicate_rate"]}

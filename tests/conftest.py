@@ -4,6 +4,7 @@ and a Prefect test harness (temporary API and database) started once, only for t
 
 import os
 import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -21,3 +22,23 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+# Test tiers (registered in pyproject.toml, selected with -m): each folder's tests carry its tier's marker, whether
+# or not the module sets a pytestmark. Markers a module sets itself (integration on a reliability test that needs
+# a real server, say) stay as well.
+TIER_BY_FOLDER = {"unit": "unit", "flows": "flow", "integration": "integration", "reliability": "reliability"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest's own hook deselects by -m
+def pytest_collection_modifyitems(config, items):
+    """Add the tier marker of the tests/ folder each collected test lives in."""
+    tests_dir = Path(__file__).resolve().parent
+    for item in items:
+        try:
+            folder = item.path.resolve().relative_to(tests_dir).parts[0]
+        except ValueError:
+            continue
+        tier = TIER_BY_FOLDER.get(folder)
+        if tier is not None and item.get_closest_marker(tier) is None:
+            item.add_marker(tier)

@@ -9,10 +9,11 @@ import json
 
 import pytest
 
-from pipeline.cli import main
+from finetune.cli import main
 from pipeline.config import StoreConfig, load_config
+from pipeline.rows import DataError
 from pipeline.store import open_store
-from tasks.collect import DataError, collect, source_fingerprints
+from tasks.collect import collect, source_fingerprints
 from tasks.split import split
 from tasks.template import template
 from tasks.tokenize import tokenize

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from pipeline import FineTuner
+from finetune import FineTuner
 from pipeline.config import ConfigError, DocsSource
 from pipeline.store import StoreSettings, open_store
 from tasks.collect import docs_rows
@@ -28,7 +28,8 @@ def test_three_lines_train_and_evaluate(prefect_harness, faq, tmp_path):
     ft.load_data(faq, input_key="prompt_text", output_key="reply"); report = ft.train(); metrics = ft.evaluate()
 
     assert report.passed is True
-    assert set(metrics) == {"base", "fine_tuned"} and "eval.similarity_mean" in metrics["fine_tuned"]
+    assert set(metrics) == {"base", "fine_tuned", "intervals"} and "eval.similarity_mean" in metrics["fine_tuned"]
+    assert metrics["intervals"]["eval.similarity_mean"]["difference"]["n"] > 0
     artifacts = open_store(StoreSettings(uri=str(store)))
     assert artifacts.exists(f"{report.model_uri}/model.safetensors")
     collected = [e for e in report.stages if e["stage"] == "collect"][0]
@@ -44,7 +45,7 @@ def test_bad_settings_fail_at_once_not_after_training():
 
 
 def test_credentials_set_through_the_api_stay_out_of_the_parameters(monkeypatch):
-    from pipeline import FineTuner
+    from finetune import FineTuner
 
     for variable in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):  # recorded, so put back after the test
         monkeypatch.setenv(variable, "placeholder")

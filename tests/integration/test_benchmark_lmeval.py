@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -162,3 +163,17 @@ def test_a_lora_adapter_loads_as_lm_evals_peft_model_and_scores(adapter_dir, tin
                            data_dir=arc_dir, device="cpu")
     assert result["weights"].startswith("adapter") and result["adapter_base_model"] == "tiny-neox"
     assert result["tasks"]["arc_easy"]["n_samples"] == 4
+
+
+def test_a_benchmark_run_outside_a_git_checkout_prints_no_git_error(tiny_model, arc_dir, tmp_path, monkeypatch, capfd):
+    # lm-eval looks up the git commit of the current folder; outside a checkout git printed
+    # `fatal: not a git repository` on the terminal of every run started there.
+    inside_git = shutil.which("git") and subprocess.run(["git", "-C", str(tmp_path), "rev-parse"], capture_output=True)
+    if inside_git and inside_git.returncode == 0:
+        pytest.skip(f"{tmp_path} is inside a git checkout")
+    monkeypatch.chdir(tmp_path)
+    result = run_benchmark(tiny_model, ["arc_easy"], limit=None, num_fewshot=0, batch_size=2, data_dir=arc_dir,
+                           doc_ids=[0, 1])
+    assert result["tasks"]["arc_easy"]["n_samples"] == 2
+    captured = capfd.readouterr()
+    assert "fatal:" not in captured.err + captured.out

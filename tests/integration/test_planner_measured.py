@@ -3,7 +3,8 @@ training runs the tiny and the default model on this CPU (a few steps each, in a
 
 import pytest
 
-from pipeline.planner import TrainingSetup, estimate_training, model_shape, probe_training
+from finetune.probe import probe_training
+from pipeline.planner import TrainingSetup, estimate_training, model_shape
 
 pytestmark = pytest.mark.integration
 

@@ -6,8 +6,9 @@ import pytest
 from pydantic import SecretStr
 
 from pipeline.config import DataConfig, JsonlSource, StoreConfig
+from pipeline.rows import DataError
 from pipeline.store import open_store
-from tasks.collect import DataError, collect, collect_data, source_fingerprints
+from tasks.collect import collect, collect_data, source_fingerprints
 
 pytestmark = [pytest.mark.integration,
               pytest.mark.filterwarnings("ignore:Logger 'prefect.task_runs' attempted:UserWarning")]

@@ -24,6 +24,7 @@ from pipeline.store import (
     StoreError,
     StoreSettings,
     commit_lock_name,
+    manifest_sha256,
     open_store,
 )
 
@@ -137,7 +138,7 @@ def test_commit_writes_manifest_last_and_fetch_verifies(store: ArtifactStore, tm
 
     raw = store.get_bytes(f"{URI}/{MANIFEST_NAME}")
     manifest = store.read_manifest(URI)
-    assert _sha(raw) == ref.sha256
+    assert manifest_sha256(manifest) == ref.sha256  # the manifest's content without created_at
     assert raw == json.dumps(manifest, indent=2, sort_keys=True).encode()
     staging = tmp_path / "staging"
     assert manifest["files"]["model/shards/weights.bin"] == {
@@ -420,9 +421,9 @@ def test_a_live_commit_lock_from_another_host_is_waited_for_until_stale(
 ) -> None:
     import threading
 
-    import pipeline.store as store_module
+    import pipeline.store.locks as lock_module
 
-    monkeypatch.setattr(store_module, "COMMIT_LOCK_POLL_S", 0.2)
+    monkeypatch.setattr(lock_module, "COMMIT_LOCK_POLL_S", 0.2)
     store = open_store(s3_settings)
     path = _plant_lock(store, {"host": "another-machine", "pid": 1, "token": "t"})
     done = threading.Event()
@@ -431,6 +432,6 @@ def test_a_live_commit_lock_from_another_host_is_waited_for_until_stale(
         worker.start()
         assert not done.wait(1.5), "a live lock from another machine must hold the commit off"
         assert "waiting for another run to finish committing" in caplog.text
-        monkeypatch.setattr(store_module, "COMMIT_LOCK_STALE_S", 0.0)  # from now on the lock counts as older than the limit
+        monkeypatch.setattr(lock_module, "COMMIT_LOCK_STALE_S", 0.0)  # from now on the lock counts as older than the limit
         worker.join(30)
     assert done.is_set() and store.has_artifact(URI) and not store.exists(path)

@@ -17,8 +17,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, Trainer
 
+from finetune.cli import main
 from pipeline.assets import resolve_model
-from pipeline.cli import main
 from pipeline.config import ModelConfig, StoreConfig, TrainConfig
 from pipeline.models import list_aliases, load_model, load_tokenizer, read_alias
 from pipeline.store import StoreSettings, open_store

@@ -44,7 +44,8 @@ STAGES = ["collect", "template", "tokenize", "validate", "split", "train", "eval
 TIMED_FILES = {"train": {"report.json"}, "evaluate": {"summary.json"}, "benchmark": {"results.json"}}
 TIMED_KEYS = ("seconds", "per_second", "alias", "wall", "peak_memory", "reference_command", "created")
 # What a training process counts for its own session (after a resume, only the steps run since), and the
-# Ref of the model evaluated (its key and sha256 include the commit time; the model files are compared).
+# Ref of the model evaluated (its sha256 covers the training report, whose wall-clock figures differ in every run;
+# the model files are compared).
 SESSION_KEYS = ("model_ref", "resumed_from_step", "mean_train_loss", "non_padding_tokens", "padded_tokens", "step_tokens",
                 "step_padded_tokens", "padding_share")
 
@@ -159,9 +160,9 @@ _RUNNER = textwrap.dedent('''
     args = json.loads(sys.argv[1])
     pattern = args.get("kill_while_writing")
     if pattern:
-        import pipeline.store as store_module
+        import pipeline.store.local as store_module  # LocalStore's module: where it looks up copy_atomic
 
-        original = store_module._copy_atomic
+        original = store_module.copy_atomic
 
         def copy_then_die(source, target, *, durable=True):
             target = Path(target)
@@ -169,7 +170,7 @@ _RUNNER = textwrap.dedent('''
                 # What a process killed mid-copy leaves: half the bytes in the temp file, nothing at the target.
                 target.parent.mkdir(parents=True, exist_ok=True)
                 data = Path(source).read_bytes()
-                tmp = target.parent / f"{store_module._TMP_PREFIX}{target.name}.killed"
+                tmp = target.parent / f"{store_module.TMP_PREFIX}{target.name}.killed"
                 with open(tmp, "wb") as handle:
                     handle.write(data[: len(data) // 2])
                     handle.flush()
@@ -178,7 +179,7 @@ _RUNNER = textwrap.dedent('''
                 os.kill(os.getpid(), signal.SIGKILL)
             return original(source, target, durable=durable)
 
-        store_module._copy_atomic = copy_then_die
+        store_module.copy_atomic = copy_then_die
 
     if args.get("kill_at"):  # "module:function": SIGKILL this process when it is first called
         import importlib
@@ -402,17 +403,22 @@ def checks() -> Any:
 
 
 class LogRecords(logging.Handler):
-    """Keeps log records of the store, the stage machinery and Prefect's task runs.
+    """Keeps log records of the store, the stage machinery, Prefect's task runs and botocore's retries.
 
     Attached to those loggers directly: Prefect configures logging when a flow starts, and pytest's
-    caplog then misses records.
+    caplog then misses records. S3 requests retry in botocore only, which states each wait at DEBUG
+    (`botocore.retries.standard`, the log line boto3's retry guide documents); the store logs each
+    failed attempt botocore retries (WARNING) and each request that needed retries (INFO).
     """
 
     LOGGERS = ("pipeline.store", "pipeline.stage", "prefect.task_runs")
-    RETRY_LINE = re.compile(r"attempt (\d+) of (\d+)\), retrying in ([\d.]+) s")
+    BOTOCORE_RETRIES = "botocore.retries.standard"
+    BOTOCORE_WAIT = re.compile(r"retrying request after delay of: ([\d.]+)")
+    FAILED_ATTEMPT = re.compile(r"S3 (\w+) \S*: attempt (\d+) of (\d+) failed")
+    RETRIED_REQUEST = re.compile(r"S3 (\w+) succeeded after (\d+) botocore retr")
 
     def __init__(self) -> None:
-        super().__init__(logging.INFO)
+        super().__init__(logging.DEBUG)
         self.records: list[logging.LogRecord] = []
 
     def emit(self, record: logging.LogRecord) -> None:
@@ -422,15 +428,39 @@ class LogRecords(logging.Handler):
         return [r.getMessage() for r in self.records if r.levelno >= level]
 
     def retries(self) -> list[float]:
-        """The waits the store announced before each retry of an S3 request, in order."""
-        return [float(m.group(3)) for message in self.messages() if (m := self.RETRY_LINE.search(message))]
+        """The waits botocore announced before each retry of the store's S3 requests, in order.
+
+        botocore's line names no client, so only waits logged in a thread where the store saw one of its
+        requests fail count: the test server's own readiness probe (another client, another thread) does not.
+        """
+        store_threads = {record.thread for record in self.records if record.name.startswith("pipeline.store")
+                         and self.FAILED_ATTEMPT.search(record.getMessage())}
+        return [float(m.group(1)) for record in self.records if record.name == self.BOTOCORE_RETRIES
+                and record.thread in store_threads and (m := self.BOTOCORE_WAIT.search(record.getMessage()))]
+
+    def failed_attempts(self) -> list[tuple[str, int, int]]:
+        """(operation, attempt, attempts in all) of each failed S3 attempt the store saw botocore retry."""
+        return [(m.group(1), int(m.group(2)), int(m.group(3))) for message in self.messages()
+                if (m := self.FAILED_ATTEMPT.search(message))]
+
+    def retried_requests(self) -> list[tuple[str, int]]:
+        """(operation, botocore's ResponseMetadata.RetryAttempts) of each S3 request that succeeded after retries."""
+        return [(m.group(1), int(m.group(2))) for message in self.messages(logging.INFO)
+                if (m := self.RETRIED_REQUEST.search(message))]
 
 
 @pytest.fixture
 def logs() -> Iterator[LogRecords]:
     handler = LogRecords()
-    for name in LogRecords.LOGGERS:
+    # botocore states its waits at DEBUG, the store a request botocore retried at INFO: let both through.
+    levels = {LogRecords.BOTOCORE_RETRIES: logging.DEBUG, "pipeline.store": logging.INFO}
+    before = {name: logging.getLogger(name).level for name in levels}
+    for name, level in levels.items():
+        logging.getLogger(name).setLevel(level)
+    for name in (*LogRecords.LOGGERS, LogRecords.BOTOCORE_RETRIES):
         logging.getLogger(name).addHandler(handler)
     yield handler
-    for name in LogRecords.LOGGERS:
+    for name in (*LogRecords.LOGGERS, LogRecords.BOTOCORE_RETRIES):
         logging.getLogger(name).removeHandler(handler)
+    for name, level in before.items():
+        logging.getLogger(name).setLevel(level)

@@ -2,7 +2,7 @@
 model specs, store locations) is refused with exit code 2 or a named exception whose message names the
 file / line / key and what was expected, and the artifact store is left byte-for-byte as it was.
 
-One parametrised test runs the whole corpus through the real entry points (`pipeline.cli.main`, or the
+One parametrised test runs the whole corpus through the real entry points (`finetune.cli.main`, or the
 Python API for the exception cases). Data cases run the real Prefect flow (`finetune run`) and fail in
 collect; everything else fails before any Prefect work starts. The table of cases and the message each
 gives is in the module's CASES list (ids are the case names).
@@ -22,7 +22,7 @@ import pytest
 from exploits import MARKER, exploit  # a malicious pickle in the corpus writes MARKER if anything ever unpickles it
 
 import flows.finetune  # noqa: F401  Prefect sets up its console log handler on import: not inside a test's capsys
-from pipeline.cli import main
+from finetune.cli import main
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = str(REPO / "configs" / "tiny.yaml")
@@ -102,7 +102,7 @@ def seed_store(root: Path) -> None:
 class Case:
     """One bad input: how to make it, what must happen, and the message that must say so.
 
-    `make(tmp)` writes any files and returns CLI argv (run through pipeline.cli.main) or a
+    `make(tmp)` writes any files and returns CLI argv (run through finetune.cli.main) or a
     callable (run as Python API). `expect` is the exit code (2) or the exception type.
     `message` is a regex searched in stderr (or the exception text); it must name the
     file / line / key and what was expected or found.
@@ -132,7 +132,7 @@ def _api_adapter_pickle(tmp: Path) -> Callable[[], object]:
 
 
 def _api_finetuner(tmp: Path) -> Callable[[], object]:
-    from pipeline.api import FineTuner
+    from finetune.api import FineTuner
 
     return lambda: FineTuner("tiny-neox", config=TINY, overrides=[f"store.uri={tmp / 'store'}", "train.max_steps=-1"])
 
@@ -390,7 +390,7 @@ def test_bad_input_is_refused_by_name_and_leaves_the_store_unchanged(case: Case,
         if re.fullmatch(r"_prefect(/[0-9a-f]{32})?", path.rstrip("/")) and case.flow:
             if not path.endswith("/"):
                 record = json.loads((store / path).read_bytes())
-                assert json.loads(record["result"])["__exc_type__"] == "tasks.collect.DataError", record
+                assert json.loads(record["result"])["__exc_type__"] == "pipeline.rows.DataError", record
             del after[path]
     assert after == before, "the store changed"
     assert not (tmp_path / "artifacts").exists(), "something was written to a default store"

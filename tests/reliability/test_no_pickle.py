@@ -237,7 +237,7 @@ def test_result_records_naming_anything_but_refs_are_refused(record: bytes, reas
     with pytest.raises(UnsafeResultRecord, match=reason):
         check_result_record(record, "_prefect/key")
     good = {"metadata": {"serializer": {"type": "json"}},
-            "result": json.dumps({"__exc_type__": "tasks.collect.DataError", "message": "bad row"})}
-    import tasks.collect  # noqa: F401  (a failed task's record names an exception its run imported)
+            "result": json.dumps({"__exc_type__": "pipeline.rows.DataError", "message": "bad row"})}
+    import pipeline.rows  # noqa: F401  (a failed task's record names an exception its run imported)
 
     assert check_result_record(json.dumps(good).encode(), "_prefect/key") == json.dumps(good).encode()

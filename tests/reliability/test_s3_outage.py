@@ -1,6 +1,7 @@
 """The S3 server (SeaweedFS) stops in the middle of the work.
 
-* A short outage: every S3 request retries with exponential backoff and the write goes through.
+* A short outage: the S3 request is retried by botocore (standard retry mode, exponential backoff) and the
+  write goes through; the task that made it ran once, so no Prefect task retry was needed.
 * The server dies between two uploads of a commit and stays down: the commit fails with a message
   naming the endpoint (never the secret) after its retries; the half-uploaded artifact has no manifest,
   so it does not exist; once the server is back the same commit goes through cleanly.
@@ -12,6 +13,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 import uuid
@@ -44,26 +46,46 @@ def _staging(tmp_path: Path) -> Path:
     return staging
 
 
-def test_a_short_outage_is_ridden_out_by_retries_with_backoff(weed_server, tmp_path, logs):
-    store = open_store(_settings(weed_server, tmp_path, retry_attempts=8, retry_backoff_seconds=0.25))
+@pytest.mark.filterwarnings("ignore:Logger 'prefect.task_runs' attempted:UserWarning")  # a task run outside a flow
+def test_a_short_outage_is_ridden_out_by_botocore_retries_not_by_a_task_retry(prefect_harness, weed_server, tmp_path,
+                                                                              logs):
+    from prefect import task
+
+    # 14 attempts: botocore's waits (a random share of 50 ms x 2^n, at most 20 s) add up to > 10 s almost surely.
+    store = open_store(_settings(weed_server, tmp_path, retry_attempts=14))
     store.put_bytes("before.txt", b"up")
+    runs: list[float] = []
+
+    @task(retries=2, retry_delay_seconds=0)  # a task that could retry, like an I/O stage
+    def write_during_the_outage() -> None:
+        runs.append(time.monotonic())
+        store.put_bytes("during.txt", b"written while the server came back")
+
     weed_server.stop()
     restart = threading.Timer(2.5, weed_server.start)
     restart.start()
     started = time.monotonic()
     try:
-        store.put_bytes("during.txt", b"written while the server came back")
+        write_during_the_outage()
     finally:
         restart.join()
     waits = logs.retries()
     assert store.get_bytes("during.txt") == b"written while the server came back"
     assert len(waits) >= 2 and time.monotonic() - started >= 2.5
-    assert waits[1] > waits[0] * 1.3, f"the waits should grow: {waits}"  # 0.25 s, 0.5 s, 1 s, ... (+-20%)
+    # botocore backed off from its 50 ms base for a refused connection, exponentially (ceiling 50 ms x 2^n, 20 s).
+    assert waits[0] <= 0.05 < max(waits), f"the waits should grow: {waits}"
+    assert all(wait <= min(2.0**n, 20.0) for n, wait in enumerate(waits)), waits
+    # Which layer rode the outage out: botocore, inside one request of one task run. The task ran once (Prefect
+    # retried nothing); the store logged each failed attempt and botocore's RetryAttempts for the PutObject.
+    assert len(runs) == 1, "a Prefect task retry was needed"
+    assert logs.retried_requests() == [("PutObject", len(waits))], logs.messages(logging.INFO)
+    assert [(op, attempt) for op, attempt, _ in logs.failed_attempts()] == \
+        [("PutObject", n) for n in range(1, len(waits) + 1)]
 
 
 def test_the_server_dying_mid_commit_leaves_no_artifact_and_names_the_endpoint(weed_server, tmp_path, logs,
                                                                                monkeypatch):
-    settings = _settings(weed_server, tmp_path, retry_attempts=3, retry_backoff_seconds=0.1)
+    settings = _settings(weed_server, tmp_path, retry_attempts=3)
     store = open_store(settings)
     uri = "split/" + "5" * 32
     staging = _staging(tmp_path)
@@ -82,10 +104,15 @@ def test_the_server_dying_mid_commit_leaves_no_artifact_and_names_the_endpoint(w
     assert weed_server.endpoint_url in message and "Gave up after 3 attempt(s)" in message
     assert settings.secret_access_key.get_secret_value() not in message
     waits = logs.retries()
-    assert len(waits) >= 2 and waits[1] > waits[0] * 1.3, waits  # 0.1 s then 0.2 s (+-20%)
+    # botocore retried the upload twice (3 attempts in all), waiting a random share of 50 ms, then of 100 ms.
+    assert len(waits) >= 2 and all(wait <= 0.1 for wait in waits), waits
+    assert ("PutObject", 1, 3) in logs.failed_attempts() and ("PutObject", 2, 3) in logs.failed_attempts()
 
     weed_server.start()
     monkeypatch.undo()
+    # Just restarted after a SIGKILL, SeaweedFS may answer 500 for a few seconds for objects written before it;
+    # enough botocore attempts (waits adding up to ~10 s on average) ride that out.
+    store = open_store(settings.model_copy(update={"retry_attempts": 12}))
     # One file made it before the server died; without a manifest it is no artifact.
     assert store.list(uri) == [uploaded[0]]
     assert store.read_manifest(uri) is None and not store.has_artifact(uri)
@@ -104,7 +131,7 @@ def test_the_server_dying_during_a_run_fails_it_and_a_rerun_reuses_what_finished
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", weed_server.secret_key)
     settings = _settings(weed_server, tmp_path)
     overrides = [f"store.uri={settings.uri}", f"store.endpoint_url={weed_server.endpoint_url}", "store.region=us-east-1",
-                 f"store.cache_dir={tmp_path / 'cache'}", "store.retry_attempts=3", "store.retry_backoff_seconds=0.2"]
+                 f"store.cache_dir={tmp_path / 'cache'}", "store.retry_attempts=3"]
     bucket, prefix = settings.uri[len("s3://"):].split("/", 1)
 
     # Stop the server as soon as the first training checkpoint is committed to the bucket.
@@ -134,7 +161,7 @@ def test_the_server_dying_during_a_run_fails_it_and_a_rerun_reuses_what_finished
     message = str(failure.value)
     assert weed_server.endpoint_url in message and "Check store.endpoint_url" in message, message
     assert weed_server.secret_key not in message
-    assert len(logs.retries()) >= 2  # the requests were retried, with backoff, before giving up
+    assert len(logs.retries()) >= 2  # the requests were retried by botocore, with backoff, before giving up
 
     weed_server.start()
     store = open_store(settings)
@@ -166,8 +193,8 @@ def test_io_tasks_retry_with_backoff_only_on_transient_failures():
     # Stage tasks that declare retries (I/O tasks, e.g. collect) wait 2 s, 4 s, 8 s, ... (+-25% jitter).
     assert collect.retries == 2 and collect.retry_delay_seconds == [2.0, 4.0] and collect.retry_jitter_factor == 0.25
 
-    @stage_task("probe", version="1", retries=3)
-    def probe() -> None: ...
+    @stage_task("probe", retries=3)
+    def probe(out: Path) -> dict: ...
 
     assert probe.retry_delay_seconds == [2.0, 4.0, 8.0] and probe.retry_condition_fn is retry_on_transient_errors
 

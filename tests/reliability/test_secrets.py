@@ -38,7 +38,7 @@ import pytest
 from pydantic import SecretStr
 
 import flows.finetune  # noqa: F401  Prefect sets up its console log handler on import: not inside a test's capture
-from pipeline.cli import main
+from finetune.cli import main
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = str(REPO / "configs" / "tiny.yaml")
@@ -283,7 +283,7 @@ def test_credentials_appear_nowhere(prefect_harness, canary_s3, aws_env, tmp_pat
 
 
 def test_config_and_settings_never_show_secrets():
-    from pipeline.cli import secrets_to_environment
+    from finetune.cli import secrets_to_environment
     from pipeline.config import load_config
     from pipeline.refs import canonical_json
     from pipeline.store import StoreSettings, open_store
@@ -305,8 +305,8 @@ def test_config_and_settings_never_show_secrets():
 
     # `finetune validate` prints the resolved config
     with pytest.MonkeyPatch.context() as patch:
-        import io
         import contextlib
+        import io
 
         out = io.StringIO()
         with contextlib.redirect_stdout(out):

@@ -8,7 +8,6 @@ Both backends: a local folder, and an S3 store whose client is a stub that fails
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,15 @@ import pytest
 from pydantic import ValidationError
 
 from pipeline.refs import MANIFEST_NAME, Ref
-from pipeline.store import LocalStore, S3Store, StoreSettings, open_store, parse_s3_uri, validate_path
+from pipeline.store import (
+    LocalStore,
+    S3Store,
+    StoreSettings,
+    manifest_sha256,
+    open_store,
+    parse_s3_uri,
+    validate_path,
+)
 
 ESCAPES = [
     "../outside.txt",
@@ -151,7 +158,7 @@ def _manifest(files: dict[str, dict]) -> bytes:
 def test_a_tampered_manifest_cannot_point_outside_the_artifact(entry: str, tmp_path: Path):
     """A manifest is data from the store: its file names are checked like any key (local and S3 cache)."""
     data = _manifest({entry: {"sha256": "0" * 64, "size": 1}})
-    ref = Ref(kind="collect", uri="collect/k", sha256=hashlib.sha256(data).hexdigest())
+    ref = Ref(kind="collect", uri="collect/k", sha256=manifest_sha256(json.loads(data)))  # it matches its Ref
 
     local = LocalStore(tmp_path / "outer" / "store")
     local.put_bytes(f"collect/k/{MANIFEST_NAME}", data)

@@ -9,13 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import ConfigError, DataConfig, DocsSource, HFSource, JsonlSource, load_config
-from tasks.collect import (
-    is_text_row,
-    DataError,
-    collect_data,
-    read_docs_source,
-    source_fingerprints,
-)
+from pipeline.rows import DataError, is_text_row
+from tasks.collect import collect_data, read_docs_source, source_fingerprints
 
 PAIRS = [{"question": f"What is item {i}?", "answer": f"Item {i} is a thing number {i}."} for i in range(6)]
 

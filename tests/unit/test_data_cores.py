@@ -1,8 +1,8 @@
 """Pure cores of collect, template, tokenize and split: no Prefect, no model weights (the tiny tokenizer only)."""
 
 import copy
-import os
 import json
+import os
 
 import pyarrow as pa
 import pytest
@@ -17,10 +17,12 @@ from pipeline.config import (
     TokenizeConfig,
     load_config,
 )
-from tasks.collect import DataError, collect_rows, docs_rows, summary_paragraph
+from pipeline.models import IGNORE_INDEX
+from pipeline.rows import DataError
+from tasks.collect import collect_rows, docs_rows, summary_paragraph
 from tasks.split import split_indices, split_rows, split_table
 from tasks.template import apply_template, check_chat_template
-from tasks.tokenize import IGNORE_INDEX, tokenize_pair, tokenize_rows, truncate_pair
+from tasks.tokenize import tokenize_pair, tokenize_rows, truncate_pair
 
 
 def test_docs_source_makes_real_pairs_from_docstrings():

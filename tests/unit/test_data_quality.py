@@ -3,7 +3,7 @@
 import pytest
 
 from pipeline.config import DataConfig
-from tasks.collect import DataError
+from pipeline.rows import DataError
 from tasks.validate import check_quality, length_stats, plot_token_lengths, quality_markdown, quality_report, vocabulary
 
 COLLECT = {"rows_read": 10, "rows": 7, "dropped": {"duplicate": 2, "empty": 1},

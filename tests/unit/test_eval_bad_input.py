@@ -20,9 +20,10 @@ import pytest
 
 from pipeline.assets import resolve_model
 from pipeline.config import BENCHMARK_TASKS, ConfigError, EvalConfig, TemplateConfig, load_config
+from pipeline.models import MissingTokenizerFiles, check_tokenizer_files
+from pipeline.prompts import render_prompt
 from tasks.benchmark import LOCAL_TASKS, UnknownBenchmarkTask, run_benchmark, write_task_files
-from tasks.evaluate import EmptyTestSplit, MissingTokenizerFiles, check_tokenizer_files, evaluate_model, read_test_rows
-from tasks.template import render_prompt
+from tasks.evaluate import EmptyTestSplit, evaluate_model, read_test_rows
 
 TEMPLATE = TemplateConfig()
 ANSWER = "Break an iterable into lists of length n."

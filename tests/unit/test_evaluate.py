@@ -8,12 +8,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline.answers import CATEGORIES
 from pipeline.assets import resolve_model
 from pipeline.config import EVAL_METRICS, EvalConfig, TemplateConfig
+from pipeline.docs_source import REFUSAL
 from pipeline.models import load_model, load_tokenizer
-from tasks.collect import REFUSAL
+from pipeline.prompts import render_prompt
 from tasks.evaluate import (
-    CATEGORIES,
     categorise,
     cut_at_stop,
     evaluate_model,
@@ -30,7 +31,6 @@ from tasks.evaluate import (
     token_f1,
     write_outputs,
 )
-from tasks.template import render_prompt
 
 TEMPLATE = TemplateConfig()
 DOC_ANSWER = "Break an iterable into lists of length n."

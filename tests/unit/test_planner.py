@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPTNeoXConfig, LlamaConfig
 
-from pipeline.cli import main
+from finetune.cli import main
 from pipeline.planner import (
     PlannerError,
     TrainingSetup,
@@ -54,7 +54,7 @@ def test_parameter_counts_are_exact(llama_7b, tinyllama_1b):
     assert tinyllama_1b.parameters == 1_100_048_384  # TinyLlama-1.1B
     pythia = model_shape(GPTNeoXConfig(vocab_size=50304, hidden_size=512, num_hidden_layers=6, num_attention_heads=8,
                                        intermediate_size=2048, rotary_pct=0.25))
-    assert pythia.parameters == 70_426_624  # Pythia-70m (ASSETS.md)
+    assert pythia.parameters == 70_426_624  # Pythia-70m (docs/assets.md)
     assert llama_7b.gated_mlp and not pythia.gated_mlp
 
 

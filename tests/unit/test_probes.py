@@ -25,29 +25,28 @@ from pipeline.config import (
     TemplateConfig,
     load_config,
 )
-from tasks.collect import (
+from pipeline.docs_source import (
     NEAR_DOMAIN_PROBE_PACKAGES,
     NEAR_DOMAIN_TRAIN_PACKAGES,
     PROBE_PHRASINGS,
     QUESTION_PHRASINGS,
     REFUSAL,
-    docs_rows,
-    normalise_text,
     package_questions,
-    read_docs_source,
     same_package,
 )
+from pipeline.prompts import render_prompt
+from pipeline.rows import normalise_text
+from tasks.collect import docs_rows, read_docs_source
 from tasks.evaluate import (
     NearDuplicates,
     jaccard,
     probe_candidates,
-    select_probes,
     seen_questions,
+    select_probes,
     summarise,
     taught_packages,
 )
 from tasks.refine import CHANGES, changes_for
-from tasks.template import render_prompt
 
 TEMPLATE = TemplateConfig()
 COUNTS = {"general_knowledge": 3, "chit_chat": 2, "near_domain": 4, "on_topic": 2}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -17,9 +18,10 @@ from pipeline.store import (
     CorruptArtifact,
     LocalStore,
     S3Store,
-    StoreError,
     StoreSettings,
+    StoreUnavailable,
     default_cache_dir,
+    manifest_sha256,
     open_store,
     parse_s3_uri,
     sha256_file,
@@ -118,25 +120,37 @@ def test_region_falls_back_to_the_environment(monkeypatch: pytest.MonkeyPatch) -
     assert store_module.resolve_region(StoreSettings(region="ap-south-1")) == "ap-south-1"
 
 
-def test_unreachable_endpoint_is_a_store_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from botocore.config import Config
-
-    # One attempt instead of five: the translation is what is under test, not the retries.
-    monkeypatch.setattr(
-        store_module, "s3_client_config", lambda: Config(retries={"max_attempts": 1}, connect_timeout=1)
-    )
+def test_unreachable_endpoint_is_a_store_error(tmp_path: Path) -> None:
     settings = StoreSettings(
         uri="s3://some-bucket/p",
         endpoint_url="http://127.0.0.1:9",
         access_key_id=SecretStr("key"),
         secret_access_key=SecretStr("the-secret-value"),
         cache_dir=str(tmp_path),
+        retry_attempts=1,  # the translation is what is under test here, not botocore's retries
     )
-    with pytest.raises(StoreError) as unreachable:
+    with pytest.raises(StoreUnavailable) as unreachable:
         open_store(settings).get_bytes("x")
     message = str(unreachable.value)
     assert "http://127.0.0.1:9" in message and "some-bucket" in message and "endpoint_url" in message
+    assert "Gave up after 1 attempt(s)" in message
     assert "the-secret-value" not in message
+
+
+def test_s3_requests_retry_in_botocore_only(caplog: pytest.LogCaptureFixture) -> None:
+    """store.retry_attempts is botocore's total_max_attempts in standard mode; the backoff setting is deprecated."""
+    client = store_module.make_s3_client(StoreSettings(uri="s3://b/p", endpoint_url="http://127.0.0.1:9",
+                                                       retry_attempts=6))
+    assert client.meta.config.retries == {"mode": "standard", "total_max_attempts": 6}
+    assert StoreSettings().retry_attempts == 8
+    from pipeline.store import settings as settings_module
+
+    settings_module._warn_backoff_is_deprecated.cache_clear()
+    with caplog.at_level("WARNING", logger="pipeline.store"):
+        StoreSettings(retry_attempts=3)
+        assert "retry_backoff_seconds" not in caplog.text  # the default says nothing
+        StoreSettings(retry_backoff_seconds=0.25)
+    assert "store.retry_backoff_seconds is deprecated and has no effect" in caplog.text
 
 
 # --------------------------------------------------------------------------- local artifacts
@@ -173,9 +187,12 @@ def test_local_commit_and_fetch(local: LocalStore, tmp_path: Path) -> None:
     raw = (folder / MANIFEST_NAME).read_bytes()
     manifest = json.loads(raw)
 
-    assert ref == Ref(kind="collect", uri=URI, sha256=hashlib.sha256(raw).hexdigest(), meta={"rows": 1})
+    assert ref == Ref(kind="collect", uri=URI, sha256=manifest_sha256(manifest), meta={"rows": 1})
     assert raw == json.dumps(manifest, indent=2, sort_keys=True).encode()
     assert set(manifest) == {"kind", "uri", "files", "inputs", "config", "meta", "created_at"}
+    # The Ref's sha256 covers everything in the manifest but when it was made.
+    timeless = {key: value for key, value in manifest.items() if key != "created_at"}
+    assert ref.sha256 == hashlib.sha256(json.dumps(timeless, indent=2, sort_keys=True).encode()).hexdigest()
     assert manifest["files"]["sub/blob.bin"]["size"] == 256 * 9000
     assert manifest["files"]["sub/blob.bin"]["sha256"] == sha256_file(tmp_path / "staging/sub/blob.bin")
     assert local.list(URI) == [f"{URI}/{MANIFEST_NAME}", f"{URI}/rows.jsonl", f"{URI}/sub/blob.bin"]
@@ -252,3 +269,53 @@ def test_corrupt_artifact_pickles() -> None:
     copy = pickle.loads(pickle.dumps(error))
     assert (copy.uri, copy.file, copy.expected, copy.found) == ("s/k", "f.bin", "a" * 64, "b" * 64)
     assert str(copy) == str(error)
+
+
+class _Clock:
+    """Stands in for `datetime` in pipeline/store/artifacts.py: each now() is a day after the one before."""
+
+    def __init__(self) -> None:
+        self.current = datetime(2026, 1, 1, 12, tzinfo=UTC)
+
+    def now(self, tz: object = None) -> datetime:
+        self.current += timedelta(days=1)
+        return self.current
+
+
+def test_the_same_content_gets_the_same_sha_whenever_and_wherever_it_is_committed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pipeline.store import artifacts
+
+    monkeypatch.setattr(artifacts, "datetime", _Clock())  # two commits a day apart, without waiting a day
+    first, second = LocalStore(tmp_path / "one"), LocalStore(tmp_path / "two")
+    ref_one, ref_two = _commit(first, tmp_path / "a"), _commit(second, tmp_path / "b")
+    assert first.read_manifest(URI)["created_at"] != second.read_manifest(URI)["created_at"]
+    assert ref_one.sha256 == ref_two.sha256 == second.open_ref(URI).sha256
+    assert second.fetch(ref_one) == second.root / URI  # either Ref verifies against either store
+
+    # Different file content, config, inputs or figures: a different artifact.
+    changed = _staging(tmp_path / "c")
+    (changed / "rows.jsonl").write_text('{"a": 2}\n')
+    other = LocalStore(tmp_path / "three").commit(URI, changed, kind="collect", inputs={"source": "c" * 64},
+                                                  config={"n": 3}, meta={"rows": 1})
+    assert other.sha256 != ref_one.sha256
+    for number, changes in enumerate([{"config": {"n": 4}}, {"inputs": {"source": "d" * 64}}, {"meta": {"rows": 2}}]):
+        arguments = {"kind": "collect", "inputs": {"source": "c" * 64}, "config": {"n": 3}, "meta": {"rows": 1},
+                     **changes}
+        ref = LocalStore(tmp_path / f"four-{number}").commit(URI, _staging(tmp_path / f"d{number}"), **arguments)
+        assert ref.sha256 != ref_one.sha256, changes
+
+
+def test_a_rewritten_manifest_that_changes_content_is_rejected(local: LocalStore, tmp_path: Path) -> None:
+    ref = _commit(local, tmp_path)
+    path = local.root / URI / MANIFEST_NAME
+    manifest = json.loads(path.read_bytes())
+    manifest["created_at"] = "2030-01-01T00:00:00Z"  # when, not what: still the same artifact
+    path.write_bytes(json.dumps(manifest, indent=2, sort_keys=True).encode())
+    assert local.fetch(ref) == local.root / URI
+    manifest["meta"]["rows"] = 99  # what: no longer the artifact the Ref names
+    path.write_bytes(json.dumps(manifest, indent=2, sort_keys=True).encode())
+    with pytest.raises(CorruptArtifact, match=MANIFEST_NAME):
+        local.fetch(ref)
+    assert local.read_manifest(URI) is None

@@ -6,7 +6,7 @@ import pytest
 from pipeline.config import ConfigError, TrainConfig, load_config
 from pipeline.models import UnsupportedPrecision, training_precision
 from pipeline.refs import content_key
-from tasks.train import VERSION, training_arguments
+from tasks.train import train, training_arguments
 
 
 def test_defaults_are_the_seeds_values():
@@ -55,8 +55,10 @@ def test_checkpoints_must_line_up_with_evaluations_for_the_best_model():
 
 def test_dataset_name_is_not_part_of_the_content_key():
     one, other = TrainConfig(dataset_name="faq"), TrainConfig(dataset_name="docs")
-    assert content_key("train", VERSION, {"config": one}) == content_key("train", VERSION, {"config": other})
-    assert content_key("train", VERSION, {"config": one}) != content_key("train", VERSION, {"config": TrainConfig(max_steps=3)})
+    version = train.version  # the train stage's code version (pipeline.code_version)
+    assert content_key("train", version, {"config": one}) == content_key("train", version, {"config": other})
+    three_steps = TrainConfig(max_steps=3)
+    assert content_key("train", version, {"config": one}) != content_key("train", version, {"config": three_steps})
 
 
 def test_trainer_arguments_carry_the_config(tmp_path):

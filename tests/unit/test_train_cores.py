@@ -10,17 +10,15 @@ import pytest
 
 from pipeline.assets import UnknownModelError, resolve_model
 from pipeline.config import LoraConfig, ModelConfig, TrainConfig
+from pipeline.lora import LoraTargetError, check_lora_targets, lora_targets
 from pipeline.models import alias_name, find_model, list_aliases, model_folder, read_alias, write_alias
 from pipeline.store import LocalStore, StoreSettings
 from tasks.train import (
     LengthGroupedSampler,
-    LoraTargetError,
     TrainingError,
     TrainingOutOfMemory,
-    check_lora_targets,
     job_store,
     launch_command,
-    lora_targets,
     model_structure,
     out_of_memory_error,
     report_markdown,
@@ -29,7 +27,6 @@ from tasks.train import (
     sync_checkpoints,
     training_failure,
 )
-
 
 # --------------------------------------------------------------------------- LoRA targets
 

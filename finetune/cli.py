@@ -25,7 +25,14 @@ sweep produced figures (gates may fail at some points: that is what a sweep meas
 
 `plan` estimates memory for inference and training from the model's config alone (no
 weights loaded; pipeline/planner.py), says whether it fits `--device-memory` and what to
-change if not; `--probe` trains a few steps here for tokens/s and the time per epoch.
+change if not; `--probe` trains a few steps here for tokens/s and the time per epoch
+(finetune/probe.py).
+
+Run directly (not through the Makefile), the command sets the same environment defaults the
+Makefile exports (`ENVIRONMENT_DEFAULTS`: no Prefect telemetry, Hugging Face offline, no
+tokenizer threads in forked workers, time for a temporary Prefect server to start), each
+only when the user has not set it, before Prefect or Hugging Face libraries are imported.
+This module imports neither at the top for that reason.
 """
 
 from __future__ import annotations
@@ -34,11 +41,38 @@ import argparse
 import logging
 import os
 import sys
-from typing import Any, Sequence
+from collections.abc import MutableMapping, Sequence
+from typing import Any
 
 from pipeline.config import ConfigError, PipelineConfig, load_config
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+ENVIRONMENT_DEFAULTS: dict[str, str] = {
+    # No telemetry from an air-gapped machine: it only logs an ERROR about a failed DNS lookup.
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    # Nothing from the Hugging Face hub is reachable on air-gapped machines: fail fast instead of waiting on timeouts.
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    # Tokenizer threads and forked DataLoader workers do not mix (tokenize switches threads on per call).
+    "TOKENIZERS_PARALLELISM": "false",
+    # Without PREFECT_API_URL each run starts a temporary Prefect server; on a busy 2-core machine it can need
+    # more than Prefect's default 20 s.
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+}
+"""Environment variables the command sets when the user has not: the ones the Makefile exports."""
+
+
+def set_environment_defaults(environ: MutableMapping[str, str] | None = None) -> dict[str, str]:
+    """Set each of ENVIRONMENT_DEFAULTS that `environ` (default: os.environ) does not have; out: the ones set.
+
+    A value the user set, even an empty one, is kept. Call it before Prefect or Hugging Face libraries are
+    imported: they read these variables when they load.
+    """
+    environ = os.environ if environ is None else environ
+    added = {name: value for name, value in ENVIRONMENT_DEFAULTS.items() if name not in environ}
+    environ.update(added)
+    return added
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,7 +104,8 @@ def add_plan_parser(commands: Any) -> None:
     """The `plan` sub-command's arguments (it needs no config file)."""
     from pipeline.planner import DEFAULT_RESERVE, OPTIMIZER_ALIASES, PRECISIONS
 
-    plan_command = commands.add_parser("plan", help="will it fit? memory for inference and training from a model's config")
+    plan_command = commands.add_parser("plan",
+                                       help="will it fit? memory for inference and training from a model's config")
     plan_command.add_argument("model", help="alias, hub id, local folder or config.json path")
     plan_command.add_argument("--method", choices=["full", "lora"], default="full")
     plan_command.add_argument("--device-memory", type=_memory_size, default=None, metavar="SIZE",
@@ -88,9 +123,11 @@ def add_plan_parser(commands: Any) -> None:
     plan_command.add_argument("--reserve", type=float, default=DEFAULT_RESERVE, help="share of the device kept free")
     plan_command.add_argument("--trust-remote-code", action="store_true")
     plan_command.add_argument("--json", action="store_true", help="print the plan as JSON")
-    plan_command.add_argument("--probe", action="store_true", help="train a few steps here: measured memory, tokens/s, time per epoch")
+    plan_command.add_argument("--probe", action="store_true",
+                              help="train a few steps here: measured memory, tokens/s, time per epoch")
     plan_command.add_argument("--probe-steps", type=_positive_int, default=3)
-    plan_command.add_argument("--rows", type=_positive_int, default=1000, help="training rows per epoch, for the time estimate")
+    plan_command.add_argument("--rows", type=_positive_int, default=1000,
+                              help="training rows per epoch, for the time estimate")
 
 
 def _memory_size(text: str) -> int:
@@ -141,14 +178,15 @@ def ask(config: PipelineConfig, model: str, question: str, max_new_tokens: int |
     """
     from pipeline.assets import UnknownModelError
     from pipeline.models import find_model, load_model, load_tokenizer
+    from pipeline.prompts import render_prompt
     from pipeline.store import open_store
     from tasks.evaluate import generate_answers
-    from tasks.template import render_prompt
 
     trust = config.model.trust_remote_code
     try:
         folder = find_model(model, open_store(config.store))
-        model_object = load_model(folder, trust_remote_code=trust)  # refuses a folder without config.json or safetensors
+        # load_model refuses a folder without config.json or safetensors weights.
+        model_object = load_model(folder, trust_remote_code=trust)
     except UnknownModelError as exc:  # ModelFolderError included
         print(f"model error:\n{exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -175,7 +213,7 @@ class _NoTracebackFor(logging.Filter):
 def run(config_path: str, overrides: list[str]) -> int:
     """Run the flow; print the summary; return the exit code."""
     from flows.finetune import GatesFailed, finetune, summary_table
-    from tasks.collect import DataError
+    from pipeline.rows import DataError
 
     quiet = _NoTracebackFor(DataError)  # bad input is the user's to fix: its message, not a traceback
     loggers = [logging.getLogger(name) for name in ("prefect.flow_runs", "prefect.task_runs")]
@@ -207,15 +245,24 @@ def plan(args: argparse.Namespace) -> int:
     import json
 
     from pipeline.assets import UnknownModelError
-    from pipeline.planner import OPTIMIZER_ALIASES, PlannerError, TrainingSetup, format_plan, make_plan, model_shape, plan_as_json
+    from pipeline.planner import (
+        OPTIMIZER_ALIASES,
+        PlannerError,
+        TrainingSetup,
+        format_plan,
+        make_plan,
+        model_shape,
+        plan_as_json,
+    )
 
     setup = TrainingSetup(method=args.method, batch_size=args.batch_size, seq_len=args.seq_len,
                           optimizer=OPTIMIZER_ALIASES[args.optimizer], precision=args.precision,
-                          gradient_checkpointing=args.gradient_checkpointing, lora_r=args.lora_r, attention=args.attention)
-    try:
+                          gradient_checkpointing=args.gradient_checkpointing, lora_r=args.lora_r,
+                          attention=args.attention)
+    try:  # transformers raises OSError or ValueError for a bad config
         shape = model_shape(args.model, trust_remote_code=args.trust_remote_code, name=args.model)
         result = make_plan(shape, setup, args.device_memory, args.reserve, args.inference_dtype)
-    except (PlannerError, UnknownModelError, OSError, ValueError) as exc:  # transformers: OSError/ValueError for bad configs
+    except (PlannerError, UnknownModelError, OSError, ValueError) as exc:
         print(f"plan error:\n{exc}", file=sys.stderr)
         return EXIT_USAGE
     print(json.dumps(plan_as_json(result), indent=2) if args.json else format_plan(result))
@@ -226,12 +273,13 @@ def plan(args: argparse.Namespace) -> int:
 
 def probe(model: str, setup: Any, estimate: int, steps: int, rows: int) -> int:
     """Train `model` for a few steps here; print measured vs estimated memory, tokens/s and time per epoch."""
-    from pipeline.planner import PlannerError, available_memory, epoch_seconds, format_bytes, probe_training
+    from finetune.probe import available_memory, epoch_seconds, probe_training
+    from pipeline.planner import PlannerError, format_bytes
 
     free = available_memory()
     if free is not None and estimate > free:
-        print(f"\nprobe skipped: training needs about {format_bytes(estimate)}, this machine has {format_bytes(free)} available",
-              file=sys.stderr)
+        print(f"\nprobe skipped: training needs about {format_bytes(estimate)}, "
+              f"this machine has {format_bytes(free)} available", file=sys.stderr)
         return EXIT_FAILED
     try:
         measured = probe_training(model, setup, steps=steps)
@@ -241,14 +289,16 @@ def probe(model: str, setup: Any, estimate: int, steps: int, rows: int) -> int:
     seconds = epoch_seconds(rows, setup.seq_len, measured.tokens_per_second)
     print(f"\nprobe ({steps} steps here): peak {format_bytes(measured.peak_bytes)} measured ({measured.peak_kind}) "
           f"vs {format_bytes(estimate)} estimated ({estimate / measured.peak_bytes - 1:+.0%})")
-    print(f"throughput {measured.tokens_per_second:,.0f} tokens/s -> one epoch of {rows:,} rows x {setup.seq_len} tokens "
+    print(f"throughput {measured.tokens_per_second:,.0f} tokens/s -> "
+          f"one epoch of {rows:,} rows x {setup.seq_len} tokens "
           f"takes about {seconds / 60:,.1f} min here")
     return EXIT_OK
 
 
 def sweep(config: PipelineConfig, config_path: str, overrides: list[str]) -> int:
     """Run the sweep flow over the config's grid; print its table; return the exit code."""
-    from flows.sweep import grid_points, sweep as sweep_flow, table_markdown
+    from flows.sweep import grid_points, table_markdown
+    from flows.sweep import sweep as sweep_flow
     from pipeline.assets import UnknownModelError
     from pipeline.models import check_model_spec
 
@@ -270,10 +320,8 @@ def sweep(config: PipelineConfig, config_path: str, overrides: list[str]) -> int
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `finetune` console command; returns the process exit code."""
+    set_environment_defaults()  # first: before anything imports Prefect or a Hugging Face library
     args = build_parser().parse_args(argv)
-    # Without PREFECT_API_URL each run starts a temporary Prefect server; on a busy 2-core
-    # machine it can need more than Prefect's default 20 s.
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     if args.command == "plan":  # needs a model, not a config
         return plan(args)
     try:

@@ -1,6 +1,6 @@
 """The Python API: the whole flow in three lines.
 
-    from pipeline import FineTuner
+    from finetune import FineTuner
     ft = FineTuner("smollm2-135m-instruct")
     ft.load_data("faq.jsonl", input_key="question", output_key="answer"); report = ft.train(); ft.evaluate()
 
@@ -45,22 +45,23 @@ class FineTuner:
     environment, as with the CLI, so they never reach the flow run's parameters.
     """
 
-    def __init__(self, model: str = "smollm2-135m-instruct", config: str | Path | None = None, overrides: list[str] | None = None):
+    def __init__(self, model: str = "smollm2-135m-instruct", config: str | Path | None = None,
+                 overrides: list[str] | None = None):
         self.config_path = str(config) if config is not None else None
-        from pipeline.cli import secrets_to_environment
+        from finetune.cli import secrets_to_environment
 
         self.overrides = [*secrets_to_environment(list(overrides or [])), f"model.name={json.dumps(model)}"]
         self.report: RunReport | None = None
         load_config(self.config_path, self.overrides)  # fail now, not after a long wait
 
-    def load_data(self, path: str | Path, input_key: str = "question", output_key: str = "answer") -> "FineTuner":
+    def load_data(self, path: str | Path, input_key: str = "question", output_key: str = "answer") -> FineTuner:
         """Train on a JSON Lines file whose records hold `input_key` and `output_key`; returns self."""
         source = {"kind": "jsonl", "path": str(path), "question_key": input_key, "answer_key": output_key}
         return self.set(**{"data.sources": [source]})
 
-    def set(self, **dotted: Any) -> "FineTuner":
+    def set(self, **dotted: Any) -> FineTuner:
         """Override config values by dotted key, e.g. `ft.set(**{"train.max_steps": 20})`; returns self."""
-        from pipeline.cli import secrets_to_environment
+        from finetune.cli import secrets_to_environment
 
         added = [f"{key}={json.dumps(value)}" for key, value in dotted.items()]  # JSON is valid YAML: types survive
         # Credentials go to the environment boto3 reads, never into flow parameters (the Prefect UI shows those).
