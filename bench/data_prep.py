@@ -36,29 +36,30 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-import datasets  # noqa: E402
-from transformers import PreTrainedTokenizerBase  # noqa: E402
+import datasets
+from transformers import PreTrainedTokenizerBase
 
-from pipeline.assets import resolve_model  # noqa: E402
-from pipeline.config import SplitConfig, TemplateConfig, TokenizeConfig  # noqa: E402
-from pipeline.models import load_tokenizer  # noqa: E402
-from pipeline.prompts import QA_PROMPT  # noqa: E402
-from tasks.split import split_table  # noqa: E402
-from tasks.template import apply_template  # noqa: E402
-from tasks.tokenize import encode_texts, tokenize_rows  # noqa: E402
+from pipeline.assets import resolve_model
+from pipeline.config import SplitConfig, TemplateConfig, TokenizeConfig
+from pipeline.models import load_tokenizer
+from pipeline.prompts import QA_PROMPT
+from tasks.split import split_table
+from tasks.template import apply_template
+from tasks.tokenize import encode_texts, tokenize_rows
 
 TARGET_RATIO = 20.0
 WARMUP_ROWS = 100
 MAX_LENGTH = 256
 
-WORDS = (
-    "model data token batch layer answer question pipeline store flow task gate config "
-    "prompt loss train test split tokenizer vector weight gradient schedule worker bucket "
-    "artifact manifest hash cache refine round metric benchmark accuracy the a of to in "
-    "and for with on how why when what which does can should every each first last small "
-    "large fast slow quickly carefully again never always before after between under over "
-    "python function class module package string list number error value key file folder"
-).split()
+WORDS = [
+    "model", "data", "token", "batch", "layer", "answer", "question", "pipeline", "store", "flow", "task", "gate",
+    "config", "prompt", "loss", "train", "test", "split", "tokenizer", "vector", "weight", "gradient", "schedule",
+    "worker", "bucket", "artifact", "manifest", "hash", "cache", "refine", "round", "metric", "benchmark", "accuracy",
+    "the", "a", "of", "to", "in", "and", "for", "with", "on", "how", "why", "when", "what", "which", "does", "can",
+    "should", "every", "each", "first", "last", "small", "large", "fast", "slow", "quickly", "carefully", "again",
+    "never", "always", "before", "after", "between", "under", "over", "python", "function", "class", "module",
+    "package", "string", "list", "number", "error", "value", "key", "file", "folder",
+]  # fmt: skip
 
 
 def sentence(rng: random.Random, n_words: int, end: str) -> str:
@@ -115,8 +116,12 @@ def tokenizer_only(rows: list[dict], tokenizer: PreTrainedTokenizerBase) -> int:
     return len(encode_texts(tokenizer, texts))
 
 
-def timed(prep: Callable[[list[dict], PreTrainedTokenizerBase], int], rows: list[dict],
-          tokenizer: PreTrainedTokenizerBase, repeat: int) -> float:
+def timed(
+    prep: Callable[[list[dict], PreTrainedTokenizerBase], int],
+    rows: list[dict],
+    tokenizer: PreTrainedTokenizerBase,
+    repeat: int,
+) -> float:
     """Best of `repeat` timings of `prep` on `rows`, in seconds, after a warm-up on WARMUP_ROWS rows."""
     prep(rows[:WARMUP_ROWS], tokenizer)
     best = float("inf")
@@ -156,8 +161,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:15} {n_rows:7d} rows {seconds:8.2f} s {n_rows / seconds:10.0f} rows/s")
     ratio = results["pipeline cores"] / results["seeds' way"]
     ceiling = results["tokenizer only"] / results["seeds' way"]
-    print(f"ratio (pipeline rows/s / seeds' rows/s): {ratio:.1f}x  [model {args.model}, max_length {MAX_LENGTH}, "
-          f"best of {args.repeat}]")
+    print(
+        f"ratio (pipeline rows/s / seeds' rows/s): {ratio:.1f}x  [model {args.model}, max_length {MAX_LENGTH}, "
+        f"best of {args.repeat}]"
+    )
     print(f"ceiling (tokenizer only / seeds'): {ceiling:.1f}x; the pipeline reaches {ratio / ceiling:.0%} of it")
     print(f"target >= {TARGET_RATIO:g}x: {'PASS' if ratio >= TARGET_RATIO else 'FAIL'}")
     return 0 if ratio >= TARGET_RATIO else 1

@@ -39,16 +39,16 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from pipeline.assets import resolve_model  # noqa: E402
-from pipeline.config import load_config  # noqa: E402
-from pipeline.models import load_model, load_tokenizer  # noqa: E402
-from tasks.collect import collect_rows  # noqa: E402
-from tasks.evaluate import generate_answers  # noqa: E402
-from tasks.split import split_indices  # noqa: E402
-from tasks.template import apply_template  # noqa: E402
+from pipeline.assets import resolve_model
+from pipeline.config import load_config
+from pipeline.models import load_model, load_tokenizer
+from tasks.collect import collect_rows
+from tasks.evaluate import generate_answers
+from tasks.split import split_indices
+from tasks.template import apply_template
 
 
-def seeds_inference(text, model, tokenizer, max_input_tokens=1000, max_new_tokens=64):  # noqa: ANN001, ANN201
+def seeds_inference(text, model, tokenizer, max_input_tokens=1000, max_new_tokens=64):
     """The seeds' inference(): one question, max_length, decode everything, strip the prompt by characters."""
     # Tokenize
     input_ids = tokenizer.encode(text, return_tensors="pt", truncation=True, max_length=max_input_tokens)
@@ -96,7 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--questions", type=int, default=64)
     parser.add_argument("--max-new-tokens", type=int, default=None, help="default: the config's eval.max_new_tokens")
     parser.add_argument("--batch-size", type=int, default=None, help="default: the config's eval.batch_size")
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads for both sides (default: torch's)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch intra-op threads for both sides (default: torch's)"
+    )
     args = parser.parse_args(argv)
     eval_config = load_config(args.config).eval
     args.max_new_tokens = args.max_new_tokens or eval_config.max_new_tokens
@@ -112,8 +114,11 @@ def main(argv: list[str] | None = None) -> int:
     model = load_model(folder, device="cpu")
     model.eval()
     prompts = test_prompts(args.config, args.questions)
-    print(f"model {args.model} ({folder}), {len(prompts)} questions, max_new_tokens {args.max_new_tokens}, "
-          f"batch {args.batch_size}, torch threads {torch.get_num_threads()}, {_load()}", flush=True)
+    print(
+        f"model {args.model} ({folder}), {len(prompts)} questions, max_new_tokens {args.max_new_tokens}, "
+        f"batch {args.batch_size}, torch threads {torch.get_num_threads()}, {_load()}",
+        flush=True,
+    )
 
     # Warm-up on one prompt each, so neither side pays one-off start-up costs in its timing.
     generate_answers(model, tokenizer, prompts[:1], max_new_tokens=4, batch_size=1)
@@ -123,14 +128,21 @@ def main(argv: list[str] | None = None) -> int:
     # The stage sorts all prompts by token length and generates them batch_size at a time. Here
     # the same batches are timed one by one, each followed by the seeds' loop over the same
     # questions: on a shared machine both sides then see the same background load.
-    order = sorted(range(len(prompts)), key=lambda i: (len(tokenizer(prompts[i], add_special_tokens=False)["input_ids"]), i))
+    order = sorted(
+        range(len(prompts)), key=lambda i: (len(tokenizer(prompts[i], add_special_tokens=False)["input_ids"]), i)
+    )
     batched, seeds = [""] * len(prompts), [""] * len(prompts)
     clock = {"batched": [0.0, 0.0], "seeds": [0.0, 0.0]}  # [wall s, CPU s of this process]
     for start in range(0, len(order), args.batch_size):
         chunk = order[start : start + args.batch_size]
         with _timed(clock["batched"]):
-            answers = generate_answers(model, tokenizer, [prompts[i] for i in chunk],
-                                       max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+            answers = generate_answers(
+                model,
+                tokenizer,
+                [prompts[i] for i in chunk],
+                max_new_tokens=args.max_new_tokens,
+                batch_size=args.batch_size,
+            )
         with _timed(clock["seeds"]):
             for i in chunk:
                 seeds[i] = seeds_inference(prompts[i], model, tokenizer, max_new_tokens=args.max_new_tokens).strip()
@@ -143,7 +155,10 @@ def main(argv: list[str] | None = None) -> int:
     batched_rate, seeds_rate = len(prompts) / batched_s, len(prompts) / seeds_s
     print(f"evaluate stage (batched): {batched_rate:.2f} answers/s ({batched_s:.1f} s wall, {batched_cpu:.1f} s CPU)")
     print(f"seeds inference():        {seeds_rate:.2f} answers/s ({seeds_s:.1f} s wall, {seeds_cpu:.1f} s CPU)")
-    print(f"ratio: {batched_rate / seeds_rate:.2f}x by wall time, {seeds_cpu / batched_cpu:.2f}x by CPU time (target >= 4x)")
+    print(
+        f"ratio: {batched_rate / seeds_rate:.2f}x by wall time, "
+        f"{seeds_cpu / batched_cpu:.2f}x by CPU time (target >= 4x)"
+    )
     print(f"identical greedy answers: {len(prompts) - len(mismatches)}/{len(prompts)}")
     print(f"after: {_load()}")
     for i in mismatches[:5]:

@@ -45,13 +45,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-import pyarrow.parquet as pq  # noqa: E402
-import torch  # noqa: E402
+import pyarrow.parquet as pq
+import torch
 
-from pipeline.assets import resolve_model  # noqa: E402
-from pipeline.config import TrainConfig, load_config  # noqa: E402
-from pipeline.models import load_tokenizer  # noqa: E402
-from tasks.train import TrainJob, run_training  # noqa: E402
+from pipeline.assets import resolve_model
+from pipeline.config import TrainConfig, load_config
+from pipeline.models import load_tokenizer
+from tasks.train import TrainJob, run_training
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 TARGET_SPEEDUP, TARGET_PADDING, TARGET_MEMORY = 2.0, 0.10, 0.6
@@ -63,14 +63,17 @@ GIB = 1024**3
 
 
 def find_default_split(artifacts: Path, folder: str) -> Path:
-    """The newest split artifact in `artifacts` whose first row decodes to the pipeline's prompt with the model's tokenizer."""
+    """The newest split artifact in `artifacts` whose first row decodes to the pipeline's prompt with the model's
+    tokenizer."""
     tokenizer = load_tokenizer(folder)
     candidates = sorted(artifacts.glob("split/*/train.parquet"), key=lambda p: p.stat().st_mtime, reverse=True)
     for path in candidates:
         first = pq.read_table(path, columns=["input_ids"]).slice(0, 1).column("input_ids").to_pylist()
         if first and max(first[0]) < len(tokenizer) and tokenizer.decode(first[0]).startswith("### Question:"):
             return path.parent
-    raise SystemExit(f"no split artifact for {DEFAULT_MODEL} under {artifacts}/split: run `make run` first, or pass --split")
+    raise SystemExit(
+        f"no split artifact for {DEFAULT_MODEL} under {artifacts}/split: run `make run` first, or pass --split"
+    )
 
 
 def sample_split(split: Path, examples: int, out: Path) -> Path:
@@ -126,11 +129,27 @@ def seeds_arguments(output_dir: str, max_steps: int):
     from transformers import TrainingArguments
 
     return TrainingArguments(
-        learning_rate=1.0e-5, num_train_epochs=1, max_steps=max_steps, per_device_train_batch_size=1,
-        output_dir=output_dir, disable_tqdm=True, eval_steps=120, save_steps=120, warmup_steps=1,
-        per_device_eval_batch_size=1, eval_strategy="steps", logging_strategy="steps", logging_steps=1,
-        optim="adafactor", gradient_accumulation_steps=4, load_best_model_at_end=True, save_total_limit=1,
-        metric_for_best_model="eval_loss", greater_is_better=False, report_to="none", use_cpu=not torch.cuda.is_available(),
+        learning_rate=1.0e-5,
+        num_train_epochs=1,
+        max_steps=max_steps,
+        per_device_train_batch_size=1,
+        output_dir=output_dir,
+        disable_tqdm=True,
+        eval_steps=120,
+        save_steps=120,
+        warmup_steps=1,
+        per_device_eval_batch_size=1,
+        eval_strategy="steps",
+        logging_strategy="steps",
+        logging_steps=1,
+        optim="adafactor",
+        gradient_accumulation_steps=4,
+        load_best_model_at_end=True,
+        save_total_limit=1,
+        metric_for_best_model="eval_loss",
+        greater_is_better=False,
+        report_to="none",
+        use_cpu=not torch.cuda.is_available(),
     )
 
 
@@ -147,23 +166,40 @@ def seeds_run(job_path: Path) -> None:
     meter = TokenMeter()
     # The plain Trainer; MeteredTrainer only counts tokens (grouping off: the seeds shuffle at random).
     trainer = MeteredTrainer(
-        model=model, args=seeds_arguments(job["output_dir"], job["max_steps"]),
+        model=model,
+        args=seeds_arguments(job["output_dir"], job["max_steps"]),
         train_dataset=training_rows(Path(job["split"]) / "train.parquet"),
         eval_dataset=training_rows(Path(job["split"]) / "test.parquet"),
         data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX),
-        callbacks=[StepTimer(meter)], meter=meter, group_by_length=False,
+        callbacks=[StepTimer(meter)],
+        meter=meter,
+        group_by_length=False,
     )
     since_reset = reset_peak_memory()  # measured as the stage does: training only, not loading
     trainer.train()
     peak, kind = peak_memory(since_reset)
-    print(json.dumps({"step_tokens": meter.step_tokens, "step_seconds": meter.step_seconds, "real": meter.real,
-                      "padded": meter.padded, "peak_memory_bytes": peak, "peak_memory_kind": kind}))
+    print(
+        json.dumps(
+            {
+                "step_tokens": meter.step_tokens,
+                "step_seconds": meter.step_seconds,
+                "real": meter.real,
+                "padded": meter.padded,
+                "peak_memory_bytes": peak,
+                "peak_memory_kind": kind,
+            }
+        )
+    )
 
 
 def run_seeds(folder: str, split: Path, examples: int, work: Path) -> dict:
     """The seeds' run in its own process; out: its measurements."""
     job = work / "seeds.json"
-    job.write_text(json.dumps({"folder": folder, "split": str(split), "output_dir": str(work / "seeds"), "max_steps": examples // 4}))
+    job.write_text(
+        json.dumps(
+            {"folder": folder, "split": str(split), "output_dir": str(work / "seeds"), "max_steps": examples // 4}
+        )
+    )
     started = time.perf_counter()
     done = subprocess.run([sys.executable, __file__, "--seeds-job", str(job)], capture_output=True, text=True)
     if done.returncode:
@@ -175,23 +211,43 @@ def run_seeds(folder: str, split: Path, examples: int, work: Path) -> dict:
 
 def run_stage(folder: str, split: Path, config: TrainConfig, work: Path, name: str) -> dict:
     """This stage's training (its own launcher and process) with `config`; out: its measurements."""
-    job = TrainJob(base_folder=folder, base_spec=DEFAULT_MODEL, split_dir=str(split), out_dir=str(work / name / "out"),
-                   work_dir=str(work / name / "work"), config=config)
+    job = TrainJob(
+        base_folder=folder,
+        base_spec=DEFAULT_MODEL,
+        split_dir=str(split),
+        out_dir=str(work / name / "out"),
+        work_dir=str(work / name / "work"),
+        config=config,
+    )
     Path(job.out_dir).mkdir(parents=True)
     started = time.perf_counter()
     report = run_training(job, log=lambda line: None)
-    return {"step_tokens": report["step_tokens"], "step_seconds": report["step_seconds"],
-            "real": report["non_padding_tokens"], "padded": report["padded_tokens"],
-            "peak_memory_bytes": report["peak_memory_bytes"], "peak_memory_kind": report["peak_memory_kind"],
-            "wall": time.perf_counter() - started, "load": os.getloadavg()[1]}
+    return {
+        "step_tokens": report["step_tokens"],
+        "step_seconds": report["step_seconds"],
+        "real": report["non_padding_tokens"],
+        "padded": report["padded_tokens"],
+        "peak_memory_bytes": report["peak_memory_bytes"],
+        "peak_memory_kind": report["peak_memory_kind"],
+        "wall": time.perf_counter() - started,
+        "load": os.getloadavg()[1],
+    }
 
 
 def stage_config(examples: int, method: str, gradient_checkpointing: bool = False) -> TrainConfig:
     """configs/default.yaml's train section, sized to `examples` rows, without mid-run evaluation."""
     train = load_config("configs/default.yaml").train
     steps = examples // (train.batch_size * train.gradient_accumulation_steps)
-    return train.model_copy(update={"max_steps": steps, "eval_steps": steps, "save_steps": steps, "best_model_at_end": False,
-                                    "method": method, "gradient_checkpointing": gradient_checkpointing})
+    return train.model_copy(
+        update={
+            "max_steps": steps,
+            "eval_steps": steps,
+            "save_steps": steps,
+            "best_model_at_end": False,
+            "method": method,
+            "gradient_checkpointing": gradient_checkpointing,
+        }
+    )
 
 
 # --------------------------------------------------------------------------- report
@@ -215,33 +271,60 @@ def main() -> None:
     peak = matmul_peak_flops()
     per_token = 6 * matmul_parameters(folder)
     print(f"model {DEFAULT_MODEL}, {args.examples} examples from {split}, {torch.get_num_threads()} threads")
-    print(f"fp32 matmul peak measured here: {peak / 1e9:.1f} GFLOP/s; model FLOPs per token (6 x matmul params): {per_token / 1e9:.2f} G")
+    print(
+        f"fp32 matmul peak measured here: {peak / 1e9:.1f} GFLOP/s; "
+        f"model FLOPs per token (6 x matmul params): {per_token / 1e9:.2f} G"
+    )
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         work = Path(tmp)
         rows = sample_split(split, args.examples, work / "split")
         runs = {
             "seeds (HF Trainer, bs 1 x acc 4, adafactor)": run_seeds(folder, rows, args.examples, work),
-            "stage, full (default.yaml: bs 8 grouped, fused adamw)": run_stage(folder, rows, stage_config(args.examples, "full"), work, "full"),
-            "stage, LoRA (default.yaml + method lora)": run_stage(folder, rows, stage_config(args.examples, "lora"), work, "lora"),
+            "stage, full (default.yaml: bs 8 grouped, fused adamw)": run_stage(
+                folder, rows, stage_config(args.examples, "full"), work, "full"
+            ),
+            "stage, LoRA (default.yaml + method lora)": run_stage(
+                folder, rows, stage_config(args.examples, "lora"), work, "lora"
+            ),
             "stage, LoRA + gradient checkpointing": run_stage(
-                folder, rows, stage_config(args.examples, "lora", gradient_checkpointing=True), work, "lora-gc"),
+                folder, rows, stage_config(args.examples, "lora", gradient_checkpointing=True), work, "lora-gc"
+            ),
         }
-    print("\n| run | steps timed | non-padding tokens/s | padding | MFU | peak memory | wall | load avg |\n|---|---|---|---|---|---|---|---|")
+    print(
+        "\n| run | steps timed | non-padding tokens/s | padding | MFU | peak memory | wall | load avg |"
+        "\n|---|---|---|---|---|---|---|---|"
+    )
     for name, r in runs.items():
         r["tps"], r["padding"] = throughput(r["step_tokens"], r["step_seconds"]), 1 - r["real"] / r["padded"]
-        print(f"| {name} | {len(r['step_seconds']) - 1} | {r['tps']:.1f} | {r['padding']:.1%} | {r['tps'] * per_token / peak:.1%} "
-              f"| {r['peak_memory_bytes'] / GIB:.2f} GiB | {r['wall']:.0f} s | {r['load']:.1f} |")
+        print(
+            f"| {name} | {len(r['step_seconds']) - 1} | {r['tps']:.1f} | {r['padding']:.1%} "
+            f"| {r['tps'] * per_token / peak:.1%} "
+            f"| {r['peak_memory_bytes'] / GIB:.2f} GiB | {r['wall']:.0f} s | {r['load']:.1f} |"
+        )
     seeds, full, lora, lora_gc = runs.values()
     speedup, memory = full["tps"] / seeds["tps"], lora["peak_memory_bytes"] / full["peak_memory_bytes"]
     memory_gc = lora_gc["peak_memory_bytes"] / full["peak_memory_bytes"]
-    print(f"\npeak memory is the {full['peak_memory_kind']} of each training process; load avg is the machine's "
-          f"5-minute load average after the run ({os.cpu_count()} CPUs): other work on the machine slows every figure")
-    print(f"tokens/s, stage full / seeds: {speedup:.2f}x (target >= {TARGET_SPEEDUP:g}x) {'PASS' if speedup >= TARGET_SPEEDUP else 'FAIL'}")
+    print(
+        f"\npeak memory is the {full['peak_memory_kind']} of each training process; load avg is the machine's "
+        f"5-minute load average after the run ({os.cpu_count()} CPUs): other work on the machine slows every figure"
+    )
+    print(
+        f"tokens/s, stage full / seeds: {speedup:.2f}x (target >= {TARGET_SPEEDUP:g}x) "
+        f"{'PASS' if speedup >= TARGET_SPEEDUP else 'FAIL'}"
+    )
     print(f"tokens/s, stage LoRA / seeds: {lora['tps'] / seeds['tps']:.2f}x")
-    print(f"padding share, stage full: {full['padding']:.1%} (target < {TARGET_PADDING:.0%}) {'PASS' if full['padding'] < TARGET_PADDING else 'FAIL'}")
-    print(f"peak memory, LoRA / full: {memory:.2f} (target <= {TARGET_MEMORY:g}) {'PASS' if memory <= TARGET_MEMORY else 'FAIL'}")
-    print(f"peak memory, LoRA + gradient checkpointing / full: {memory_gc:.2f} "
-          f"(target <= {TARGET_MEMORY:g}) {'PASS' if memory_gc <= TARGET_MEMORY else 'FAIL'}")
+    print(
+        f"padding share, stage full: {full['padding']:.1%} (target < {TARGET_PADDING:.0%}) "
+        f"{'PASS' if full['padding'] < TARGET_PADDING else 'FAIL'}"
+    )
+    print(
+        f"peak memory, LoRA / full: {memory:.2f} (target <= {TARGET_MEMORY:g}) "
+        f"{'PASS' if memory <= TARGET_MEMORY else 'FAIL'}"
+    )
+    print(
+        f"peak memory, LoRA + gradient checkpointing / full: {memory_gc:.2f} "
+        f"(target <= {TARGET_MEMORY:g}) {'PASS' if memory_gc <= TARGET_MEMORY else 'FAIL'}"
+    )
 
 
 if __name__ == "__main__":

@@ -45,8 +45,9 @@ class FineTuner:
     environment, as with the CLI, so they never reach the flow run's parameters.
     """
 
-    def __init__(self, model: str = "smollm2-135m-instruct", config: str | Path | None = None,
-                 overrides: list[str] | None = None):
+    def __init__(
+        self, model: str = "smollm2-135m-instruct", config: str | Path | None = None, overrides: list[str] | None = None
+    ):
         self.config_path = str(config) if config is not None else None
         from finetune.cli import secrets_to_environment
 
@@ -79,8 +80,14 @@ class FineTuner:
             outcome = outcome.summary
         elif isinstance(outcome, BaseException):
             raise outcome
-        self.report = RunReport(passed=outcome["passed"], model_uri=outcome["model_uri"], store=outcome["store"],
-                                metrics=outcome["metrics"], verdicts=outcome["verdicts"], stages=outcome["stages"])
+        self.report = RunReport(
+            passed=outcome["passed"],
+            model_uri=outcome["model_uri"],
+            store=outcome["store"],
+            metrics=outcome["metrics"],
+            verdicts=outcome["verdicts"],
+            stages=outcome["stages"],
+        )
         return self.report
 
     def evaluate(self) -> dict[str, dict[str, float]]:

@@ -82,20 +82,39 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in (("run", "run the whole pipeline"), ("validate", "check a config and print it resolved")):
         command = commands.add_parser(name, help=text)
         command.add_argument("--config", default="configs/default.yaml", help="YAML config file")
-        command.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                             help="override a config value, e.g. train.max_steps=20 (repeatable)")
+        command.add_argument(
+            "--set",
+            dest="overrides",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override a config value, e.g. train.max_steps=20 (repeatable)",
+        )
     ask_command = commands.add_parser("ask", help="answer a question with a trained model")
     ask_command.add_argument("model", help="alias, train/<key>, local folder or base-model spec")
     ask_command.add_argument("question", help="the question, without any template")
     ask_command.add_argument("--config", default="configs/default.yaml", help="YAML config file (template, store)")
-    ask_command.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                             help="override a config value (repeatable)")
-    ask_command.add_argument("--max-new-tokens", type=_positive_int, default=None,
-                             help="answer length cap (default eval.max_new_tokens)")
+    ask_command.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value (repeatable)",
+    )
+    ask_command.add_argument(
+        "--max-new-tokens", type=_positive_int, default=None, help="answer length cap (default eval.max_new_tokens)"
+    )
     sweep_command = commands.add_parser("sweep", help="run the pipeline over the config's sweep grid")
     sweep_command.add_argument("--config", default="configs/default.yaml", help="YAML config file")
-    sweep_command.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                               help="override a config value, e.g. sweep.fractions=[0.1,0.5,1.0] (repeatable)")
+    sweep_command.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. sweep.fractions=[0.1,0.5,1.0] (repeatable)",
+    )
     add_plan_parser(commands)
     return parser
 
@@ -104,18 +123,28 @@ def add_plan_parser(commands: Any) -> None:
     """The `plan` sub-command's arguments (it needs no config file)."""
     from pipeline.planner import DEFAULT_RESERVE, OPTIMIZER_ALIASES, PRECISIONS
 
-    plan_command = commands.add_parser("plan",
-                                       help="will it fit? memory for inference and training from a model's config")
+    plan_command = commands.add_parser(
+        "plan", help="will it fit? memory for inference and training from a model's config"
+    )
     plan_command.add_argument("model", help="alias, hub id, local folder or config.json path")
     plan_command.add_argument("--method", choices=["full", "lora"], default="full")
-    plan_command.add_argument("--device-memory", type=_memory_size, default=None, metavar="SIZE",
-                              help="device memory: 16GB (10^9 bytes), 16GiB or 24G (2^30)")
+    plan_command.add_argument(
+        "--device-memory",
+        type=_memory_size,
+        default=None,
+        metavar="SIZE",
+        help="device memory: 16GB (10^9 bytes), 16GiB or 24G (2^30)",
+    )
     plan_command.add_argument("--batch-size", type=_positive_int, default=1)
     plan_command.add_argument("--seq-len", type=_positive_int, default=512, help="tokens per row")
     plan_command.add_argument("--optimizer", choices=sorted(OPTIMIZER_ALIASES), default="adamw")
-    plan_command.add_argument("--precision", choices=PRECISIONS, default="float32",
-                              help="float32; mixed (16-bit compute over float32 weights, train.dtype=bfloat16); "
-                                   "bfloat16/float16 (16-bit weights)")
+    plan_command.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="float32",
+        help="float32; mixed (16-bit compute over float32 weights, train.dtype=bfloat16); "
+        "bfloat16/float16 (16-bit weights)",
+    )
     plan_command.add_argument("--gradient-checkpointing", action="store_true")
     plan_command.add_argument("--lora-r", type=_positive_int, default=8)
     plan_command.add_argument("--attention", choices=["sdpa", "eager"], default="sdpa")
@@ -123,11 +152,13 @@ def add_plan_parser(commands: Any) -> None:
     plan_command.add_argument("--reserve", type=float, default=DEFAULT_RESERVE, help="share of the device kept free")
     plan_command.add_argument("--trust-remote-code", action="store_true")
     plan_command.add_argument("--json", action="store_true", help="print the plan as JSON")
-    plan_command.add_argument("--probe", action="store_true",
-                              help="train a few steps here: measured memory, tokens/s, time per epoch")
+    plan_command.add_argument(
+        "--probe", action="store_true", help="train a few steps here: measured memory, tokens/s, time per epoch"
+    )
     plan_command.add_argument("--probe-steps", type=_positive_int, default=3)
-    plan_command.add_argument("--rows", type=_positive_int, default=1000,
-                              help="training rows per epoch, for the time estimate")
+    plan_command.add_argument(
+        "--rows", type=_positive_int, default=1000, help="training rows per epoch, for the time estimate"
+    )
 
 
 def _memory_size(text: str) -> int:
@@ -191,8 +222,13 @@ def ask(config: PipelineConfig, model: str, question: str, max_new_tokens: int |
         print(f"model error:\n{exc}", file=sys.stderr)
         return EXIT_USAGE
     tokenizer = load_tokenizer(folder, padding_side="left", trust_remote_code=trust)
-    answer = generate_answers(model_object, tokenizer, [render_prompt(question, config.template)],
-                              max_new_tokens=max_new_tokens or config.eval.max_new_tokens, batch_size=1)[0]
+    answer = generate_answers(
+        model_object,
+        tokenizer,
+        [render_prompt(question, config.template)],
+        max_new_tokens=max_new_tokens or config.eval.max_new_tokens,
+        batch_size=1,
+    )[0]
     print(answer)
     return EXIT_OK
 
@@ -255,10 +291,16 @@ def plan(args: argparse.Namespace) -> int:
         plan_as_json,
     )
 
-    setup = TrainingSetup(method=args.method, batch_size=args.batch_size, seq_len=args.seq_len,
-                          optimizer=OPTIMIZER_ALIASES[args.optimizer], precision=args.precision,
-                          gradient_checkpointing=args.gradient_checkpointing, lora_r=args.lora_r,
-                          attention=args.attention)
+    setup = TrainingSetup(
+        method=args.method,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        optimizer=OPTIMIZER_ALIASES[args.optimizer],
+        precision=args.precision,
+        gradient_checkpointing=args.gradient_checkpointing,
+        lora_r=args.lora_r,
+        attention=args.attention,
+    )
     try:  # transformers raises OSError or ValueError for a bad config
         shape = model_shape(args.model, trust_remote_code=args.trust_remote_code, name=args.model)
         result = make_plan(shape, setup, args.device_memory, args.reserve, args.inference_dtype)
@@ -278,8 +320,11 @@ def probe(model: str, setup: Any, estimate: int, steps: int, rows: int) -> int:
 
     free = available_memory()
     if free is not None and estimate > free:
-        print(f"\nprobe skipped: training needs about {format_bytes(estimate)}, "
-              f"this machine has {format_bytes(free)} available", file=sys.stderr)
+        print(
+            f"\nprobe skipped: training needs about {format_bytes(estimate)}, "
+            f"this machine has {format_bytes(free)} available",
+            file=sys.stderr,
+        )
         return EXIT_FAILED
     try:
         measured = probe_training(model, setup, steps=steps)
@@ -287,11 +332,15 @@ def probe(model: str, setup: Any, estimate: int, steps: int, rows: int) -> int:
         print(f"\nprobe failed:\n{exc}", file=sys.stderr)
         return EXIT_FAILED
     seconds = epoch_seconds(rows, setup.seq_len, measured.tokens_per_second)
-    print(f"\nprobe ({steps} steps here): peak {format_bytes(measured.peak_bytes)} measured ({measured.peak_kind}) "
-          f"vs {format_bytes(estimate)} estimated ({estimate / measured.peak_bytes - 1:+.0%})")
-    print(f"throughput {measured.tokens_per_second:,.0f} tokens/s -> "
-          f"one epoch of {rows:,} rows x {setup.seq_len} tokens "
-          f"takes about {seconds / 60:,.1f} min here")
+    print(
+        f"\nprobe ({steps} steps here): peak {format_bytes(measured.peak_bytes)} measured ({measured.peak_kind}) "
+        f"vs {format_bytes(estimate)} estimated ({estimate / measured.peak_bytes - 1:+.0%})"
+    )
+    print(
+        f"throughput {measured.tokens_per_second:,.0f} tokens/s -> "
+        f"one epoch of {rows:,} rows x {setup.seq_len} tokens "
+        f"takes about {seconds / 60:,.1f} min here"
+    )
     return EXIT_OK
 
 

@@ -66,12 +66,22 @@ def probe_training(model: str, setup: TrainingSetup, steps: int = 3, timeout: fl
     from pipeline.config import TrainConfig
 
     targets = list(setup.lora_targets) if setup.lora_targets else None
-    config = TrainConfig(method=setup.method, max_steps=steps, batch_size=setup.batch_size,
-                         gradient_accumulation_steps=1, optim=pipeline_optimizer(setup.optimizer),
-                         dtype=pipeline_dtype(setup.precision), warmup_steps=0, eval_steps=10**6, save_steps=10**6,
-                         best_model_at_end=False, group_by_length=False,
-                         gradient_checkpointing=setup.gradient_checkpointing, logging_steps=1,
-                         lora={"r": setup.lora_r, "target_modules": targets})
+    config = TrainConfig(
+        method=setup.method,
+        max_steps=steps,
+        batch_size=setup.batch_size,
+        gradient_accumulation_steps=1,
+        optim=pipeline_optimizer(setup.optimizer),
+        dtype=pipeline_dtype(setup.precision),
+        warmup_steps=0,
+        eval_steps=10**6,
+        save_steps=10**6,
+        best_model_at_end=False,
+        group_by_length=False,
+        gradient_checkpointing=setup.gradient_checkpointing,
+        logging_steps=1,
+        lora={"r": setup.lora_r, "target_modules": targets},
+    )
     with tempfile.TemporaryDirectory(prefix="finetune-probe-") as work:
         job = {"model": model, "seq_len": setup.seq_len, "work": work, "config": config.model_dump(mode="json")}
         job_path = Path(work) / "probe.json"
@@ -79,8 +89,13 @@ def probe_training(model: str, setup: TrainingSetup, steps: int = 3, timeout: fl
         env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=PROBE_MALLOC_MMAP_THRESHOLD)
         repository = str(Path(__file__).resolve().parents[1])
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [repository, env.get("PYTHONPATH")]))
-        done = subprocess.run([sys.executable, "-m", "finetune.probe", str(job_path)], capture_output=True, text=True,
-                              env=env, timeout=timeout)
+        done = subprocess.run(
+            [sys.executable, "-m", "finetune.probe", str(job_path)],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=timeout,
+        )
         result_path = Path(work) / "result.json"
         if done.returncode != 0 or not result_path.is_file():
             tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-15:])
@@ -134,15 +149,28 @@ def _run_probe(job_path: Path) -> None:
         ids = torch.randint(0, vocab, (rows, job["seq_len"]), generator=generator).tolist()
         pq.write_table(pa.table({"input_ids": ids, "labels": ids}), split / f"{name}.parquet")
     baseline = _resident_bytes()  # libraries loaded, model not yet
-    report = fine_tune(TrainJob(base_folder=folder, base_spec=job["model"], split_dir=str(split),
-                                out_dir=str(work / "out"), work_dir=str(work / "train"), config=config))
+    report = fine_tune(
+        TrainJob(
+            base_folder=folder,
+            base_spec=job["model"],
+            split_dir=str(split),
+            out_dir=str(work / "out"),
+            work_dir=str(work / "train"),
+            config=config,
+        )
+    )
     on_gpu = report["peak_memory_kind"].startswith("CUDA")
     seconds = report["step_seconds"][1:] or report["step_seconds"]
     tokens = report["step_tokens"][1:] or report["step_tokens"]
     kind = report["peak_memory_kind"] + ("" if on_gpu else " minus the resident set before loading the model")
-    result = {"peak_bytes": report["peak_memory_bytes"] - (0 if on_gpu else baseline), "peak_kind": kind,
-              "tokens_per_second": sum(tokens) / sum(seconds), "step_seconds": report["step_seconds"],
-              "parameters": report["parameters"], "trainable_parameters": report["trainable_parameters"]}
+    result = {
+        "peak_bytes": report["peak_memory_bytes"] - (0 if on_gpu else baseline),
+        "peak_kind": kind,
+        "tokens_per_second": sum(tokens) / sum(seconds),
+        "step_seconds": report["step_seconds"],
+        "parameters": report["parameters"],
+        "trainable_parameters": report["trainable_parameters"],
+    }
     (work / "result.json").write_text(json.dumps(result), encoding="utf-8")
 
 

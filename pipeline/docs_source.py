@@ -47,13 +47,49 @@ PROBE_PHRASINGS = (
 # modules for training (always installed); probes add the data libraries users ask about. A package
 # that is the taught one (or not installed) is skipped.
 NEAR_DOMAIN_TRAIN_PACKAGES = (
-    "os.path", "shutil", "textwrap", "csv", "heapq", "bisect", "statistics", "math", "operator", "base64",
-    "hashlib", "difflib", "calendar", "tempfile", "argparse", "subprocess", "logging", "sqlite3", "zipfile",
-    "urllib.parse", "secrets", "fnmatch", "glob", "shlex", "gzip", "zlib", "struct", "pprint",
+    "os.path",
+    "shutil",
+    "textwrap",
+    "csv",
+    "heapq",
+    "bisect",
+    "statistics",
+    "math",
+    "operator",
+    "base64",
+    "hashlib",
+    "difflib",
+    "calendar",
+    "tempfile",
+    "argparse",
+    "subprocess",
+    "logging",
+    "sqlite3",
+    "zipfile",
+    "urllib.parse",
+    "secrets",
+    "fnmatch",
+    "glob",
+    "shlex",
+    "gzip",
+    "zlib",
+    "struct",
+    "pprint",
 )
 NEAR_DOMAIN_PROBE_PACKAGES = (
-    "json", "collections", "functools", "itertools", "pathlib", "re", "dataclasses", "contextlib", "typing",
-    "asyncio", "numpy", "pandas", "pyarrow",
+    "json",
+    "collections",
+    "functools",
+    "itertools",
+    "pathlib",
+    "re",
+    "dataclasses",
+    "contextlib",
+    "typing",
+    "asyncio",
+    "numpy",
+    "pandas",
+    "pyarrow",
 )
 
 
@@ -86,8 +122,9 @@ def same_package(package: str, taught: str) -> bool:
     return package.split(".")[0] == taught.split(".")[0]
 
 
-def package_questions(packages: Iterable[str], phrasings: Sequence[str], seed: str,
-                      skip: Iterable[str] = ()) -> Iterator[dict[str, str]]:
+def package_questions(
+    packages: Iterable[str], phrasings: Sequence[str], seed: str, skip: Iterable[str] = ()
+) -> Iterator[dict[str, str]]:
     """Questions about packages' documented objects: `{"question", "package", "name"}`, seeded, lazily.
 
     In: importable package names, question templates ({package}, {name}, {qualname}, {kind}),

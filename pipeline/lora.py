@@ -13,8 +13,10 @@ from pipeline.config import LoraConfig
 # LoRA targets per architecture (config.model_type): every attention projection, which
 # adapts better than peft's default of q and v only at the same small cost.
 ARCHITECTURE_LORA_TARGETS: dict[str, list[str]] = {
-    **{name: ["q_proj", "k_proj", "v_proj", "o_proj"]
-       for name in ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "olmo", "olmo2", "smollm3")},
+    **{
+        name: ["q_proj", "k_proj", "v_proj", "o_proj"]
+        for name in ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "olmo", "olmo2", "smollm3")
+    },
     **{name: ["query_key_value"] for name in ("gpt_neox", "falcon", "bloom")},
     "gpt2": ["c_attn"],
     "phi3": ["qkv_proj", "o_proj"],
@@ -47,8 +49,11 @@ def lora_targets(model_type: str, config: LoraConfig) -> list[str]:
 def adaptable_module_names(model: torch.nn.Module) -> list[str]:
     """Full names of the modules LoRA can adapt (linear, 1-D convolution and embedding layers)."""
     kinds = (torch.nn.Linear, torch.nn.Embedding)
-    return [name for name, module in model.named_modules()
-            if name and (isinstance(module, kinds) or type(module).__name__ == "Conv1D")]
+    return [
+        name
+        for name, module in model.named_modules()
+        if name and (isinstance(module, kinds) or type(module).__name__ == "Conv1D")
+    ]
 
 
 def check_lora_targets(targets: list[str], module_names: list[str], model_type: str) -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import re
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -68,21 +68,34 @@ def check_model_folder(folder: str | Path) -> None:
     folder = Path(folder)
     found = sorted(p.name for p in folder.iterdir())[:12] if folder.is_dir() else []
     pickles = [name for name in found if name.endswith(PICKLE_SUFFIXES)]
-    convert = ("; convert it once where you trust its author: AutoModelForCausalLM.from_pretrained(folder, "
-               "use_safetensors=False).save_pretrained(new_folder) writes model.safetensors")
+    convert = (
+        "; convert it once where you trust its author: AutoModelForCausalLM.from_pretrained(folder, "
+        "use_safetensors=False).save_pretrained(new_folder) writes model.safetensors"
+    )
     if is_adapter_folder(folder):
         if not any((folder / name).is_file() for name in SAFE_ADAPTER_WEIGHTS):
-            raise ModelFolderError(f"adapter folder {folder}: expected adapter_model.safetensors (pickled weights are "
-                                   f"never loaded), found {found}" + ("; convert it once where you trust its author: "
-                                   "PeftModel.from_pretrained(base, folder).save_pretrained(new_folder) writes "
-                                   "adapter_model.safetensors" if pickles else ""))
+            raise ModelFolderError(
+                f"adapter folder {folder}: expected adapter_model.safetensors (pickled weights are "
+                f"never loaded), found {found}"
+                + (
+                    "; convert it once where you trust its author: "
+                    "PeftModel.from_pretrained(base, folder).save_pretrained(new_folder) writes "
+                    "adapter_model.safetensors"
+                    if pickles
+                    else ""
+                )
+            )
         return
     if not (folder / "config.json").is_file():
-        raise ModelFolderError(f"model folder {folder}: expected config.json (a Hugging Face model folder as "
-                               f"save_pretrained writes it), found {found or 'an empty folder'}")
+        raise ModelFolderError(
+            f"model folder {folder}: expected config.json (a Hugging Face model folder as "
+            f"save_pretrained writes it), found {found or 'an empty folder'}"
+        )
     if not any((folder / name).is_file() for name in SAFE_WEIGHTS):
-        raise ModelFolderError(f"model folder {folder}: expected model.safetensors (pickled weights are never loaded: "
-                               f"they can run code), found {pickles or found}" + (convert if pickles else ""))
+        raise ModelFolderError(
+            f"model folder {folder}: expected model.safetensors (pickled weights are never loaded: "
+            f"they can run code), found {pickles or found}" + (convert if pickles else "")
+        )
 
 
 def check_model_spec(spec: str) -> None:
@@ -136,7 +149,9 @@ def training_precision(requested: str, device: str) -> Precision:
         return "fp32"
     if requested == "float16":
         if device != "cuda":
-            raise UnsupportedPrecision(f"train.dtype: float16 needs a CUDA GPU, found device {device!r}; use bfloat16 or float32")
+            raise UnsupportedPrecision(
+                f"train.dtype: float16 needs a CUDA GPU, found device {device!r}; use bfloat16 or float32"
+            )
         return "fp16"
     if not bf16_supported(device):
         raise UnsupportedPrecision(f"train.dtype: this {device} device has no bfloat16 support; use float16 or float32")
@@ -199,7 +214,9 @@ def adapter_base_spec(folder: str | Path) -> str:
     return str(config["base_model_name_or_path"])
 
 
-def load_tokenizer(folder: str, *, padding_side: str = "right", trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+def load_tokenizer(
+    folder: str, *, padding_side: str = "right", trust_remote_code: bool = False
+) -> PreTrainedTokenizerBase:
     """The model's own tokenizer; pad token = EOS when the tokenizer has none."""
     tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     if tokenizer.eos_token is None:
@@ -225,13 +242,19 @@ def load_model(folder: str, *, device: str | None = None, trust_remote_code: boo
         from peft import PeftModel
 
         base = AutoModelForCausalLM.from_pretrained(
-            resolve_model(adapter_base_spec(folder)), dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
+            resolve_model(adapter_base_spec(folder)),
+            dtype=dtype,
+            trust_remote_code=trust_remote_code,
+            use_safetensors=True,
         )
         # Merged once here, so generation runs at the speed of a plain model.
         model = PeftModel.from_pretrained(base, folder).merge_and_unload()
     else:
         model = AutoModelForCausalLM.from_pretrained(
-            folder, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True  # never unpickle weights
+            folder,
+            dtype=dtype,
+            trust_remote_code=trust_remote_code,
+            use_safetensors=True,  # never unpickle weights
         )
     return model.to(device)
 
@@ -246,7 +269,7 @@ def alias_name(dataset: str, steps: int, when: datetime) -> str:
     steps run and the time of training. Out: e.g. 'more_itertools_60_steps_20261122T074641Z'.
     """
     label = re.sub(r"[^A-Za-z0-9._-]+", "-", dataset).strip("-._") or "data"
-    stamp = when.astimezone(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    stamp = when.astimezone(UTC).strftime("%Y%m%dT%H%M%SZ")
     return f"{label}_{steps}_steps_{stamp}"
 
 
@@ -257,8 +280,11 @@ def write_alias(store: ArtifactStore, alias: str, ref: Ref) -> str:
     model again does not retrain it.
     """
     path = f"{ALIASES_PREFIX}/{alias}.json"
-    record = {"alias": alias, "ref": ref.model_dump(mode="json"),
-              "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")}
+    record = {
+        "alias": alias,
+        "ref": ref.model_dump(mode="json"),
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
+    }
     store.put_bytes(path, json.dumps(record, indent=2).encode("utf-8"))
     return path
 
@@ -282,9 +308,9 @@ def find_model(spec: str, store: ArtifactStore) -> str:
 
     In: a local folder (a model folder, an adapter folder or a whole train artifact), a
     Ref uri ('train/<key>', 'train/<key>/model', 'train/<key>/adapter'), a readable alias recorded in the
-    store, 'latest-passing' (the last model that passed every gate), or a base-model spec (alias or hub id). Out: the folder (fetched and verified
-    when it comes from the store). Raises UnknownModelError listing the store's aliases
-    and the built-in model aliases when nothing matches.
+    store, 'latest-passing' (the last model that passed every gate), or a base-model spec (alias or hub id).
+    Out: the folder (fetched and verified when it comes from the store). Raises UnknownModelError listing
+    the store's aliases and the built-in model aliases when nothing matches.
     """
     local = Path(spec).expanduser()
     if local.is_dir():

@@ -37,9 +37,10 @@ Training peaks at one of two moments, and the estimate is the larger: the start 
 backward pass (weights + optimizer state + activations + logits + the output layer's
 gradient, the first one computed) or the optimizer step (weights + gradients + optimizer
 state + its temporaries: torch's multi-tensor AdamW makes one more state-sized copy). In
-between, each layer's activations are freed as its gradients are allocated. Inference = weights + KV cache (2 x L x kv-heads x head-dim x s x b) + one
-layer's working activations + the last position's logits. `reserve` (default 10%) of
-the device stays free for the CUDA context, the caching allocator and fragmentation.
+between, each layer's activations are freed as its gradients are allocated. Inference = weights +
+KV cache (2 x L x kv-heads x head-dim x s x b) + one layer's working activations + the last
+position's logits. `reserve` (default 10%) of the device stays free for the CUDA context, the
+caching allocator and fragmentation.
 
 Time: `finetune.probe.probe_training` trains the model for a few steps on this machine
 through the pipeline's own training code (tasks/train.py) on fixed-length random rows and
@@ -66,7 +67,10 @@ PRECISIONS: tuple[str, ...] = ("float32", "mixed", "bfloat16", "float16")
 OPTIMIZERS: tuple[str, ...] = ("adamw", "adamw_8bit", "adafactor", "sgd", "sgd_momentum")
 # The Trainer's optimizer names (train.optim) and their family here.
 OPTIMIZER_ALIASES: dict[str, str] = {
-    "adamw_torch": "adamw", "adamw_torch_fused": "adamw", "adam": "adamw", "adamw_bnb_8bit": "adamw_8bit",
+    "adamw_torch": "adamw",
+    "adamw_torch_fused": "adamw",
+    "adam": "adamw",
+    "adamw_bnb_8bit": "adamw_8bit",
     **{name: name for name in OPTIMIZERS},
 }
 LOGIT_COPIES = 3
@@ -86,7 +90,8 @@ class PlannerError(ValueError):
 
 
 def parse_memory(text: str | int | float) -> int:
-    """Bytes in a memory size: '16GB' (10^9), '16GiB' (2^30), '24G' (a bare letter is binary, as in `free -g`), '512MiB', 2048.
+    """Bytes in a memory size: '16GB' (10^9), '16GiB' (2^30), '24G' (a bare letter is binary, as in `free -g`),
+    '512MiB', 2048.
 
     Raises PlannerError naming the text and the accepted forms.
     """
@@ -94,7 +99,9 @@ def parse_memory(text: str | int | float) -> int:
         return int(text)
     match = _MEMORY.match(text)
     if not match:
-        raise PlannerError(f"memory size: expected a number with an optional unit like 16GB, 16GiB, 24G or 512MiB, found {text!r}")
+        raise PlannerError(
+            f"memory size: expected a number with an optional unit like 16GB, 16GiB, 24G or 512MiB, found {text!r}"
+        )
     number, prefix, binary, byte = match.groups()
     prefix = prefix.lower()
     # 'GiB' and a bare 'G' are powers of two; 'GB' is SI (a "16 GB" V100 holds 16 GiB: say 16GiB for it).
@@ -145,9 +152,11 @@ class ModelShape:
     def describe(self) -> str:
         """One line: name, type and sizes."""
         kv = f" (kv {self.kv_heads})" if self.kv_heads != self.heads else ""
-        return (f"{self.name} ({self.model_type}): {self.parameters / 1e6:,.1f}M parameters, {self.layers} layers, "
-                f"hidden {self.hidden}, heads {self.heads}{kv}, intermediate {self.intermediate}"
-                f"{' (gated)' if self.gated_mlp else ''}, vocab {self.vocab:,}")
+        return (
+            f"{self.name} ({self.model_type}): {self.parameters / 1e6:,.1f}M parameters, {self.layers} layers, "
+            f"hidden {self.hidden}, heads {self.heads}{kv}, intermediate {self.intermediate}"
+            f"{' (gated)' if self.gated_mlp else ''}, vocab {self.vocab:,}"
+        )
 
 
 def load_model_config(model: Any, trust_remote_code: bool = False) -> Any:
@@ -186,14 +195,23 @@ def model_shape(model: Any, trust_remote_code: bool = False, name: str | None = 
     parameters = list(skeleton.parameters())  # shared (tied) parameters are listed once
     adaptable = tuple(_adaptable_shapes(skeleton))
     gated = _has_gated_mlp(adaptable, sizes["hidden"], sizes["intermediate"], sizes["layers"])
-    label = name or (str(model) if not hasattr(model, "model_type") else getattr(model, "name_or_path", "") or config.model_type)
-    return ModelShape(name=label, model_type=config.model_type, parameters=sum(p.numel() for p in parameters),
-                      gated_mlp=gated, adaptable=adaptable, factored_state_values=sum(_factored_values(p.shape) for p in parameters),
-                      **sizes)
+    label = name or (
+        str(model) if not hasattr(model, "model_type") else getattr(model, "name_or_path", "") or config.model_type
+    )
+    return ModelShape(
+        name=label,
+        model_type=config.model_type,
+        parameters=sum(p.numel() for p in parameters),
+        gated_mlp=gated,
+        adaptable=adaptable,
+        factored_state_values=sum(_factored_values(p.shape) for p in parameters),
+        **sizes,
+    )
 
 
 def _config_sizes(config: Any) -> dict[str, int]:
     """layers, hidden, heads, kv_heads, head_dim, intermediate and vocab from a transformers config."""
+
     def first(*names: str) -> int | None:
         for attribute in names:
             value = getattr(config, attribute, None)
@@ -204,13 +222,26 @@ def _config_sizes(config: Any) -> dict[str, int]:
     layers = first("num_hidden_layers", "n_layer", "num_layers")
     hidden = first("hidden_size", "n_embd", "d_model")
     vocab = first("vocab_size")
-    missing = [label for label, value in (("num_hidden_layers", layers), ("hidden_size", hidden), ("vocab_size", vocab)) if not value]
+    missing = [
+        label
+        for label, value in (("num_hidden_layers", layers), ("hidden_size", hidden), ("vocab_size", vocab))
+        if not value
+    ]
     if missing:
-        raise PlannerError(f"model config ({getattr(config, 'model_type', '?')}): expected {missing}, found none of them")
+        raise PlannerError(
+            f"model config ({getattr(config, 'model_type', '?')}): expected {missing}, found none of them"
+        )
     heads = first("num_attention_heads", "n_head") or 1
     head_dim = first("head_dim") or hidden // heads
-    return {"layers": layers, "hidden": hidden, "heads": heads, "kv_heads": first("num_key_value_heads") or heads,
-            "head_dim": head_dim, "intermediate": first("intermediate_size", "n_inner", "ffn_dim") or 4 * hidden, "vocab": vocab}
+    return {
+        "layers": layers,
+        "hidden": hidden,
+        "heads": heads,
+        "kv_heads": first("num_key_value_heads") or heads,
+        "head_dim": head_dim,
+        "intermediate": first("intermediate_size", "n_inner", "ffn_dim") or 4 * hidden,
+        "vocab": vocab,
+    }
 
 
 def _adaptable_shapes(skeleton: Any) -> list[LinearShape]:
@@ -265,7 +296,9 @@ class TrainingSetup:
         extras = [f"LoRA r={self.lora_r}"] if self.method == "lora" else []
         extras += ["gradient checkpointing"] if self.gradient_checkpointing else []
         extras += ["eager attention"] if self.attention == "eager" else []
-        return ", ".join([self.method, self.optimizer, self.precision, f"batch {self.batch_size} x {self.seq_len} tokens", *extras])
+        return ", ".join(
+            [self.method, self.optimizer, self.precision, f"batch {self.batch_size} x {self.seq_len} tokens", *extras]
+        )
 
 
 @dataclass(frozen=True)
@@ -330,7 +363,8 @@ def optimizer_state_bytes(shape: ModelShape, setup: TrainingSetup, trainable: in
 
 
 def lora_modules(shape: ModelShape, setup: TrainingSetup) -> list[LinearShape]:
-    """The modules LoRA adapts: `setup.lora_targets`, else the architecture's default (pipeline.lora, as in training)."""
+    """The modules LoRA adapts: `setup.lora_targets`, else the architecture's default (pipeline.lora, as in
+    training)."""
     if setup.lora_targets:
         targets = list(setup.lora_targets)
     else:
@@ -348,7 +382,9 @@ def trainable_parameters(shape: ModelShape, setup: TrainingSetup) -> tuple[int, 
         return shape.parameters, shape.factored_state_values
     modules = lora_modules(shape, setup)
     if not modules:
-        raise PlannerError(f"LoRA targets {list(setup.lora_targets or [])} match no module of this {shape.model_type} model")
+        raise PlannerError(
+            f"LoRA targets {list(setup.lora_targets or [])} match no module of this {shape.model_type} model"
+        )
     r = setup.lora_r
     count = sum(r * (m.fan_in + m.fan_out) for m in modules)
     return count, sum((r + m.fan_in) + (m.fan_out + r) for m in modules)
@@ -371,7 +407,10 @@ def estimate_training(shape: ModelShape, setup: TrainingSetup) -> MemoryEstimate
     if setup.gradient_checkpointing:
         # Each layer's input stays; one layer's activations are rebuilt at a time in the backward pass.
         activations = (shape.layers * shape.hidden + per_layer) * tokens * abytes
-        how = f"{shape.layers} layer inputs x {shape.hidden} + one layer's {per_layer:,} values, x {tokens:,} tokens x {abytes} bytes"
+        how = (
+            f"{shape.layers} layer inputs x {shape.hidden} + one layer's {per_layer:,} values, "
+            f"x {tokens:,} tokens x {abytes} bytes"
+        )
     else:
         activations = shape.layers * per_layer * tokens * abytes
         how = f"{shape.layers} layers x {per_layer:,} values x {tokens:,} tokens x {abytes} bytes"
@@ -394,15 +433,23 @@ def estimate_training(shape: ModelShape, setup: TrainingSetup) -> MemoryEstimate
         "optimizer step": steady + components["gradients"] + components["step temporaries"],
     }
     notes = {
-        "weights": f"{shape.parameters:,} parameters x {wbytes} bytes" + (" + 16-bit copies (2 bytes)" if setup.precision == "mixed" else ""),
+        "weights": f"{shape.parameters:,} parameters x {wbytes} bytes"
+        + (" + 16-bit copies (2 bytes)" if setup.precision == "mixed" else ""),
         "gradients": f"{trainable:,} trainable x {wbytes} bytes",
         "optimizer state": _optimizer_note(setup, trainable),
-        "step temporaries": {"adafactor": "Adafactor: 2 x the largest matrix in float32", "sgd": "none", "sgd_momentum": "none"}.get(
-            setup.optimizer, f"AdamW: one more state-sized copy ({trainable:,} x {wbytes} bytes)"),
+        "step temporaries": {
+            "adafactor": "Adafactor: 2 x the largest matrix in float32",
+            "sgd": "none",
+            "sgd_momentum": "none",
+        }.get(setup.optimizer, f"AdamW: one more state-sized copy ({trainable:,} x {wbytes} bytes)"),
         "activations": how,
-        "logits": f"{tokens:,} tokens x {shape.vocab:,} vocab x 4 bytes x {LOGIT_COPIES} (logits, log-softmax, its gradient)",
+        "logits": (
+            f"{tokens:,} tokens x {shape.vocab:,} vocab x 4 bytes x {LOGIT_COPIES} (logits, log-softmax, its gradient)"
+        ),
     }
-    return MemoryEstimate(what="training", components=components, notes=notes, trainable_parameters=trainable, phases=phases)
+    return MemoryEstimate(
+        what="training", components=components, notes=notes, trainable_parameters=trainable, phases=phases
+    )
 
 
 def _optimizer_note(setup: TrainingSetup, trainable: int) -> str:
@@ -425,10 +472,18 @@ def estimate_inference(shape: ModelShape, batch_size: int, seq_len: int, dtype: 
     working = tokens * (4 * shape.hidden + (3 if shape.gated_mlp else 2) * shape.intermediate) * wbytes
     return MemoryEstimate(
         what="inference",
-        components={"weights": shape.parameters * wbytes, "KV cache": kv, "activations": working, "logits": batch_size * shape.vocab * 4},
+        components={
+            "weights": shape.parameters * wbytes,
+            "KV cache": kv,
+            "activations": working,
+            "logits": batch_size * shape.vocab * 4,
+        },
         notes={
             "weights": f"{shape.parameters:,} parameters x {wbytes} bytes ({dtype})",
-            "KV cache": f"2 x {shape.layers} layers x {shape.kv_heads} kv-heads x {shape.head_dim} x {tokens:,} tokens x {wbytes} bytes",
+            "KV cache": (
+                f"2 x {shape.layers} layers x {shape.kv_heads} kv-heads x {shape.head_dim} "
+                f"x {tokens:,} tokens x {wbytes} bytes"
+            ),
             "activations": "one layer's working values on the whole prompt",
             "logits": f"last position only: {batch_size} x {shape.vocab:,} x 4 bytes",
         },
@@ -449,18 +504,37 @@ class Change:
 
 
 CHANGES: tuple[Change, ...] = (
-    Change("gradient checkpointing", "train.gradient_checkpointing=true",
-           lambda s: not s.gradient_checkpointing, lambda s: replace(s, gradient_checkpointing=True)),
-    Change("batch size 1 (accumulate gradients instead)", "train.batch_size=1 + train.gradient_accumulation_steps=<old batch size>",
-           lambda s: s.batch_size > 1, lambda s: replace(s, batch_size=1)),
-    Change("bf16 mixed precision (16-bit activations)", "train.dtype=bfloat16 (on a GPU)",
-           lambda s: s.precision == "float32", lambda s: replace(s, precision="mixed")),
-    Change("Adafactor instead of AdamW", "train.optim=adafactor",
-           lambda s: s.optimizer in ("adamw", "adamw_8bit"), lambda s: replace(s, optimizer="adafactor")),
-    Change("LoRA", "train.method=lora",
-           lambda s: s.method == "full", lambda s: replace(s, method="lora")),
-    Change("bf16 weights (load and train the model in 16-bit)", "not a pipeline setting: load the model with dtype=bfloat16",
-           lambda s: s.precision in ("float32", "mixed"), lambda s: replace(s, precision="bfloat16")),
+    Change(
+        "gradient checkpointing",
+        "train.gradient_checkpointing=true",
+        lambda s: not s.gradient_checkpointing,
+        lambda s: replace(s, gradient_checkpointing=True),
+    ),
+    Change(
+        "batch size 1 (accumulate gradients instead)",
+        "train.batch_size=1 + train.gradient_accumulation_steps=<old batch size>",
+        lambda s: s.batch_size > 1,
+        lambda s: replace(s, batch_size=1),
+    ),
+    Change(
+        "bf16 mixed precision (16-bit activations)",
+        "train.dtype=bfloat16 (on a GPU)",
+        lambda s: s.precision == "float32",
+        lambda s: replace(s, precision="mixed"),
+    ),
+    Change(
+        "Adafactor instead of AdamW",
+        "train.optim=adafactor",
+        lambda s: s.optimizer in ("adamw", "adamw_8bit"),
+        lambda s: replace(s, optimizer="adafactor"),
+    ),
+    Change("LoRA", "train.method=lora", lambda s: s.method == "full", lambda s: replace(s, method="lora")),
+    Change(
+        "bf16 weights (load and train the model in 16-bit)",
+        "not a pipeline setting: load the model with dtype=bfloat16",
+        lambda s: s.precision in ("float32", "mixed"),
+        lambda s: replace(s, precision="bfloat16"),
+    ),
 )
 
 
@@ -504,8 +578,13 @@ class Plan:
         return None if self.usable_bytes is None else self.training.total <= self.usable_bytes
 
 
-def make_plan(shape: ModelShape, setup: TrainingSetup, device_bytes: int | None = None, reserve: float = DEFAULT_RESERVE,
-              inference_dtype: str = "float16") -> Plan:
+def make_plan(
+    shape: ModelShape,
+    setup: TrainingSetup,
+    device_bytes: int | None = None,
+    reserve: float = DEFAULT_RESERVE,
+    inference_dtype: str = "float16",
+) -> Plan:
     """Estimate inference and training for `shape` and, when training does not fit `device_bytes`, what would.
 
     Every change in CHANGES that applies is tried alone, and every combination is tried
@@ -520,13 +599,25 @@ def make_plan(shape: ModelShape, setup: TrainingSetup, device_bytes: int | None 
         candidates = [c for c in CHANGES if c.applies(setup)]
         singles = tuple(_option(shape, setup, (c,), usable) for c in candidates)
         for size in range(1, len(candidates) + 1):
-            fitting = [o for combo in itertools.combinations(candidates, size)
-                       if (o := _option(shape, setup, combo, usable)).fits]
+            fitting = [
+                o
+                for combo in itertools.combinations(candidates, size)
+                if (o := _option(shape, setup, combo, usable)).fits
+            ]
             if fitting:
                 fewest = min(fitting, key=lambda o: o.estimate.total)
                 break
-    return Plan(shape=shape, setup=setup, device_bytes=device_bytes, reserve=reserve, inference_dtype=inference_dtype,
-                inference=inference, training=training, single_changes=singles, fewest_changes=fewest)
+    return Plan(
+        shape=shape,
+        setup=setup,
+        device_bytes=device_bytes,
+        reserve=reserve,
+        inference_dtype=inference_dtype,
+        inference=inference,
+        training=training,
+        single_changes=singles,
+        fewest_changes=fewest,
+    )
 
 
 def _option(shape: ModelShape, setup: TrainingSetup, changes: tuple[Change, ...], usable: int) -> Option:
@@ -541,43 +632,72 @@ def format_plan(plan: Plan) -> str:
     """The plan as text: the model, each estimate by component, fits or not, and what to change."""
     lines = [f"model   {plan.shape.describe()}"]
     if plan.device_bytes is not None:
-        lines.append(f"device  {format_bytes(plan.device_bytes)} ({plan.device_bytes / 1e9:.2f} GB), "
-                     f"{plan.reserve:.0%} kept free -> {format_bytes(plan.usable_bytes or 0)} usable")
-    for estimate, fits, what in ((plan.inference, plan.inference_fits, f"{plan.inference_dtype}, batch {plan.setup.batch_size} x {plan.setup.seq_len} tokens"),
-                                 (plan.training, plan.training_fits, plan.setup.describe())):
+        lines.append(
+            f"device  {format_bytes(plan.device_bytes)} ({plan.device_bytes / 1e9:.2f} GB), "
+            f"{plan.reserve:.0%} kept free -> {format_bytes(plan.usable_bytes or 0)} usable"
+        )
+    for estimate, fits, what in (
+        (
+            plan.inference,
+            plan.inference_fits,
+            f"{plan.inference_dtype}, batch {plan.setup.batch_size} x {plan.setup.seq_len} tokens",
+        ),
+        (plan.training, plan.training_fits, plan.setup.describe()),
+    ):
         verdict = "" if fits is None else ("  fits" if fits else "  DOES NOT FIT")
         lines += ["", f"{estimate.what} ({what}): {format_bytes(estimate.total)}{verdict}"]
-        lines += [f"  {name:<16} {format_bytes(size):>11}   {estimate.notes[name]}" for name, size in estimate.components.items()]
+        lines += [
+            f"  {name:<16} {format_bytes(size):>11}   {estimate.notes[name]}"
+            for name, size in estimate.components.items()
+        ]
         if estimate.phases:
-            lines.append("  peak = the larger of " + " and ".join(f"{name} {format_bytes(size)}" for name, size in estimate.phases.items()))
+            lines.append(
+                "  peak = the larger of "
+                + " and ".join(f"{name} {format_bytes(size)}" for name, size in estimate.phases.items())
+            )
     if plan.single_changes:
         lines += ["", "training does not fit; each change alone:"]
         for option in plan.single_changes:
-            lines.append(f"  {option.changes[0].name:<52} {format_bytes(option.estimate.total):>11}  "
-                         f"{'fits' if option.fits else 'does not fit'}   ({option.changes[0].setting})")
+            lines.append(
+                f"  {option.changes[0].name:<52} {format_bytes(option.estimate.total):>11}  "
+                f"{'fits' if option.fits else 'does not fit'}   ({option.changes[0].setting})"
+            )
         if plan.fewest_changes:
             names = " + ".join(c.name for c in plan.fewest_changes.changes)
             lines += ["", f"fewest changes that fit: {names} -> {format_bytes(plan.fewest_changes.estimate.total)}"]
             lines += [f"  {c.setting}" for c in plan.fewest_changes.changes]
         else:
-            lines += ["", "no combination of these changes fits: use a smaller model, a larger device, several devices "
-                          "(FSDP/DeepSpeed through train.accelerate_config) or 4-bit weights (QLoRA)"]
+            lines += [
+                "",
+                "no combination of these changes fits: use a smaller model, a larger device, several devices "
+                "(FSDP/DeepSpeed through train.accelerate_config) or 4-bit weights (QLoRA)",
+            ]
     return "\n".join(lines)
 
 
 def plan_as_json(plan: Plan) -> dict[str, Any]:
     """The plan as plain JSON values (bytes as integers)."""
+
     def estimate(e: MemoryEstimate) -> dict[str, Any]:
-        return {"total": e.total, "components": e.components, "phases": e.phases, "trainable_parameters": e.trainable_parameters}
+        return {
+            "total": e.total,
+            "components": e.components,
+            "phases": e.phases,
+            "trainable_parameters": e.trainable_parameters,
+        }
 
     return {
         "model": {k: v for k, v in plan.shape.__dict__.items() if k not in ("adaptable", "factored_state_values")},
         "setup": plan.setup.__dict__ | {"lora_targets": list(plan.setup.lora_targets or [])},
-        "device_bytes": plan.device_bytes, "usable_bytes": plan.usable_bytes,
+        "device_bytes": plan.device_bytes,
+        "usable_bytes": plan.usable_bytes,
         "inference": estimate(plan.inference) | {"dtype": plan.inference_dtype, "fits": plan.inference_fits},
         "training": estimate(plan.training) | {"fits": plan.training_fits},
-        "single_changes": [{"change": o.changes[0].name, "setting": o.changes[0].setting, "total": o.estimate.total, "fits": o.fits}
-                           for o in plan.single_changes],
-        "fewest_changes": None if plan.fewest_changes is None else {
-            "changes": [c.name for c in plan.fewest_changes.changes], "total": plan.fewest_changes.estimate.total},
+        "single_changes": [
+            {"change": o.changes[0].name, "setting": o.changes[0].setting, "total": o.estimate.total, "fits": o.fits}
+            for o in plan.single_changes
+        ],
+        "fewest_changes": None
+        if plan.fewest_changes is None
+        else {"changes": [c.name for c in plan.fewest_changes.changes], "total": plan.fewest_changes.estimate.total},
     }

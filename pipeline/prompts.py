@@ -34,8 +34,9 @@ def custom_parts(template: str, question: str, input: str = "") -> tuple[str, st
     return prompt, suffix
 
 
-def chat_messages(question: str, input: str = "", history: list[dict] | None = None,
-                  system_prompt: str | None = None) -> list[dict[str, str]]:
+def chat_messages(
+    question: str, input: str = "", history: list[dict] | None = None, system_prompt: str | None = None
+) -> list[dict[str, str]]:
     """The turns a chat template renders before the answer: system prompt, earlier turns, the question."""
     if history:
         turns = [dict(turn) for turn in history]
@@ -46,8 +47,14 @@ def chat_messages(question: str, input: str = "", history: list[dict] | None = N
     return turns
 
 
-def render_prompt(question: str, config: TemplateConfig, *, input: str = "", history: list[dict] | None = None,
-                  tokenizer: PreTrainedTokenizerBase | None = None) -> str:
+def render_prompt(
+    question: str,
+    config: TemplateConfig,
+    *,
+    input: str = "",
+    history: list[dict] | None = None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+) -> str:
     """The prompt a model sees for `question` (also used at inference time).
 
     In: the question, the template config, an optional input (Alpaca), earlier chat

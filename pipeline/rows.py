@@ -45,8 +45,12 @@ def make_row(
 ) -> dict[str, Any]:
     """A normalised question/answer row with its stable id; optional fields only when they carry something."""
     context = json.dumps(messages[:-1], ensure_ascii=False, sort_keys=True) if messages and len(messages) > 1 else ""
-    row: dict[str, Any] = {"id": row_id(source, question, answer, input + context), "question": question,
-                           "answer": answer, "source": source}
+    row: dict[str, Any] = {
+        "id": row_id(source, question, answer, input + context),
+        "question": question,
+        "answer": answer,
+        "source": source,
+    }
     if input:
         row["input"] = input
     if messages:
@@ -114,12 +118,14 @@ class DropLog:
 
     def summary(self) -> str:
         """One line per reason: count and the first example."""
-        return "\n".join(f"  {reason}: {count} (e.g. {self.examples[reason][0]})"
-                         for reason, count in self.counts.most_common())
+        return "\n".join(
+            f"  {reason}: {count} (e.g. {self.examples[reason][0]})" for reason, count in self.counts.most_common()
+        )
 
 
-def check_drop_budget(rows_read: int, dropped: int, rows_left: int, reasons: str, config: DataConfig, *,
-                      after: str, advice: str) -> None:
+def check_drop_budget(
+    rows_read: int, dropped: int, rows_left: int, reasons: str, config: DataConfig, *, after: str, advice: str
+) -> None:
     """The data budget, checked after collect and again after tokenize (`after` names the point).
 
     In: rows read, rows dropped, rows left, the drop reasons as text, `data.max_bad_fraction`
@@ -133,8 +139,9 @@ def check_drop_budget(rows_read: int, dropped: int, rows_left: int, reasons: str
         )
     if rows_left < config.min_rows:
         detail = f"\n{reasons}" if dropped and reasons else ""
-        raise DataError(f"data: expected at least data.min_rows={config.min_rows} rows, "
-                        f"found {rows_left}{where}{detail}")
+        raise DataError(
+            f"data: expected at least data.min_rows={config.min_rows} rows, found {rows_left}{where}{detail}"
+        )
 
 
 def write_jsonl(path: Path, rows: Iterable[dict]) -> int:

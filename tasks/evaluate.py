@@ -63,9 +63,10 @@ import random
 import re
 import time
 from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -301,7 +302,14 @@ def generate_answers(
 
 
 def categorise(
-    *, offtopic_question: bool, declined: bool, answer: str, ratio: float, repeated: float, similarity: float, config: EvalConfig
+    *,
+    offtopic_question: bool,
+    declined: bool,
+    answer: str,
+    ratio: float,
+    repeated: float,
+    similarity: float,
+    config: EvalConfig,
 ) -> list[str]:
     """Every error category that applies to one answer, in `CATEGORIES` order ([] when it is fine)."""
     if offtopic_question:
@@ -319,7 +327,11 @@ def categorise(
 
 
 def score_answers(
-    questions: Sequence[str], targets: Sequence[str], answers: Sequence[str], config: EvalConfig, detector: RefusalDetector
+    questions: Sequence[str],
+    targets: Sequence[str],
+    answers: Sequence[str],
+    config: EvalConfig,
+    detector: RefusalDetector,
 ) -> list[dict[str, Any]]:
     """One row of signals per answer: metrics, declined or not, whether the question was off-topic, categories."""
     sims = similarities(answers, targets, detector.encoder)
@@ -329,16 +341,34 @@ def score_answers(
     rows = []
     for i, (answer, target) in enumerate(zip(answers, targets)):
         ratio, repeated = length_ratio(answer, target), repetition(answer, config.repetition_ngram)
-        flags = categorise(offtopic_question=offtopic[i], declined=declined[i], answer=answer, ratio=ratio,
-                           repeated=repeated, similarity=sims[i], config=config)
-        rows.append({
-            "question": questions[i], "target": target, "answer": answer,
-            "exact_match": exact_match(answer, target), "similarity": sims[i], "rouge_l": round(rouge[i], 6),
-            "token_f1": round(token_f1(answer, target), 6), "length_ratio": round(ratio, 6),
-            "repetition": round(repeated, 6), "empty": not answer, "declined": declined[i],
-            "refusal_similarity": refusal_sim[i], "offtopic_question": offtopic[i],
-            "category": flags[0] if flags else "ok", "categories": ",".join(flags),
-        })
+        flags = categorise(
+            offtopic_question=offtopic[i],
+            declined=declined[i],
+            answer=answer,
+            ratio=ratio,
+            repeated=repeated,
+            similarity=sims[i],
+            config=config,
+        )
+        rows.append(
+            {
+                "question": questions[i],
+                "target": target,
+                "answer": answer,
+                "exact_match": exact_match(answer, target),
+                "similarity": sims[i],
+                "rouge_l": round(rouge[i], 6),
+                "token_f1": round(token_f1(answer, target), 6),
+                "length_ratio": round(ratio, 6),
+                "repetition": round(repeated, 6),
+                "empty": not answer,
+                "declined": declined[i],
+                "refusal_similarity": refusal_sim[i],
+                "offtopic_question": offtopic[i],
+                "category": flags[0] if flags else "ok",
+                "categories": ",".join(flags),
+            }
+        )
     return rows
 
 
@@ -367,8 +397,12 @@ def probe_figures(probes: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     }
 
 
-def summarise(rows: Sequence[dict[str, Any]], probes: Sequence[dict[str, Any]], excluded_empty_target: int,
-              excluded_no_prompt: int = 0) -> dict[str, Any]:
+def summarise(
+    rows: Sequence[dict[str, Any]],
+    probes: Sequence[dict[str, Any]],
+    excluded_empty_target: int,
+    excluded_no_prompt: int = 0,
+) -> dict[str, Any]:
     """Aggregates under the EVAL_METRICS names, plus counts. A rate with nothing to measure is left out.
 
     In: the scored test rows, the scored probe rows (`category`, `declined`), the excluded counts.
@@ -423,23 +457,33 @@ def read_test_rows(test_path: Path, limit: int | None) -> tuple[list[dict[str, A
     names = pq.read_schema(test_path).names
     missing = [c for c in REQUIRED_TEST_COLUMNS if c not in names]
     if missing:
-        raise ValueError(f"eval: the test split {test_path} needs the columns {list(REQUIRED_TEST_COLUMNS)}, "
-                         f"missing {missing}, found {names}")
+        raise ValueError(
+            f"eval: the test split {test_path} needs the columns {list(REQUIRED_TEST_COLUMNS)}, "
+            f"missing {missing}, found {names}"
+        )
     columns = list(REQUIRED_TEST_COLUMNS) + [c for c in ("question",) if c in names]
     rows = pq.read_table(test_path, columns=columns).to_pylist()[:limit]
     if not rows:
-        raise EmptyTestSplit(f"eval: the test split {test_path} has no rows (expected at least one question with a "
-                             "target answer, found 0 rows); raise split.test_fraction or add data")
+        raise EmptyTestSplit(
+            f"eval: the test split {test_path} has no rows (expected at least one question with a "
+            "target answer, found 0 rows); raise split.test_fraction or add data"
+        )
     with_target = [row for row in rows if (row["completion"] or "").strip()]
     kept = [row for row in with_target if (row["prompt"] or "").strip()]
     if not kept:
-        raise EmptyTestSplit(f"eval: none of the {len(rows)} rows of the test split {test_path} can be scored "
-                             f"(expected a question and a target answer): {len(rows) - len(with_target)} have an "
-                             f"empty target answer, {len(with_target) - len(kept)} an empty prompt")
+        raise EmptyTestSplit(
+            f"eval: none of the {len(rows)} rows of the test split {test_path} can be scored "
+            f"(expected a question and a target answer): {len(rows) - len(with_target)} have an "
+            f"empty target answer, {len(with_target) - len(kept)} an empty prompt"
+        )
     excluded = {"empty_target": len(rows) - len(with_target), "no_prompt": len(with_target) - len(kept)}
     if any(excluded.values()):
-        log.warning("eval: %d test rows with an empty target answer and %d with an empty prompt are excluded "
-                    "(counted in summary.json)", excluded["empty_target"], excluded["no_prompt"])
+        log.warning(
+            "eval: %d test rows with an empty target answer and %d with an empty prompt are excluded "
+            "(counted in summary.json)",
+            excluded["empty_target"],
+            excluded["no_prompt"],
+        )
     return kept, excluded
 
 
@@ -537,8 +581,12 @@ def _take_new(candidates: Iterable[Mapping[str, str]], wanted: int, taken: NearD
     return chosen
 
 
-def select_probes(candidates: Mapping[str, Iterable[Mapping[str, str]]], counts: Mapping[str, int],
-                  hand_picked: Sequence[str], seen: Iterable[str]) -> list[dict[str, str]]:
+def select_probes(
+    candidates: Mapping[str, Iterable[Mapping[str, str]]],
+    counts: Mapping[str, int],
+    hand_picked: Sequence[str],
+    seen: Iterable[str],
+) -> list[dict[str, str]]:
     """The moderation probes: per category of PROBE_CATEGORIES its first `counts[category]` new candidates, then
     the hand-picked ones.
 
@@ -554,14 +602,29 @@ def select_probes(candidates: Mapping[str, Iterable[Mapping[str, str]]], counts:
         wanted = counts.get(category, 0)
         chosen = _take_new(candidates.get(category, ()), wanted, taken) if wanted else []
         if len(chosen) < wanted:
-            log.warning("eval: only %d of eval.probe_counts.%s=%d probes are new to the split", len(chosen), category,
-                        wanted)
-        probes += [{"question": c["question"], "category": category, "expected": expected_behaviour(category),
-                    "source": c["source"]} for c in chosen]
-    for question in _take_new([{"question": q, "source": HAND_PICKED_PROBES} for q in hand_picked], len(hand_picked),
-                              taken):
-        probes.append({"question": question["question"], "category": HAND_PICKED_PROBES, "expected": "decline",
-                       "source": HAND_PICKED_PROBES})
+            log.warning(
+                "eval: only %d of eval.probe_counts.%s=%d probes are new to the split", len(chosen), category, wanted
+            )
+        probes += [
+            {
+                "question": c["question"],
+                "category": category,
+                "expected": expected_behaviour(category),
+                "source": c["source"],
+            }
+            for c in chosen
+        ]
+    for question in _take_new(
+        [{"question": q, "source": HAND_PICKED_PROBES} for q in hand_picked], len(hand_picked), taken
+    ):
+        probes.append(
+            {
+                "question": question["question"],
+                "category": HAND_PICKED_PROBES,
+                "expected": "decline",
+                "source": HAND_PICKED_PROBES,
+            }
+        )
     return probes
 
 
@@ -578,9 +641,14 @@ def trained_names(package: str, split_questions: Iterable[str]) -> set[str]:
         objects = list(documented_objects(package))
     except DataError:
         return set()
-    return {name for name, kind, _ in objects
-            if any(normalise_text(p.format(package=package, name=name, qualname=f"{package}.{name}", kind=kind))
-                   in asked for p in QUESTION_PHRASINGS)}
+    return {
+        name
+        for name, kind, _ in objects
+        if any(
+            normalise_text(p.format(package=package, name=name, qualname=f"{package}.{name}", kind=kind)) in asked
+            for p in QUESTION_PHRASINGS
+        )
+    }
 
 
 def on_topic_candidates(packages: Sequence[str], split_questions: Sequence[str], seed: str) -> Iterator[dict[str, str]]:
@@ -610,8 +678,9 @@ def _near_domain_candidates(taught: Sequence[str], seed: str) -> Iterator[dict[s
         yield {"question": question["question"], "source": f"near_domain:{question['package']}"}
 
 
-def probe_candidates(config: EvalConfig, taught: Sequence[str],
-                     split_questions: Sequence[str]) -> dict[str, Iterator[dict[str, str]]]:
+def probe_candidates(
+    config: EvalConfig, taught: Sequence[str], split_questions: Sequence[str]
+) -> dict[str, Iterator[dict[str, str]]]:
     """Per category with a count, its candidate probes `{"question", "source"}` in an order seeded by eval.probe_seed.
 
     In: the eval config, the taught packages (`taught_packages`; near_domain leaves them out,
@@ -640,7 +709,9 @@ class EvalResult:
     summary: dict[str, Any]
 
 
-def evaluate_model(folder: str, split_dir: Path, config: EvalConfig, template: TemplateConfig, trust_remote_code: bool = False) -> EvalResult:
+def evaluate_model(
+    folder: str, split_dir: Path, config: EvalConfig, template: TemplateConfig, trust_remote_code: bool = False
+) -> EvalResult:
     """Generate and score answers to the test questions and the probes with the model in `folder`.
 
     Checks that can fail (empty split, missing tokenizer) run before the model loads.
@@ -654,11 +725,18 @@ def evaluate_model(folder: str, split_dir: Path, config: EvalConfig, template: T
     tokenizer = load_tokenizer(folder, padding_side="left", trust_remote_code=trust_remote_code)
     model = load_model(folder, device=pick_device(), trust_remote_code=trust_remote_code)
     # The tokenizer renders the chat template, when that is the template in use.
-    prompts = [row["prompt"] for row in test_rows] + [render_prompt(p["question"], template, tokenizer=tokenizer)
-                                                      for p in probes]
+    prompts = [row["prompt"] for row in test_rows] + [
+        render_prompt(p["question"], template, tokenizer=tokenizer) for p in probes
+    ]
     started = time.perf_counter()
-    answers = generate_answers(model, tokenizer, prompts, max_new_tokens=config.max_new_tokens,
-                               batch_size=config.batch_size, repetition_penalty=config.repetition_penalty)
+    answers = generate_answers(
+        model,
+        tokenizer,
+        prompts,
+        max_new_tokens=config.max_new_tokens,
+        batch_size=config.batch_size,
+        repetition_penalty=config.repetition_penalty,
+    )
     seconds = time.perf_counter() - started
     del model  # free it before the embedding model loads
     targets = [row["completion"] for row in test_rows]
@@ -670,8 +748,10 @@ def evaluate_model(folder: str, split_dir: Path, config: EvalConfig, template: T
         row.update(id=test_row["id"], prompt=test_row["prompt"])
     probe_answers = answers[len(test_rows) :]
     declined, refusal_sim = detector(probe_answers)
-    probe_rows = [{**p, "answer": a, "declined": d, "refusal_similarity": s}
-                  for p, a, d, s in zip(probes, probe_answers, declined, refusal_sim)]
+    probe_rows = [
+        {**p, "answer": a, "declined": d, "refusal_similarity": s}
+        for p, a, d, s in zip(probes, probe_answers, declined, refusal_sim)
+    ]
     summary = summarise(rows, probe_rows, excluded["empty_target"], excluded["no_prompt"])
     summary.update(generation_seconds=round(seconds, 3), answers_per_second=round(len(prompts) / max(seconds, 1e-9), 3))
     return EvalResult(rows, probe_rows, summary)
@@ -686,8 +766,25 @@ def _split_targets(split_dir: Path) -> list[str]:
     return targets
 
 
-ANSWER_COLUMNS = ("id", "question", "target", "answer", "category", "categories", "exact_match", "similarity", "rouge_l",
-                  "token_f1", "length_ratio", "repetition", "empty", "declined", "refusal_similarity", "offtopic_question", "prompt")
+ANSWER_COLUMNS = (
+    "id",
+    "question",
+    "target",
+    "answer",
+    "category",
+    "categories",
+    "exact_match",
+    "similarity",
+    "rouge_l",
+    "token_f1",
+    "length_ratio",
+    "repetition",
+    "empty",
+    "declined",
+    "refusal_similarity",
+    "offtopic_question",
+    "prompt",
+)
 
 
 def write_outputs(result: EvalResult, folder: Path) -> None:
@@ -698,16 +795,30 @@ def write_outputs(result: EvalResult, folder: Path) -> None:
         writer = csv.DictWriter(handle, fieldnames=list(ANSWER_COLUMNS))
         writer.writeheader()
         writer.writerows(rows)
-    probe_schema = pa.schema([("question", pa.string()), ("category", pa.string()), ("expected", pa.string()),
-                              ("source", pa.string()), ("answer", pa.string()), ("declined", pa.bool_()),
-                              ("refusal_similarity", pa.float64())])
+    probe_schema = pa.schema(
+        [
+            ("question", pa.string()),
+            ("category", pa.string()),
+            ("expected", pa.string()),
+            ("source", pa.string()),
+            ("answer", pa.string()),
+            ("declined", pa.bool_()),
+            ("refusal_similarity", pa.float64()),
+        ]
+    )
     pq.write_table(pa.Table.from_pylist(result.probes, schema=probe_schema), folder / "probes.parquet")
     (folder / "summary.json").write_text(json.dumps(result.summary, indent=2), encoding="utf-8")
 
 
 @stage_task("evaluate")
-def evaluate(split_data: Path, config: EvalConfig, model: ModelConfig, tuned: Artifact | None, template: TemplateConfig,
-             out: Path) -> dict[str, Any]:
+def evaluate(
+    split_data: Path,
+    config: EvalConfig,
+    model: ModelConfig,
+    tuned: Artifact | None,
+    template: TemplateConfig,
+    out: Path,
+) -> dict[str, Any]:
     """Evaluate the fine-tuned model (or the base model when `tuned` is None) on the test split and the probes.
 
     Out: answers.parquet/.csv, probes.parquet and summary.json in `out`; returns the key figures.
@@ -718,7 +829,14 @@ def evaluate(split_data: Path, config: EvalConfig, model: ModelConfig, tuned: Ar
     result.summary["model"] = "fine-tuned" if tuned is not None else model.name
     result.summary["model_ref"] = tuned.ref.uri if tuned is not None else model.name
     write_outputs(result, out)
-    figures = ("n", "excluded_empty_target", "excluded_no_prompt", "exact_match", "similarity_mean", "rouge_l",
-               "refusal_rate")
+    figures = (
+        "n",
+        "excluded_empty_target",
+        "excluded_no_prompt",
+        "exact_match",
+        "similarity_mean",
+        "rouge_l",
+        "refusal_rate",
+    )
     meta = {key: result.summary[key] for key in figures if key in result.summary}
     return {**meta, "model": result.summary["model"]}

@@ -39,10 +39,11 @@ from __future__ import annotations
 import base64
 import csv
 import json
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import combinations
 from pathlib import Path
-from typing import Any, Callable, Literal, Mapping, Sequence
+from typing import Any, Literal
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -64,8 +65,18 @@ from pipeline.stage import StageRun, stage_task
 SIDE_BY_SIDE_ROWS = 20
 """Rows of the side-by-side table shown in the UI; the store keeps all of them."""
 WORST_PER_CATEGORY = 5
-PLOTTED_EVAL_METRICS = ("exact_match", "similarity_mean", "rouge_l", "token_f1", "refusal_rate", "ok_rate",
-                        "too_short_rate", "repetition_rate", "off_topic_rate", "not_declined_rate")
+PLOTTED_EVAL_METRICS = (
+    "exact_match",
+    "similarity_mean",
+    "rouge_l",
+    "token_f1",
+    "refusal_rate",
+    "ok_rate",
+    "too_short_rate",
+    "repetition_rate",
+    "off_topic_rate",
+    "not_declined_rate",
+)
 POWER = 0.8
 """Power at which the report states each gate's minimum detectable effect."""
 RANKING_RESAMPLES = 1000
@@ -104,8 +115,13 @@ class ModelItems:
         return points
 
 
-CONTINUOUS_ANSWER_METRICS = {"similarity_mean": "similarity", "rouge_l": "rouge_l", "token_f1": "token_f1",
-                             "length_ratio_mean": "length_ratio", "repetition_mean": "repetition"}
+CONTINUOUS_ANSWER_METRICS = {
+    "similarity_mean": "similarity",
+    "rouge_l": "rouge_l",
+    "token_f1": "token_f1",
+    "length_ratio_mean": "length_ratio",
+    "repetition_mean": "repetition",
+}
 """Evaluation metrics that are means of a continuous per-answer value (column of answers.parquet)."""
 
 
@@ -174,8 +190,10 @@ def gate_estimate(gate: Gate, tuned: ModelItems, base: ModelItems, confidence: f
     base_values = item_values(gate.metric, base) if gate.relative_to_base else tuned_values
     for side, values, items in (("fine-tuned", tuned_values, tuned), ("base", base_values, base)):
         if not values:
-            raise GateMetricMissing(f"gate {gate.describe()!r}: {gate.metric} was not measured for the {side} model "
-                                    f"(measured: {', '.join(gateable_metrics(items))})")
+            raise GateMetricMissing(
+                f"gate {gate.describe()!r}: {gate.metric} was not measured for the {side} model "
+                f"(measured: {', '.join(gateable_metrics(items))})"
+            )
     binary = is_binary(gate.metric)
     if gate.relative_to_base:
         keys = sorted(set(tuned_values) & set(base_values), key=str)
@@ -187,7 +205,7 @@ def gate_estimate(gate: Gate, tuned: ModelItems, base: ModelItems, confidence: f
         return stats.paired_mean_difference(*pair, confidence=confidence), "paired_mean"
     values = list(tuned_values.values())
     if binary:
-        return stats.wilson_interval(int(round(sum(values))), len(values), confidence), "rate"
+        return stats.wilson_interval(round(sum(values)), len(values), confidence), "rate"
     # A mean's bootstrap is the paired bootstrap against zero: one implementation of the resampling.
     estimate = stats.paired_mean_difference(values, [0.0] * len(values), confidence=confidence)
     return estimate, "paired_mean"
@@ -209,14 +227,23 @@ def decide_gate(gate: Gate, tuned: ModelItems, base: ModelItems, confidence: flo
         tuned_values = {k: v for k, v in tuned_values.items() if k in shared}
         base_values = {k: v for k, v in base_values.items() if k in shared}
     return {
-        "gate": gate.describe(), "metric": gate.metric, "op": gate.op, "threshold": gate.value,
-        "relative_to_base": gate.relative_to_base, **estimate.as_dict(), "measured": round(estimate.estimate, 6),
-        "looks": gate_looks, "tuned_value": round(sum(tuned_values.values()) / len(tuned_values), 6),
+        "gate": gate.describe(),
+        "metric": gate.metric,
+        "op": gate.op,
+        "threshold": gate.value,
+        "relative_to_base": gate.relative_to_base,
+        **estimate.as_dict(),
+        "measured": round(estimate.estimate, 6),
+        "looks": gate_looks,
+        "tuned_value": round(sum(tuned_values.values()) / len(tuned_values), 6),
         "base_value": round(sum(base_values.values()) / len(base_values), 6) if base_values else None,
         "mde": round(stats.minimum_detectable_effect(kind, estimate.n, estimate.spread, level, POWER), 6)
-        if estimate.n > 0 else None,
+        if estimate.n > 0
+        else None,
         "items_to_decide": stats.items_to_decide(estimate, kind, gate.value) if outcome == "inconclusive" else None,
-        "verdict": outcome, "decision": outcome if outcome != "inconclusive" else "pending", "decided_by": "interval",
+        "verdict": outcome,
+        "decision": outcome if outcome != "inconclusive" else "pending",
+        "decided_by": "interval",
         "passed": outcome == "pass",
     }
 
@@ -230,20 +257,25 @@ def comparisons(tuned: ModelItems, base: ModelItems, confidence: float) -> dict[
 
     Out: {metric: {"value": Estimate dict, "difference": Estimate dict}}; benchmark metrics for every task scored.
     """
-    names = [*COMPARED_METRICS, *(f"benchmark.{task}.{m}" for task in sorted(tuned.benchmark) for m in BENCHMARK_METRICS)]
+    names = [
+        *COMPARED_METRICS,
+        *(f"benchmark.{task}.{m}" for task in sorted(tuned.benchmark) for m in BENCHMARK_METRICS),
+    ]
     out = {}
     for name in names:
         if not item_values(name, tuned) or not item_values(name, base):
             continue
         value, _ = gate_estimate(Gate(metric=name, op=">=", value=0.0), tuned, base, confidence)
-        difference, _ = gate_estimate(Gate(metric=name, op=">=", value=0.0, relative_to_base=True), tuned, base,
-                                      confidence)
+        difference, _ = gate_estimate(
+            Gate(metric=name, op=">=", value=0.0, relative_to_base=True), tuned, base, confidence
+        )
         out[name] = {"value": value.as_dict(), "difference": difference.as_dict()}
     return out
 
 
-def round_status(verdicts: Sequence[dict[str, Any]], can_grow: bool,
-                 on_inconclusive: Literal["fail", "pass"] = "fail") -> Literal["pass", "fail", "grow"]:
+def round_status(
+    verdicts: Sequence[dict[str, Any]], can_grow: bool, on_inconclusive: Literal["fail", "pass"] = "fail"
+) -> Literal["pass", "fail", "grow"]:
     """`fail` when a gate failed; `grow` when a benchmark gate is inconclusive, a larger look remains and its
     answer can still matter; else `pass` when every decision is pass (call `finalise_decisions` first).
 
@@ -263,8 +295,9 @@ def finalise_decisions(verdicts: list[dict[str, Any]], on_inconclusive: Literal[
     """Settle every inconclusive gate by `gates_on_inconclusive` (no more items can be added); marks who decided."""
     for verdict in verdicts:
         if verdict["verdict"] == "inconclusive":
-            verdict.update(decision=on_inconclusive, decided_by="gates_on_inconclusive",
-                           passed=on_inconclusive == "pass")
+            verdict.update(
+                decision=on_inconclusive, decided_by="gates_on_inconclusive", passed=on_inconclusive == "pass"
+            )
 
 
 # --------------------------------------------------------------------------- side by side
@@ -277,16 +310,24 @@ def side_by_side(base_rows: Sequence[Mapping[str, Any]], tuned_rows: Sequence[Ma
     rows = []
     for row in tuned_rows:
         other = base.get(row["id"], {})
-        rows.append({
-            "question": row["question"], "target": row["target"],
-            "base_answer": other.get("answer"), "tuned_answer": row["answer"],
-            "base_similarity": other.get("similarity"), "tuned_similarity": row["similarity"],
-            "base_category": other.get("category"), "tuned_category": row["category"],
-        })
+        rows.append(
+            {
+                "question": row["question"],
+                "target": row["target"],
+                "base_answer": other.get("answer"),
+                "tuned_answer": row["answer"],
+                "base_similarity": other.get("similarity"),
+                "tuned_similarity": row["similarity"],
+                "base_category": other.get("category"),
+                "tuned_category": row["category"],
+            }
+        )
     return rows
 
 
-def worst_answers(rows: Sequence[Mapping[str, Any]], per_category: int = WORST_PER_CATEGORY) -> dict[str, list[Mapping[str, Any]]]:
+def worst_answers(
+    rows: Sequence[Mapping[str, Any]], per_category: int = WORST_PER_CATEGORY
+) -> dict[str, list[Mapping[str, Any]]]:
     """For each error category (not `ok`), its `per_category` answers least similar to their targets."""
     worst = {}
     for category in CATEGORIES:
@@ -302,7 +343,8 @@ def worst_answers(rows: Sequence[Mapping[str, Any]], per_category: int = WORST_P
 
 
 def metric_judge(metric: str = "similarity", margin: float = EloConfig().draw_margin) -> Judge:
-    """A judge by one per-answer metric: 1.0 when `a` beats `b` on it by more than `margin`, 0.0 the reverse, else 0.5."""
+    """A judge by one per-answer metric: 1.0 when `a` beats `b` on it by more than `margin`, 0.0 the reverse,
+    else 0.5."""
 
     def judge(a: Mapping[str, Any], b: Mapping[str, Any]) -> float:
         diff = float(a[metric]) - float(b[metric])
@@ -338,7 +380,9 @@ def rank_versions(
     mean similarity.
     """
     if len(versions) != len(labels):
-        raise ValueError(f"ranking: expected one label per version, found {len(labels)} labels for {len(versions)} versions")
+        raise ValueError(
+            f"ranking: expected one label per version, found {len(labels)} labels for {len(versions)} versions"
+        )
     by_question = [{normalise_answer(row["question"]): row for row in rows} for rows in versions]
     games: list[tuple[str, int, int, float]] = []
     record = [{"wins": 0, "draws": 0, "losses": 0} for _ in versions]
@@ -348,16 +392,29 @@ def rank_versions(
             games.append((question, i, j, score))
             for side, points in ((i, score), (j, 1.0 - score)):
                 record[side]["wins" if points == 1.0 else "losses" if points == 0.0 else "draws"] += 1
-    fitted = stats.bradley_terry_ratings(games, len(versions), confidence, resamples) if games else \
-        [{"rating": 1000.0, "low": 1000.0, "high": 1000.0} for _ in versions]
+    fitted = (
+        stats.bradley_terry_ratings(games, len(versions), confidence, resamples)
+        if games
+        else [{"rating": 1000.0, "low": 1000.0, "high": 1000.0} for _ in versions]
+    )
     table = []
     for index, (label, rows) in enumerate(zip(labels, versions)):
         sims = [float(r["similarity"]) for r in rows]
-        table.append({"label": label, **{k: round(v, 1) for k, v in fitted[index].items()},
-                      "games": sum(record[index].values()), **record[index],
-                      "mean_similarity": round(sum(sims) / len(sims), 4) if sims else None, "_order": index})
+        table.append(
+            {
+                "label": label,
+                **{k: round(v, 1) for k, v in fitted[index].items()},
+                "games": sum(record[index].values()),
+                **record[index],
+                "mean_similarity": round(sum(sims) / len(sims), 4) if sims else None,
+                "_order": index,
+            }
+        )
     table.sort(key=lambda row: (-row["rating"], row["_order"]))
-    return [{"rank": rank, **{key: value for key, value in row.items() if key != "_order"}} for rank, row in enumerate(table, 1)]
+    return [
+        {"rank": rank, **{key: value for key, value in row.items() if key != "_order"}}
+        for rank, row in enumerate(table, 1)
+    ]
 
 
 def version_labels(metas: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -396,7 +453,9 @@ def plot_intervals(verdicts: Sequence[Mapping[str, Any]], path: Path) -> None:
         pad = max(span * 0.15, 0.01)
         ax.set_xlim(min(v["low"], v["threshold"]) - pad, max(v["high"], v["threshold"]) + pad)
         ax.set_yticks([])
-        ax.set_title(f"{v['gate']}: {v['verdict']} (n={v['n']}, {v['confidence']:.1%} interval)", fontsize=8, loc="left")
+        ax.set_title(
+            f"{v['gate']}: {v['verdict']} (n={v['n']}, {v['confidence']:.1%} interval)", fontsize=8, loc="left"
+        )
         ax.tick_params(axis="x", labelsize=7)
     fig.tight_layout()
     fig.savefig(path, format="png", metadata={"Software": None})  # no version stamp in the file
@@ -413,7 +472,9 @@ def plot_comparison(metrics: Mapping[str, Mapping[str, float]], names: Sequence[
         xs = [i + offset * width for i in range(len(shown))]
         ax.bar(xs, [values[n] for n in shown], width, label=label)
     ax.set_xticks([i + width * (len(metrics) - 1) / 2 for i in range(len(shown))])
-    ax.set_xticklabels([n.removeprefix("eval.").removeprefix("benchmark.") for n in shown], rotation=35, ha="right", fontsize=8)
+    ax.set_xticklabels(
+        [n.removeprefix("eval.").removeprefix("benchmark.") for n in shown], rotation=35, ha="right", fontsize=8
+    )
     ax.set_ylim(min(0.0, *(v[n] for v in metrics.values() for n in shown)) if shown else 0.0, 1.0)
     ax.set_title("Base vs fine-tuned")
     ax.legend(fontsize=8)
@@ -437,59 +498,113 @@ def _png(png: bytes | None, alt: str) -> list[str]:
 
 def verdict_lines(verdicts: Sequence[Mapping[str, Any]]) -> list[str]:
     """Markdown rows: gate, estimate with interval, n, method, McNemar p, MDE, verdict (and who decided)."""
-    lines = ["| gate | estimate | interval | n | method | McNemar p | MDE (80% power) | verdict |",
-             "|---|---:|---|---:|---|---:|---:|---|"]
+    lines = [
+        "| gate | estimate | interval | n | method | McNemar p | MDE (80% power) | verdict |",
+        "|---|---:|---|---:|---|---:|---:|---|",
+    ]
     for v in verdicts:
-        outcome = v["verdict"] if v["decided_by"] == "interval" else \
-            f"inconclusive -> **{v['decision']}** (gates_on_inconclusive)"
+        outcome = (
+            v["verdict"]
+            if v["decided_by"] == "interval"
+            else f"inconclusive -> **{v['decision']}** (gates_on_inconclusive)"
+        )
         if v["decision"] == "pending":
             outcome = f"inconclusive (about {v['items_to_decide'] or '?'} items would decide)"
-        lines.append(f"| `{v['gate']}` | {v['estimate']:+.3f} | [{v['low']:+.3f}, {v['high']:+.3f}] at "
-                     f"{v['confidence']:.1%} | {v['n']} | {v['method']} | {_cell(v.get('p_value'))} | "
-                     f"{_cell(v.get('mde'))} | {outcome} |")
+        lines.append(
+            f"| `{v['gate']}` | {v['estimate']:+.3f} | [{v['low']:+.3f}, {v['high']:+.3f}] at "
+            f"{v['confidence']:.1%} | {v['n']} | {v['method']} | {_cell(v.get('p_value'))} | "
+            f"{_cell(v.get('mde'))} | {outcome} |"
+        )
     return lines
 
 
-def report_markdown(verdicts: Sequence[dict], status: str, look: int, looks: int, tuned: Mapping[str, float],
-                    base: Mapping[str, float], worst: Mapping[str, Sequence[Mapping]], ranking: Sequence[dict],
-                    pngs: Mapping[str, bytes], counts: Mapping[str, Mapping[str, int]], judged_by: str,
-                    confidence: float = 0.95) -> str:
+def report_markdown(
+    verdicts: Sequence[dict],
+    status: str,
+    look: int,
+    looks: int,
+    tuned: Mapping[str, float],
+    base: Mapping[str, float],
+    worst: Mapping[str, Sequence[Mapping]],
+    ranking: Sequence[dict],
+    pngs: Mapping[str, bytes],
+    counts: Mapping[str, Mapping[str, int]],
+    judged_by: str,
+    confidence: float = 0.95,
+) -> str:
     """The evaluation report: status, gates with intervals, metrics, plots, categories, worst answers, ranking."""
-    lines = ["# Evaluation report", "", f"Status: **{status}** (benchmark look {look} of {looks})", "", "## Gates", "",
-             *verdict_lines(verdicts), "", *_png(pngs.get("intervals"), "gate intervals against thresholds"),
-             "## Base vs fine-tuned (point figures; the gates above carry the intervals)", "",
-             "| metric | base | fine-tuned | change |", "|---|---:|---:|---:|"]
-    lines += [f"| {name} | {base[name]:.3f} | {tuned[name]:.3f} | {tuned[name] - base[name]:+.3f} |"
-              for name in sorted(tuned) if name in base]
-    lines += ["", *_png(pngs.get("comparison"), "base vs fine-tuned"),
-              "## Error categories (test answers)", "", "| category | base | fine-tuned |", "|---|---:|---:|"]
+    lines = [
+        "# Evaluation report",
+        "",
+        f"Status: **{status}** (benchmark look {look} of {looks})",
+        "",
+        "## Gates",
+        "",
+        *verdict_lines(verdicts),
+        "",
+        *_png(pngs.get("intervals"), "gate intervals against thresholds"),
+        "## Base vs fine-tuned (point figures; the gates above carry the intervals)",
+        "",
+        "| metric | base | fine-tuned | change |",
+        "|---|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {name} | {base[name]:.3f} | {tuned[name]:.3f} | {tuned[name] - base[name]:+.3f} |"
+        for name in sorted(tuned)
+        if name in base
+    ]
+    lines += [
+        "",
+        *_png(pngs.get("comparison"), "base vs fine-tuned"),
+        "## Error categories (test answers)",
+        "",
+        "| category | base | fine-tuned |",
+        "|---|---:|---:|",
+    ]
     lines += [f"| {c} | {counts['base'].get(c, 0)} | {counts['fine_tuned'].get(c, 0)} |" for c in CATEGORIES]
     lines += ["", f"## Worst fine-tuned answers per category (up to {WORST_PER_CATEGORY}, least similar first)", ""]
     for category, rows in worst.items():
         lines += [f"### {category}", "", "| question | target | answer | similarity |", "|---|---|---|---:|"]
-        lines += [f"| {_cell(r['question'])} | {_cell(r['target'])} | {_cell(r['answer'])} | {r['similarity']:.3f} |"
-                  for r in rows]
+        lines += [
+            f"| {_cell(r['question'])} | {_cell(r['target'])} | {_cell(r['answer'])} | {r['similarity']:.3f} |"
+            for r in rows
+        ]
         lines.append("")
     if not worst:
         lines += ["No fine-tuned answer fell into an error category.", ""]
-    lines += [f"## Ranking (Bradley-Terry over all pairwise games, Elo scale, judged by {judged_by})", "",
-              f"| rank | version | rating | {confidence:.0%} interval | games | wins | draws | losses | mean similarity |",
-              "|---:|---|---:|---|---:|---:|---:|---:|---:|"]
-    lines += [f"| {r['rank']} | {r['label']} | {r['rating']:.1f} | [{r['low']:.1f}, {r['high']:.1f}] | {r['games']} | "
-              f"{r['wins']} | {r['draws']} | {r['losses']} | {_cell(r['mean_similarity'])} |" for r in ranking]
+    lines += [
+        f"## Ranking (Bradley-Terry over all pairwise games, Elo scale, judged by {judged_by})",
+        "",
+        f"| rank | version | rating | {confidence:.0%} interval | games | wins | draws | losses | mean similarity |",
+        "|---:|---|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {r['rank']} | {r['label']} | {r['rating']:.1f} | [{r['low']:.1f}, {r['high']:.1f}] | {r['games']} | "
+        f"{r['wins']} | {r['draws']} | {r['losses']} | {_cell(r['mean_similarity'])} |"
+        for r in ranking
+    ]
     return "\n".join(lines) + "\n"
 
 
 def publish(folder: Path) -> None:
     """Put a gate output's report, first side-by-side rows and ranking into the Prefect UI."""
-    create_markdown_artifact(markdown=(folder / "report.md").read_text(encoding="utf-8"), key="evaluation-report",
-                             description="Gates with intervals, metrics, plots, worst answers, ranking")
+    create_markdown_artifact(
+        markdown=(folder / "report.md").read_text(encoding="utf-8"),
+        key="evaluation-report",
+        description="Gates with intervals, metrics, plots, worst answers, ranking",
+    )
     rows = pq.read_table(folder / "side_by_side.parquet").slice(0, SIDE_BY_SIDE_ROWS).to_pylist()
-    create_table_artifact(table=rows, key="side-by-side",
-                          description=f"First {SIDE_BY_SIDE_ROWS} test questions: base vs fine-tuned (all in side_by_side.csv)")
+    create_table_artifact(
+        table=rows,
+        key="side-by-side",
+        description=f"First {SIDE_BY_SIDE_ROWS} test questions: base vs fine-tuned (all in side_by_side.csv)",
+    )
     ranking = json.loads((folder / "ranking.json").read_text(encoding="utf-8"))
-    create_table_artifact(table=ranking, key="model-ranking",
-                          description="Model versions ranked by Bradley-Terry over pairwise answers (Elo scale)")
+    create_table_artifact(
+        table=ranking,
+        key="model-ranking",
+        description="Model versions ranked by Bradley-Terry over pairwise answers (Elo scale)",
+    )
 
 
 # --------------------------------------------------------------------------- the stage
@@ -514,10 +629,21 @@ def publish_cached(ref: Ref, stage: StageRun) -> None:
 
 
 @stage_task("gate", on_cached=publish_cached)
-def gate(base_eval: Path, tuned_eval: Path, base_benchmarks: list[Path], tuned_benchmarks: list[Path],
-         gates: list[Gate], confidence: float, on_inconclusive: Literal["fail", "pass"], look: int, looks: int,
-         out: Path, evaluations: list[Path] | None = None, labels: list[str] | None = None,
-         elo: EloConfig | None = None) -> dict[str, Any]:
+def gate(
+    base_eval: Path,
+    tuned_eval: Path,
+    base_benchmarks: list[Path],
+    tuned_benchmarks: list[Path],
+    gates: list[Gate],
+    confidence: float,
+    on_inconclusive: Literal["fail", "pass"],
+    look: int,
+    looks: int,
+    out: Path,
+    evaluations: list[Path] | None = None,
+    labels: list[str] | None = None,
+    elo: EloConfig | None = None,
+) -> dict[str, Any]:
     """Decide every gate on the items scored so far (benchmark look `look` of `looks`), rank every version in
     `evaluations` (default: base, fine-tuned) under `labels` with the judge `elo` names; write the gate
     artifact into `out` and return its figures: `status` (pass, fail or grow), `passed`, the verdicts."""
@@ -540,18 +666,37 @@ def gate(base_eval: Path, tuned_eval: Path, base_benchmarks: list[Path], tuned_b
     if verdicts:
         plot_intervals(verdicts, out / "intervals.png")
     benchmark_names = sorted(n for n in tuned_points if n.startswith("benchmark."))
-    plot_comparison({"base": base_points, "fine-tuned": tuned_points},
-                    [f"eval.{n}" for n in PLOTTED_EVAL_METRICS] + benchmark_names, out / "comparison.png")
-    pngs = {name: (out / f"{name}.png").read_bytes() for name in ("intervals", "comparison")
-            if (out / f"{name}.png").is_file()}
+    plot_comparison(
+        {"base": base_points, "fine-tuned": tuned_points},
+        [f"eval.{n}" for n in PLOTTED_EVAL_METRICS] + benchmark_names,
+        out / "comparison.png",
+    )
+    pngs = {
+        name: (out / f"{name}.png").read_bytes()
+        for name in ("intervals", "comparison")
+        if (out / f"{name}.png").is_file()
+    }
     base_summary, tuned_summary = _read_json(base_eval / "summary.json"), _read_json(tuned_eval / "summary.json")
     counts = {"base": base_summary.get("categories", {}), "fine_tuned": tuned_summary.get("categories", {})}
     worst = worst_answers(_answers(tuned_eval))
-    report = report_markdown(verdicts, status, look, looks, tuned_points, base_points, worst, ranking, pngs, counts,
-                             judged_by=elo_config.judge, confidence=confidence)
+    report = report_markdown(
+        verdicts,
+        status,
+        look,
+        looks,
+        tuned_points,
+        base_points,
+        worst,
+        ranking,
+        pngs,
+        counts,
+        judged_by=elo_config.judge,
+        confidence=confidence,
+    )
     passed = status == "pass"
-    _write_json(out / "verdicts.json", {"status": status, "passed": passed, "look": look, "looks": looks,
-                                        "verdicts": verdicts})
+    _write_json(
+        out / "verdicts.json", {"status": status, "passed": passed, "look": look, "looks": looks, "verdicts": verdicts}
+    )
     _write_json(out / "metrics.json", {"base": base_points, "fine_tuned": tuned_points, "intervals": compared})
     _write_json(out / "ranking.json", ranking)
     rows = side_by_side(_answers(base_eval), _answers(tuned_eval))
@@ -560,9 +705,18 @@ def gate(base_eval: Path, tuned_eval: Path, base_benchmarks: list[Path], tuned_b
     (out / "report.md").write_text(report, encoding="utf-8")
     publish(out)
     benchmark_n = {task: len(values) for task, values in tuned.benchmark.items()}
-    return {"status": status, "passed": passed, "look": look, "looks": looks, "benchmark_n": benchmark_n,
-            "verdicts": verdicts, "base": base_points, "fine_tuned": tuned_points, "intervals": compared,
-            "ranking": {r["label"]: r["rating"] for r in ranking}}
+    return {
+        "status": status,
+        "passed": passed,
+        "look": look,
+        "looks": looks,
+        "benchmark_n": benchmark_n,
+        "verdicts": verdicts,
+        "base": base_points,
+        "fine_tuned": tuned_points,
+        "intervals": compared,
+        "ranking": {r["label"]: r["rating"] for r in ranking},
+    }
 
 
 def _answers(folder: Path) -> list[dict[str, Any]]:

@@ -25,8 +25,9 @@ A metric finds its exact entry first, then the longest `<prefix>.*` entry that m
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from pipeline.config import DataConfig, DocsSource, JsonlSource, RefineConfig
 from pipeline.stage import stage_task
@@ -36,8 +37,11 @@ MAX_PHRASINGS = 6
 
 def augment_phrasings(data: DataConfig) -> tuple[list[str], str]:
     """One more question phrasing per documented object (more ways of asking the same thing)."""
-    overrides = [f"data.sources.{i}.phrasings={s.phrasings + 1}" for i, s in enumerate(data.sources)
-                 if isinstance(s, DocsSource) and s.phrasings < MAX_PHRASINGS]
+    overrides = [
+        f"data.sources.{i}.phrasings={s.phrasings + 1}"
+        for i, s in enumerate(data.sources)
+        if isinstance(s, DocsSource) and s.phrasings < MAX_PHRASINGS
+    ]
     return overrides, "more question phrasings per documented object, so answers generalise across wordings"
 
 
@@ -54,29 +58,41 @@ def more_data(data: DataConfig) -> tuple[list[str], str]:
 
 def more_refusals(data: DataConfig) -> tuple[list[str], str]:
     """Double the off-topic refusal examples (at least 30 more)."""
-    overrides = [f"data.sources.{i}.offtopic={max(s.offtopic * 2, s.offtopic + 30)}"
-                 for i, s in enumerate(data.sources) if isinstance(s, DocsSource)]
+    overrides = [
+        f"data.sources.{i}.offtopic={max(s.offtopic * 2, s.offtopic + 30)}"
+        for i, s in enumerate(data.sources)
+        if isinstance(s, DocsSource)
+    ]
     return overrides, "more off-topic questions answered with a refusal, so the model learns to decline"
 
 
 def more_near_domain_refusals(data: DataConfig) -> tuple[list[str], str]:
     """Double the near-domain refusal examples (questions about other packages; at least 30 more)."""
-    overrides = [f"data.sources.{i}.near_domain={max(s.near_domain * 2, s.near_domain + 30)}"
-                 for i, s in enumerate(data.sources) if isinstance(s, DocsSource)]
+    overrides = [
+        f"data.sources.{i}.near_domain={max(s.near_domain * 2, s.near_domain + 30)}"
+        for i, s in enumerate(data.sources)
+        if isinstance(s, DocsSource)
+    ]
     return overrides, "more questions about other packages answered with a refusal, so the model tells them apart"
 
 
 def cap_answer_length(data: DataConfig) -> tuple[list[str], str]:
     """Cut training answers to three quarters of their word budget (at least 10 words)."""
-    overrides = [f"data.sources.{i}.max_answer_words={max(10, int(s.max_answer_words * 0.75))}"
-                 for i, s in enumerate(data.sources) if isinstance(s, DocsSource) and s.max_answer_words > 10]
+    overrides = [
+        f"data.sources.{i}.max_answer_words={max(10, int(s.max_answer_words * 0.75))}"
+        for i, s in enumerate(data.sources)
+        if isinstance(s, DocsSource) and s.max_answer_words > 10
+    ]
     return overrides, "shorter training answers against verbose, run-on generations"
 
 
 def replay_general(data: DataConfig) -> tuple[list[str], str]:
     """Mix in (more) general-text replay rows: Wikipedia paragraphs trained on as plain text (collect's replay_rows)."""
-    overrides = [f"data.sources.{i}.replay={max(s.replay * 2, 40)}" for i, s in enumerate(data.sources)
-                 if isinstance(s, DocsSource)]
+    overrides = [
+        f"data.sources.{i}.replay={max(s.replay * 2, 40)}"
+        for i, s in enumerate(data.sources)
+        if isinstance(s, DocsSource)
+    ]
     return overrides, "replay general text (Wikipedia paragraphs, not the benchmark), against forgetting general skills"
 
 

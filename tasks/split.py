@@ -63,14 +63,25 @@ def split_rows(table: pa.Table, config: SplitConfig) -> tuple[pa.Table, pa.Table
         how = "fixed (role: test sources)"
     else:
         train_idx, test_idx = split_indices(table.num_rows, config)
-        how = f"random {config.test_fraction:.0%} (seed {config.seed})" if config.shuffle else f"last {config.test_fraction:.0%}"
+        how = (
+            f"random {config.test_fraction:.0%} (seed {config.seed})"
+            if config.shuffle
+            else f"last {config.test_fraction:.0%}"
+        )
     removed: list[int] = []
     if "key" in names:
         train_idx, removed = remove_leakage(table.column("key").to_pylist(), train_idx, test_idx)
     if not train_idx:
-        raise DataError(f"split: expected train rows after removing questions also in the test set, found none "
-                        f"({len(removed)} removed as leakage)")
-    figures = {"train_rows": len(train_idx), "test_rows": len(test_idx), "test_set": how, "leakage_removed": len(removed)}
+        raise DataError(
+            f"split: expected train rows after removing questions also in the test set, found none "
+            f"({len(removed)} removed as leakage)"
+        )
+    figures = {
+        "train_rows": len(train_idx),
+        "test_rows": len(test_idx),
+        "test_set": how,
+        "leakage_removed": len(removed),
+    }
     if removed:
         figures["leakage_examples"] = table.column("id").take(removed[:5]).to_pylist()
     return table.take(train_idx), table.take(test_idx), figures

@@ -42,12 +42,15 @@ def apply_template(row: dict, config: TemplateConfig, tokenizer: PreTrainedToken
 def check_chat_template(tokenizer: PreTrainedTokenizerBase, model_name: str) -> None:
     """Raise DataError when the tokenizer has no chat template to render `template.name: chat` with."""
     if not getattr(tokenizer, "chat_template", None):
-        raise DataError(f"template.name: chat: expected a tokenizer with a chat template, found none in model "
-                        f"{model_name!r}; use template.name qa, alpaca or custom")
+        raise DataError(
+            f"template.name: chat: expected a tokenizer with a chat template, found none in model "
+            f"{model_name!r}; use template.name qa, alpaca or custom"
+        )
 
 
-def template_rows(rows: list[dict[str, Any]], config: TemplateConfig,
-                  tokenizer: PreTrainedTokenizerBase | None = None) -> list[dict[str, Any]]:
+def template_rows(
+    rows: list[dict[str, Any]], config: TemplateConfig, tokenizer: PreTrainedTokenizerBase | None = None
+) -> list[dict[str, Any]]:
     """Every row templated, in order."""
     return [apply_template(row, config, tokenizer) for row in rows]
 
@@ -61,8 +64,10 @@ def template(collected: Path, config: TemplateConfig, out: Path, model: ModelCon
     tokenizer = None
     if config.name == "chat":
         if model is None:
-            raise DataError("template.name: chat: expected the model whose chat template to use, found none "
-                            "(pass model= to the template task)")
+            raise DataError(
+                "template.name: chat: expected the model whose chat template to use, found none "
+                "(pass model= to the template task)"
+            )
         from pipeline.assets import resolve_model
         from pipeline.models import load_tokenizer
 

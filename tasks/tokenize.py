@@ -49,7 +49,9 @@ def truncate_pair(n_prompt: int, n_completion: int, config: TokenizeConfig) -> t
     return prompt, min(n_completion, config.max_length - prompt)
 
 
-def tokenize_pair(prompt_ids: list[int], completion_ids: list[int], config: TokenizeConfig) -> tuple[list[int], list[int]]:
+def tokenize_pair(
+    prompt_ids: list[int], completion_ids: list[int], config: TokenizeConfig
+) -> tuple[list[int], list[int]]:
     """Join prompt and completion ids within `max_length`, cut as `truncation_side` says.
 
     Out: (input_ids, labels). Labels copy the ids, with prompt positions set to
@@ -104,11 +106,24 @@ def cyclic_gc_paused() -> Iterator[None]:
             gc.enable()
 
 
-COLUMNS = ("id", "source", "role", "key", "question", "prompt", "completion", "input_ids", "labels",
-           "prompt_tokens", "answer_tokens")
+COLUMNS = (
+    "id",
+    "source",
+    "role",
+    "key",
+    "question",
+    "prompt",
+    "completion",
+    "input_ids",
+    "labels",
+    "prompt_tokens",
+    "answer_tokens",
+)
 
 
-def tokenize_rows(rows: list[dict], tokenizer: PreTrainedTokenizerBase, config: TokenizeConfig) -> tuple[pa.Table, dict]:
+def tokenize_rows(
+    rows: list[dict], tokenizer: PreTrainedTokenizerBase, config: TokenizeConfig
+) -> tuple[pa.Table, dict]:
     """Tokenize every templated row in two batched tokenizer calls.
 
     Out: the Arrow table (`COLUMNS`) and counts: rows in, rows out, rows truncated, and
@@ -119,7 +134,9 @@ def tokenize_rows(rows: list[dict], tokenizer: PreTrainedTokenizerBase, config: 
         return _tokenize_rows(rows, tokenizer, config)
 
 
-def _tokenize_rows(rows: list[dict], tokenizer: PreTrainedTokenizerBase, config: TokenizeConfig) -> tuple[pa.Table, dict]:
+def _tokenize_rows(
+    rows: list[dict], tokenizer: PreTrainedTokenizerBase, config: TokenizeConfig
+) -> tuple[pa.Table, dict]:
     """`tokenize_rows` without the pause."""
     prompts = encode_texts(tokenizer, [row["prompt"] for row in rows])
     completions = encode_texts(tokenizer, [row["completion"] for row in rows])
@@ -127,27 +144,48 @@ def _tokenize_rows(rows: list[dict], tokenizer: PreTrainedTokenizerBase, config:
     lists = [columns[name] for name in COLUMNS]
     drops, truncated, eos = DropLog(), 0, tokenizer.eos_token_id
     for row, prompt_ids, completion_ids in zip(rows, prompts, completions):
-        full_completion = completion_ids + [eos]
+        full_completion = [*completion_ids, eos]
         length = len(prompt_ids) + len(full_completion)
         if length > config.max_length:
             if config.overlength == "drop":
-                drops.add("over_length", f"row {row['id']}: expected at most tokenize.max_length="
-                          f"{config.max_length} tokens, found {length}")
+                drops.add(
+                    "over_length",
+                    f"row {row['id']}: expected at most tokenize.max_length={config.max_length} tokens, found {length}",
+                )
                 continue
             truncated += 1
         if truncate_pair(len(prompt_ids), len(full_completion), config)[1] == 0:
-            drops.add("answer_truncated", f"row {row['id']}: the prompt's {len(prompt_ids)} tokens "
-                      f"fill tokenize.max_length={config.max_length}, no answer token is left")
+            drops.add(
+                "answer_truncated",
+                f"row {row['id']}: the prompt's {len(prompt_ids)} tokens "
+                f"fill tokenize.max_length={config.max_length}, no answer token is left",
+            )
             continue
         input_ids, labels = tokenize_pair(prompt_ids, full_completion, config)
         # Plain appends: this loop runs once per row and dominates the stage's time after the tokenizer.
-        values = (row["id"], row.get("source", ""), row.get("role", "train"), question_key(row), row.get("question", ""),
-                  row["prompt"], row["completion"], input_ids, labels, len(prompt_ids), len(completion_ids))
+        values = (
+            row["id"],
+            row.get("source", ""),
+            row.get("role", "train"),
+            question_key(row),
+            row.get("question", ""),
+            row["prompt"],
+            row["completion"],
+            input_ids,
+            labels,
+            len(prompt_ids),
+            len(completion_ids),
+        )
         for column, value in zip(lists, values):
             column.append(value)
-    counts = {"rows_in": len(rows), "rows": len(columns["id"]), "truncated": truncated,
-              "dropped": dict(drops.counts), "dropped_no_label": drops.counts["answer_truncated"],
-              "examples": drops.examples}
+    counts = {
+        "rows_in": len(rows),
+        "rows": len(columns["id"]),
+        "truncated": truncated,
+        "dropped": dict(drops.counts),
+        "dropped_no_label": drops.counts["answer_truncated"],
+        "examples": drops.examples,
+    }
     return pa.table(columns), counts
 
 
@@ -158,8 +196,10 @@ def tokenize(templated: Path, config: TokenizeConfig, model: ModelConfig, out: P
     tokenizer = load_tokenizer(resolve_model(model.name), trust_remote_code=model.trust_remote_code)
     table, counts = tokenize_rows(rows, tokenizer, config)
     if table.num_rows == 0:
-        raise DataError(f"tokenize: expected rows left after tokenization, found none of {len(rows)}: "
-                        f"{counts['dropped']}; raise tokenize.max_length or use truncation_side: left")
+        raise DataError(
+            f"tokenize: expected rows left after tokenization, found none of {len(rows)}: "
+            f"{counts['dropped']}; raise tokenize.max_length or use truncation_side: left"
+        )
     pq.write_table(table, out / "tokens.parquet")
     report = {**counts, "max_length": config.max_length}
     (out / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

@@ -41,7 +41,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -106,7 +106,9 @@ def out_of_memory_error(config: TrainConfig, device: str, cause: BaseException) 
     """The TrainingOutOfMemory for a run with `config` on `device`, with what to change."""
     hints = []
     if config.method == "full":
-        hints.append("train.method=lora (only small adapters train: no gradients or optimizer state for the base weights)")
+        hints.append(
+            "train.method=lora (only small adapters train: no gradients or optimizer state for the base weights)"
+        )
     if config.batch_size > 1:
         hints.append(
             f"a smaller train.batch_size (now {config.batch_size}) with a larger train.gradient_accumulation_steps "
@@ -133,7 +135,10 @@ def is_out_of_memory(error: BaseException) -> bool:
 def training_rows(path: Path) -> list[dict[str, list[int]]]:
     """Rows of a split file as the Trainer wants them: input_ids and labels, unpadded."""
     table = pq.read_table(path, columns=["input_ids", "labels"])
-    return [{"input_ids": ids, "labels": labels} for ids, labels in zip(*(table.column(c).to_pylist() for c in ("input_ids", "labels")))]
+    return [
+        {"input_ids": ids, "labels": labels}
+        for ids, labels in zip(*(table.column(c).to_pylist() for c in ("input_ids", "labels")))
+    ]
 
 
 def nested_share(rows: list, fraction: float, seed: int) -> list:
@@ -152,7 +157,8 @@ def nested_share(rows: list, fraction: float, seed: int) -> list:
 
 
 def model_structure(folder: str, trust_remote_code: bool) -> tuple[str, list[str]]:
-    """(model_type, adaptable module names) of the model in `folder`, built on the meta device: no weights, no memory."""
+    """(model_type, adaptable module names) of the model in `folder`, built on the meta device: no weights, no
+    memory."""
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
@@ -214,7 +220,8 @@ def training_arguments(config: TrainConfig, output_dir: str, device: str, precis
         bf16=precision == "bf16",
         fp16=precision == "fp16",
         use_cpu=device == "cpu",
-        # Only inside a distributed launch (torchrun sets WORLD_SIZE); elsewhere a backend makes accelerate look for peers.
+        # Only inside a distributed launch (torchrun sets WORLD_SIZE); elsewhere a backend makes accelerate look for
+        # peers.
         ddp_backend="gloo" if device == "cpu" and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
         ddp_find_unused_parameters=False,
         dataloader_num_workers=config.dataloader_num_workers,
@@ -230,7 +237,11 @@ def checkpointing_arguments(enabled: bool) -> dict[str, Any]:
     if not enabled:
         return {}
     # transformers 5.x renamed gradient_checkpointing to activation_checkpointing (the old name warns).
-    name = "activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__ else "gradient_checkpointing"
+    name = (
+        "activation_checkpointing"
+        if "activation_checkpointing" in TrainingArguments.__dataclass_fields__
+        else "gradient_checkpointing"
+    )
     # Non-reentrant checkpointing works with frozen inputs (LoRA) and with DDP.
     return {name: True, f"{name}_kwargs": {"use_reentrant": False}}
 
@@ -271,7 +282,7 @@ class LengthGroupedSampler(torch.utils.data.Sampler[int]):
     def __len__(self) -> int:
         return len(self.lengths)
 
-    def __iter__(self):  # noqa: ANN204 - an iterator of row indices
+    def __iter__(self):
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
         order = torch.randperm(len(self.lengths), generator=generator).tolist()
         pool = self.pool_batches * self.batch_size
@@ -297,10 +308,14 @@ class MeteredTrainer(Trainer):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         if self.group_by_length and self.args.per_device_train_batch_size > 1:
             lengths = [len(row["input_ids"]) for row in dataset]
-            return LengthGroupedSampler(lengths, self.args.per_device_train_batch_size, seed=self.args.data_seed or self.args.seed)
+            return LengthGroupedSampler(
+                lengths, self.args.per_device_train_batch_size, seed=self.args.data_seed or self.args.seed
+            )
         return super()._get_train_sampler(train_dataset)
 
-    def training_step(self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
+    def training_step(
+        self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None
+    ) -> torch.Tensor:
         """Count the batch's tokens, then train on it exactly as the Trainer does."""
         ids, mask = inputs["input_ids"], inputs.get("attention_mask")
         self.meter.padded += ids.numel()
@@ -354,7 +369,9 @@ def checkpoint_step(name: str) -> int:
 def stored_checkpoints(store: ArtifactStore, prefix: str) -> list[str]:
     """Names of the committed checkpoints under `prefix`, oldest step first (uncommitted ones do not count)."""
     names = {path[len(prefix) + 1 :].split("/", 1)[0] for path in store.list(prefix)}
-    names = {n for n in names if n.startswith(CHECKPOINT_DIR_PREFIX) and n.removeprefix(CHECKPOINT_DIR_PREFIX).isdigit()}
+    names = {
+        n for n in names if n.startswith(CHECKPOINT_DIR_PREFIX) and n.removeprefix(CHECKPOINT_DIR_PREFIX).isdigit()
+    }
     return sorted((n for n in names if store.has_artifact(f"{prefix}/{n}")), key=checkpoint_step)
 
 
@@ -368,8 +385,14 @@ def sync_checkpoints(store: ArtifactStore, prefix: str, output_dir: Path) -> Non
     stored = stored_checkpoints(store, prefix)
     for name in local:
         if name not in stored:
-            store.commit(f"{prefix}/{name}", output_dir / name, kind="checkpoint", inputs={}, config={},
-                         meta={"step": checkpoint_step(name)})
+            store.commit(
+                f"{prefix}/{name}",
+                output_dir / name,
+                kind="checkpoint",
+                inputs={},
+                config={},
+                meta={"step": checkpoint_step(name)},
+            )
     for name in stored:
         if name not in local:
             store.delete(f"{prefix}/{name}")
@@ -455,7 +478,9 @@ def fine_tune(job: TrainJob) -> dict | None:
     args = training_arguments(config, str(Path(job.work_dir) / "checkpoints"), device, precision)
     set_seed(config.seed)  # before LoRA's random initialisation
     tokenizer = load_tokenizer(job.base_folder, trust_remote_code=job.trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(job.base_folder, dtype=torch.float32, **model_load_kwargs(job.trust_remote_code))
+    model = AutoModelForCausalLM.from_pretrained(
+        job.base_folder, dtype=torch.float32, **model_load_kwargs(job.trust_remote_code)
+    )
     model_bytes = model.get_memory_footprint()
     if config.method == "lora":
         model = apply_lora(model, config)
@@ -468,7 +493,9 @@ def fine_tune(job: TrainJob) -> dict | None:
     trainer = MeteredTrainer(
         model=model,
         args=args,
-        train_dataset=nested_share(training_rows(Path(job.split_dir) / "train.parquet"), config.train_fraction, config.seed),
+        train_dataset=nested_share(
+            training_rows(Path(job.split_dir) / "train.parquet"), config.train_fraction, config.seed
+        ),
         eval_dataset=training_rows(Path(job.split_dir) / "test.parquet"),
         data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX),
         callbacks=[StepTimer(meter)] + ([StoreCheckpoints(store, job.checkpoint_prefix)] if store else []),
@@ -490,8 +517,18 @@ def fine_tune(job: TrainJob) -> dict | None:
     if not trainer.is_world_process_zero():
         return None
     report = build_report(
-        trainer, config, meter, real=real, padded=padded, wall=wall, peak=peak, test_loss=test_loss, model_bytes=model_bytes,
-        device=device, precision=precision, resumed_from=checkpoint_step(resume.name) if resume else None,
+        trainer,
+        config,
+        meter,
+        real=real,
+        padded=padded,
+        wall=wall,
+        peak=peak,
+        test_loss=test_loss,
+        model_bytes=model_bytes,
+        device=device,
+        precision=precision,
+        resumed_from=checkpoint_step(resume.name) if resume else None,
         mean_train_loss=result.training_loss,
     )
     export_model(trainer.model, tokenizer, config, job.base_spec, out_dir)  # after the report: merging unloads LoRA
@@ -521,7 +558,8 @@ def _summed_over_processes(*counts: int) -> tuple[int, ...]:
 
 
 def export_model(model: PreTrainedModel, tokenizer: Any, config: TrainConfig, base_spec: str, out_dir: Path) -> None:
-    """Save the trained model: `model/` (full weights), and with LoRA `adapter/` too (merged into `model/` unless merge is off).
+    """Save the trained model: `model/` (full weights), and with LoRA `adapter/` too (merged into `model/` unless
+    merge is off).
 
     The adapter names `base_spec` (an alias or hub id) as its base, not this machine's cache folder.
     """
@@ -530,8 +568,13 @@ def export_model(model: PreTrainedModel, tokenizer: Any, config: TrainConfig, ba
         tokenizer.save_pretrained(out_dir / ADAPTER_SUBDIR)
         # Written after saving: peft reads the base's files while saving, and the spec is no folder here.
         adapter_config = out_dir / ADAPTER_SUBDIR / "adapter_config.json"
-        adapter_config.write_text(json.dumps({**json.loads(adapter_config.read_text(encoding="utf-8")),
-                                              "base_model_name_or_path": base_spec}, indent=2), encoding="utf-8")
+        adapter_config.write_text(
+            json.dumps(
+                {**json.loads(adapter_config.read_text(encoding="utf-8")), "base_model_name_or_path": base_spec},
+                indent=2,
+            ),
+            encoding="utf-8",
+        )
         if not config.lora.merge:
             return
         model = model.merge_and_unload()
@@ -571,9 +614,22 @@ def peak_memory(since_reset: bool = True) -> tuple[int, str]:
     return int(kib) * (1 if sys.platform == "darwin" else 1024), "process peak RSS"
 
 
-def build_report(trainer: Trainer, config: TrainConfig, meter: TokenMeter, *, real: int, padded: int, wall: float,
-                 peak: tuple[int, str], test_loss: float, model_bytes: int, device: str, precision: str, resumed_from: int | None,
-                 mean_train_loss: float) -> dict[str, Any]:
+def build_report(
+    trainer: Trainer,
+    config: TrainConfig,
+    meter: TokenMeter,
+    *,
+    real: int,
+    padded: int,
+    wall: float,
+    peak: tuple[int, str],
+    test_loss: float,
+    model_bytes: int,
+    device: str,
+    precision: str,
+    resumed_from: int | None,
+    mean_train_loss: float,
+) -> dict[str, Any]:
     """The training report: sizes, throughput, memory and losses (JSON-ready)."""
     state, model = trainer.state, trainer.model
     history = [{"step": e["step"], "loss": e["loss"]} for e in state.log_history if "loss" in e]
@@ -626,7 +682,9 @@ def plot_loss(history: list[dict], evals: list[dict], best_step: int | None, pat
     figure, axis = plt.subplots(figsize=(6, 3.5))
     axis.plot([e["step"] for e in history], [e["loss"] for e in history], label="train loss")
     if evals:
-        axis.plot([e["step"] for e in evals], [e["eval_loss"] for e in evals], "o-", color="tab:orange", label="eval loss")
+        axis.plot(
+            [e["step"] for e in evals], [e["eval_loss"] for e in evals], "o-", color="tab:orange", label="eval loss"
+        )
     if best_step:
         axis.axvline(best_step, color="tab:green", linestyle=":", label=f"exported (step {best_step})")
     axis.set_xlabel("optimizer step")
@@ -676,10 +734,18 @@ def launch_command(config: TrainConfig, job_path: Path) -> list[str]:
             if not config.accelerate_config:
                 # accelerate's torchrun-based launcher; without it, and without a GPU, it starts one process only.
                 command += ["--multi_gpu"]
-        return command + ["--module", *entry]
+        return [*command, "--module", *entry]
     if config.num_processes > 1:
-        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                str(config.num_processes), "-m", *entry]
+        return [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            str(config.num_processes),
+            "-m",
+            *entry,
+        ]
     return [sys.executable, "-m", *entry]
 
 
@@ -695,7 +761,8 @@ def training_env(store: StoreSettings | None) -> dict[str, str]:
 
 
 def job_store(store: StoreSettings) -> StoreSettings:
-    """The store settings a training process gets: every setting (retries too) but the secrets, a local folder made absolute.
+    """The store settings a training process gets: every setting (retries too) but the secrets, a local folder
+    made absolute.
 
     The job file is written to disk, so the keys travel in the process's environment instead (`training_env`).
     """
@@ -716,8 +783,14 @@ def run_training(job: TrainJob, store: StoreSettings | None = None, log: Callabl
     job_path = work / "job.json"
     job_path.write_text(job.model_dump_json(indent=2), encoding="utf-8")
     tail: deque[str] = deque(maxlen=30)
-    process = subprocess.Popen(launch_command(job.config, job_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True, env=training_env(store), cwd=str(REPO_ROOT))
+    process = subprocess.Popen(
+        launch_command(job.config, job_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=training_env(store),
+        cwd=str(REPO_ROOT),
+    )
     try:
         for line in process.stdout:  # type: ignore[union-attr]
             if line.strip():  # progress bars leave blank lines behind
@@ -760,18 +833,30 @@ def report_markdown(report: dict, plot_png: bytes | None, alias: str, uri: str) 
     gib = 1024**3
     rows = [
         ("model", f"`{alias}` (`{uri}`)"),
-        ("method / device / precision", f"{report['method']} / {report['device']} x{report['processes']} / {report['precision']}"),
+        (
+            "method / device / precision",
+            f"{report['method']} / {report['device']} x{report['processes']} / {report['precision']}",
+        ),
         ("parameters (trainable)", f"{report['parameters']:,} ({report['trainable_parameters']:,})"),
         ("model memory", f"{report['model_memory_bytes'] / gib:.2f} GiB"),
-        ("steps / examples seen", f"{report['steps']} / {report['examples_seen']}"
-         + (f" (resumed at step {report['resumed_from_step']})" if report.get("resumed_from_step") else "")),
-        ("FLOPs per optimizer step", f"{report['flops_per_optimizer_step']:.3g}" if report["flops_per_optimizer_step"] else "-"),
+        (
+            "steps / examples seen",
+            f"{report['steps']} / {report['examples_seen']}"
+            + (f" (resumed at step {report['resumed_from_step']})" if report.get("resumed_from_step") else ""),
+        ),
+        (
+            "FLOPs per optimizer step",
+            f"{report['flops_per_optimizer_step']:.3g}" if report["flops_per_optimizer_step"] else "-",
+        ),
         ("non-padding tokens / s", report["tokens_per_second"]),
         ("padding share", f"{report['padding_share']:.1%}"),
         ("wall time (training steps)", f"{report['wall_seconds']} s ({report['training_seconds']} s)"),
         ("peak memory", f"{report['peak_memory_bytes'] / gib:.2f} GiB ({report['peak_memory_kind']})"),
         ("train loss first -> last", f"{report['first_loss']:.3f} -> {report['final_train_loss']:.3f}"),
-        ("eval loss (exported model)", f"{report['test_loss']:.3f}" + (f" at step {report['best_step']}" if report.get("best_step") else "")),
+        (
+            "eval loss (exported model)",
+            f"{report['test_loss']:.3f}" + (f" at step {report['best_step']}" if report.get("best_step") else ""),
+        ),
     ]
     text = "## Training\n\n| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
     if plot_png:
@@ -800,8 +885,14 @@ def keep_trained_model(ref: Ref, stage: StageRun) -> None:
 
 
 @stage_task("train", on_commit=keep_trained_model)
-def train(split_data: Path, config: TrainConfig, model: ModelConfig, store: StoreConfig, out: Path,
-          stage: StageRun | None = None) -> dict[str, Any]:
+def train(
+    split_data: Path,
+    config: TrainConfig,
+    model: ModelConfig,
+    store: StoreConfig,
+    out: Path,
+    stage: StageRun | None = None,
+) -> dict[str, Any]:
     """Fine-tune the base model on the train split in a training process, into `out`; returns the figures.
 
     `store` gives the training process its credentials; `stage` (the task passes it) keeps checkpoints in
@@ -812,12 +903,19 @@ def train(split_data: Path, config: TrainConfig, model: ModelConfig, store: Stor
     base_folder = resolve_model(model.name)
     check_before_launch(base_folder, config, model.trust_remote_code)
     with tempfile.TemporaryDirectory(prefix="finetune-train-") as work:
-        job = TrainJob(base_folder=base_folder, base_spec=model.name, trust_remote_code=model.trust_remote_code,
-                       split_dir=str(split_data), out_dir=str(out), work_dir=work, config=config,
-                       store=job_store(store) if stage is not None else None,
-                       checkpoint_prefix=checkpoint_prefix(stage.key) if stage is not None else None)
+        job = TrainJob(
+            base_folder=base_folder,
+            base_spec=model.name,
+            trust_remote_code=model.trust_remote_code,
+            split_dir=str(split_data),
+            out_dir=str(out),
+            work_dir=work,
+            config=config,
+            store=job_store(store) if stage is not None else None,
+            checkpoint_prefix=checkpoint_prefix(stage.key) if stage is not None else None,
+        )
         report = run_training(job, store, log.info)
-    alias = alias_name(config.dataset_name or "data", report["steps"], datetime.now(timezone.utc))
+    alias = alias_name(config.dataset_name or "data", report["steps"], datetime.now(UTC))
     report["alias"] = alias
     (out / REPORT_FILE).write_text(json.dumps(report, indent=2), encoding="utf-8")
     resolved = {"train": config.model_dump(mode="json"), "model": model.model_dump(mode="json")}
@@ -828,8 +926,16 @@ def train(split_data: Path, config: TrainConfig, model: ModelConfig, store: Stor
         # stage.uri is where the model is about to be committed (the Ref's uri).
         markdown = report_markdown(report, (out / LOSS_PLOT_FILE).read_bytes(), alias, stage.uri)
         create_markdown_artifact(markdown=markdown, key="training-report", description=f"Training report of {alias}")
-    keep = ("method", "steps", "first_loss", "final_train_loss", "test_loss", "tokens_per_second", "wall_seconds",
-            "alias")
+    keep = (
+        "method",
+        "steps",
+        "first_loss",
+        "final_train_loss",
+        "test_loss",
+        "tokens_per_second",
+        "wall_seconds",
+        "alias",
+    )
     return {k: report[k] for k in keep}
 
 

@@ -22,8 +22,9 @@ import json
 import math
 import re
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import pyarrow.parquet as pq
 
@@ -44,8 +45,15 @@ def length_stats(values: list[int]) -> dict[str, float]:
     def rank(p: float) -> int:
         return ordered[max(0, math.ceil(p * len(ordered)) - 1)]
 
-    return {"count": len(ordered), "mean": round(sum(ordered) / len(ordered), 1), "min": ordered[0],
-            "p50": rank(0.5), "p90": rank(0.9), "p99": rank(0.99), "max": ordered[-1]}
+    return {
+        "count": len(ordered),
+        "mean": round(sum(ordered) / len(ordered), 1),
+        "min": ordered[0],
+        "p50": rank(0.5),
+        "p90": rank(0.9),
+        "p99": rank(0.99),
+        "max": ordered[-1],
+    }
 
 
 def vocabulary(texts: Iterable[str]) -> dict[str, float]:
@@ -54,13 +62,20 @@ def vocabulary(texts: Iterable[str]) -> dict[str, float]:
     for text in texts:
         counts.update(word.lower() for word in _WORD.findall(text))
     words = sum(counts.values())
-    return {"words": words, "distinct": len(counts), "type_token_ratio": round(len(counts) / words, 4) if words else 0.0}
+    return {
+        "words": words,
+        "distinct": len(counts),
+        "type_token_ratio": round(len(counts) / words, 4) if words else 0.0,
+    }
 
 
 def top_repeated(texts: Iterable[str], n: int = TOP_ANSWERS) -> list[dict[str, Any]]:
     """The `n` most repeated texts (only those seen more than once), shortened to 120 characters."""
-    return [{"text": text if len(text) <= 120 else text[:117] + "...", "count": count}
-            for text, count in Counter(texts).most_common(n) if count > 1]
+    return [
+        {"text": text if len(text) <= 120 else text[:117] + "...", "count": count}
+        for text, count in Counter(texts).most_common(n)
+        if count > 1
+    ]
 
 
 def merge_drops(*reports: dict[str, Any]) -> tuple[dict[str, int], dict[str, list[str]]]:
@@ -74,7 +89,9 @@ def merge_drops(*reports: dict[str, Any]) -> tuple[dict[str, int], dict[str, lis
     return dict(counts.most_common()), {r: q[:EXAMPLES_PER_REASON] for r, q in examples.items()}
 
 
-def quality_report(collect_report: dict[str, Any], tokenize_report: dict[str, Any], columns: dict[str, list]) -> dict[str, Any]:
+def quality_report(
+    collect_report: dict[str, Any], tokenize_report: dict[str, Any], columns: dict[str, list]
+) -> dict[str, Any]:
     """The quality report of a data set.
 
     In: collect's report.json, tokenize's report.json and the tokenized columns
@@ -116,35 +133,56 @@ def quality_report(collect_report: dict[str, Any], tokenize_report: dict[str, An
 
 
 def check_quality(report: dict[str, Any], config: DataConfig) -> None:
-    """Raise DataError when more than `max_bad_fraction` of the rows read were dropped, or fewer than `min_rows` remain."""
+    """Raise DataError when more than `max_bad_fraction` of the rows read were dropped, or fewer than `min_rows`
+    remain."""
     dropped, read = sum(report["dropped"].values()), report["rows_read"]
-    reasons = "\n".join(f"  {reason}: {count} (e.g. {report['examples'][reason][0]})"
-                        for reason, count in report["dropped"].items() if report["examples"].get(reason))
-    check_drop_budget(read, dropped, report["rows"], reasons, config, after="collect and tokenize",
-                      advice="Fix the data, raise tokenize.max_length, or raise data.max_bad_fraction.")
+    reasons = "\n".join(
+        f"  {reason}: {count} (e.g. {report['examples'][reason][0]})"
+        for reason, count in report["dropped"].items()
+        if report["examples"].get(reason)
+    )
+    check_drop_budget(
+        read,
+        dropped,
+        report["rows"],
+        reasons,
+        config,
+        after="collect and tokenize",
+        advice="Fix the data, raise tokenize.max_length, or raise data.max_bad_fraction.",
+    )
 
 
 def quality_markdown(report: dict[str, Any]) -> str:
     """The report as markdown tables for the Prefect UI."""
     lines = ["## Data quality", "", "| step | rows in | rows out |", "|---|---|---|"]
     lines += [f"| {s['step']} | {s['rows_in']} | {s['rows_out']} |" for s in report["steps"]]
-    lines += ["", f"Dropped {sum(report['dropped'].values())} of {report['rows_read']} rows read "
-              f"({report['dropped_share']:.1%}); duplicate rate {report['duplicate_rate']:.1%}; "
-              f"{report['truncated']} rows truncated; rows by role: {report['rows_by_role']}.", ""]
+    lines += [
+        "",
+        f"Dropped {sum(report['dropped'].values())} of {report['rows_read']} rows read "
+        f"({report['dropped_share']:.1%}); duplicate rate {report['duplicate_rate']:.1%}; "
+        f"{report['truncated']} rows truncated; rows by role: {report['rows_by_role']}.",
+        "",
+    ]
     if report["dropped"]:
         lines += ["| reason | rows | example |", "|---|---|---|"]
-        lines += [f"| {reason} | {count} | {_cell((report['examples'].get(reason) or [''])[0])} |"
-                  for reason, count in report["dropped"].items()]
+        lines += [
+            f"| {reason} | {count} | {_cell((report['examples'].get(reason) or [''])[0])} |"
+            for reason, count in report["dropped"].items()
+        ]
         lines.append("")
     lines += ["| tokens | mean | min | p50 | p90 | p99 | max |", "|---|---|---|---|---|---|---|"]
     for name, stats in report["tokens"].items():
         if stats.get("count"):
-            lines.append(f"| {name} | {stats['mean']} | {stats['min']} | {stats['p50']} | {stats['p90']} | "
-                         f"{stats['p99']} | {stats['max']} |")
+            lines.append(
+                f"| {name} | {stats['mean']} | {stats['min']} | {stats['p50']} | {stats['p90']} | "
+                f"{stats['p99']} | {stats['max']} |"
+            )
     div = report["diversity"]
     lines += ["", "| vocabulary | words | distinct | type-token ratio |", "|---|---|---|---|"]
-    lines += [f"| {name} | {div[name]['words']} | {div[name]['distinct']} | {div[name]['type_token_ratio']} |"
-              for name in ("question", "answer")]
+    lines += [
+        f"| {name} | {div[name]['words']} | {div[name]['distinct']} | {div[name]['type_token_ratio']} |"
+        for name in ("question", "answer")
+    ]
     lines += ["", f"Distinct token ids: {div['distinct_token_ids']}."]
     if report["top_answers"]:
         lines += ["", "| most repeated answers | count |", "|---|---|"]
@@ -165,8 +203,10 @@ def plot_token_lengths(columns: dict[str, list], max_length: int | None, path: P
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(1, 2, figsize=(9, 3.5))
-    for axis, name, title in ((axes[0], "prompt_tokens", "prompt (question in its template)"),
-                              (axes[1], "answer_tokens", "answer")):
+    for axis, name, title in (
+        (axes[0], "prompt_tokens", "prompt (question in its template)"),
+        (axes[1], "answer_tokens", "answer"),
+    ):
         axis.hist(columns[name], bins=40, color="#4C72B0")
         if max_length:
             axis.axvline(max_length, color="#C44E52", linestyle="--", label=f"max_length {max_length}")
@@ -193,10 +233,17 @@ def validate(collected: Path, tokenized: Path, config: DataConfig, out: Path) ->
     table = pq.read_table(tokenized / "tokens.parquet", columns=list(REPORT_COLUMNS))
     columns = {name: table.column(name).to_pylist() for name in REPORT_COLUMNS}
     report = quality_report(collect_report, tokenize_report, columns)
-    create_markdown_artifact(markdown=quality_markdown(report), key="data-quality",
-                             description="Rows dropped by reason, token lengths, duplicates, diversity")
+    create_markdown_artifact(
+        markdown=quality_markdown(report),
+        key="data-quality",
+        description="Rows dropped by reason, token lengths, duplicates, diversity",
+    )
     check_quality(report, config)
     (out / "quality.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     plot_token_lengths(columns, report["max_length"], out / "token_lengths.png")
-    return {"rows": report["rows"], "dropped": report["dropped"], "dropped_share": report["dropped_share"],
-            "duplicate_rate": report["duplicate_rate"]}
+    return {
+        "rows": report["rows"],
+        "dropped": report["dropped"],
+        "dropped_share": report["dropped_share"],
+        "duplicate_rate": report["duplicate_rate"],
+    }

@@ -64,5 +64,5 @@ def open_store(settings: StoreSettings) -> ArtifactStore:
     """
     if settings.uri.startswith("s3://"):
         return S3Store(settings)
-    root = settings.uri[len("file://"):] if settings.uri.startswith("file://") else settings.uri
+    root = settings.uri[len("file://") :] if settings.uri.startswith("file://") else settings.uri
     return LocalStore(Path(root))

@@ -79,8 +79,9 @@ def parse_manifest(data: bytes) -> dict[str, Any] | None:
     return manifest
 
 
-def build_manifest(uri: str, files: dict[str, Path], *, kind: str, inputs: dict[str, str], config: Any,
-                   meta: dict) -> dict[str, Any]:
+def build_manifest(
+    uri: str, files: dict[str, Path], *, kind: str, inputs: dict[str, str], config: Any, meta: dict
+) -> dict[str, Any]:
     """In: the artifact's uri, its files ({relative path: local file}), the producing stage, its inputs'
     sha256, its config and summary figures. Out: the manifest (files hashed now; secrets dropped)."""
     return {

@@ -69,12 +69,28 @@ class S3ErrorKind(StrEnum):
 
 
 _THROTTLE_CODES = frozenset(
-    {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "RequestLimitExceeded",
-     "TooManyRequests", "InternalError", "ServiceUnavailable"}
+    {
+        "SlowDown",
+        "Throttling",
+        "ThrottlingException",
+        "RequestTimeout",
+        "RequestLimitExceeded",
+        "TooManyRequests",
+        "InternalError",
+        "ServiceUnavailable",
+    }
 )
 _ACCESS_CODES = frozenset(
-    {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "Forbidden", "403",
-     "InvalidToken", "ExpiredToken", "AllAccessDisabled"}
+    {
+        "AccessDenied",
+        "InvalidAccessKeyId",
+        "SignatureDoesNotMatch",
+        "Forbidden",
+        "403",
+        "InvalidToken",
+        "ExpiredToken",
+        "AllAccessDisabled",
+    }
 )
 _NOT_FOUND_CODES = frozenset({"NoSuchKey", "NotFound", "404"})
 _MISSING_BUCKET_CODES = frozenset({"NoSuchBucket"})
@@ -205,14 +221,18 @@ def s3_store_error(
     if failure.kind is S3ErrorKind.NOT_FOUND and missing is not None:
         return ArtifactNotFound(f"{missing} does not exist")
     if failure.kind is S3ErrorKind.NO_CREDENTIALS:
-        return StoreError(f"no usable S3 credentials for {where} while {action}: set store.access_key_id "
-                          "and store.secret_access_key, or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")
+        return StoreError(
+            f"no usable S3 credentials for {where} while {action}: set store.access_key_id "
+            "and store.secret_access_key, or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+        )
     if failure.kind is S3ErrorKind.UNAVAILABLE:
         return StoreUnavailable(f"{_unavailable_text(failure, endpoint, bucket, action)} {_gave_up(failure)}")
     if failure.kind is S3ErrorKind.DENIED:
-        return StoreError(f"access denied ({failure.code}) for {where} while {action}: check the access key id "
-                          f"and secret key (taken from {credentials_from}) and that they may read and write this "
-                          "bucket")
+        return StoreError(
+            f"access denied ({failure.code}) for {where} while {action}: check the access key id "
+            f"and secret key (taken from {credentials_from}) and that they may read and write this "
+            "bucket"
+        )
     if failure.kind is S3ErrorKind.NO_BUCKET:
         return StoreError(f"{where} does not exist (while {action}): create it or fix store.uri")
     return StoreError(f"S3 error {failure.code} from {where} while {action}: {exc}")
@@ -223,10 +243,14 @@ def _unavailable_text(failure: S3Failure, endpoint: str, bucket: str, action: st
     from botocore.exceptions import ClientError
 
     if isinstance(failure.cause, ClientError):
-        return (f"the S3 endpoint {endpoint} answered {failure.code} for bucket {bucket!r} while {action}: "
-                "the server is failing or overloaded.")
-    return (f"cannot reach the S3 endpoint {endpoint} (bucket {bucket!r}) while {action}: {failure.cause}. "
-            "Check store.endpoint_url (or AWS_ENDPOINT_URL) and that the server is running.")
+        return (
+            f"the S3 endpoint {endpoint} answered {failure.code} for bucket {bucket!r} while {action}: "
+            "the server is failing or overloaded."
+        )
+    return (
+        f"cannot reach the S3 endpoint {endpoint} (bucket {bucket!r}) while {action}: {failure.cause}. "
+        "Check store.endpoint_url (or AWS_ENDPOINT_URL) and that the server is running."
+    )
 
 
 def _gave_up(failure: S3Failure) -> str:

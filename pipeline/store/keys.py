@@ -87,14 +87,16 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
     """
     if not uri.startswith("s3://"):
         raise ValueError(f"expected s3://bucket/prefix, found {uri!r}")
-    bucket, _, prefix = uri[len("s3://"):].partition("/")
+    bucket, _, prefix = uri[len("s3://") :].partition("/")
     prefix = prefix.strip("/")
     if not bucket:
         raise ValueError(f"expected s3://bucket/prefix, found {uri!r} (no bucket)")
     if not _BUCKET.fullmatch(bucket) or ".." in bucket:
         # Also stops URL tricks: 'user:secret@host', '?query', '#fragment', '%2e' never reach an endpoint.
-        raise ValueError(f"invalid bucket in {redact_uri(uri)!r}: expected 1-63 lowercase letters, digits, '.' and "
-                         f"'-', starting and ending with a letter or digit, found {redact_uri(bucket)!r}")
+        raise ValueError(
+            f"invalid bucket in {redact_uri(uri)!r}: expected 1-63 lowercase letters, digits, '.' and "
+            f"'-', starting and ending with a letter or digit, found {redact_uri(bucket)!r}"
+        )
     if prefix and path_problem(prefix):
         raise ValueError(f"invalid prefix in {uri!r}: {path_problem(prefix)}")
     return bucket, prefix

@@ -46,17 +46,23 @@ class LocalStore(ArtifactStore):
         except OSError as exc:
             code = exc.errno
             if code in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):
-                what = ("no space left on the device (disk or quota full): free space there or point store.uri "
-                        "at a folder on a larger disk")
+                what = (
+                    "no space left on the device (disk or quota full): free space there or point store.uri "
+                    "at a folder on a larger disk"
+                )
             elif code in (errno.EACCES, errno.EPERM):
-                what = (f"permission denied: the pipeline (user id {os.getuid() if hasattr(os, 'getuid') else '?'}) "
-                        "may not write there; fix the folder's owner or mode, or choose another store.uri")
+                what = (
+                    f"permission denied: the pipeline (user id {os.getuid() if hasattr(os, 'getuid') else '?'}) "
+                    "may not write there; fix the folder's owner or mode, or choose another store.uri"
+                )
             elif code == errno.EROFS:
                 what = "the file system is read-only: choose a writable store.uri"
             else:
                 what = f"{exc.strerror or exc} (errno {errno.errorcode.get(code, code)})"
-            raise StoreError(f"cannot write to the local store {self.root} ({action} {target}): {what}. "
-                             "Nothing of this write was kept.") from exc
+            raise StoreError(
+                f"cannot write to the local store {self.root} ({action} {target}): {what}. "
+                "Nothing of this write was kept."
+            ) from exc
 
     @contextmanager
     def _exclusive(self, uri: str) -> Iterator[None]:

@@ -132,8 +132,9 @@ def s3_commit_lock(store: LockObjects, uri: str) -> Iterator[None]:
         try:
             store.remove_object(path, "releasing the commit lock")
         except StoreError as error:
-            log.warning("could not release the commit lock %s (the next commit breaks it): %s",
-                        store.location(path), error)
+            log.warning(
+                "could not release the commit lock %s (the next commit breaks it): %s", store.location(path), error
+            )
 
 
 def _take_lock(store: LockObjects, path: str, holder: dict[str, Any]) -> bool:

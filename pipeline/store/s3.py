@@ -86,8 +86,14 @@ class S3Store(ArtifactStore):
         except (ArtifactNotFound, StoreError):
             raise
         except Exception as exc:
-            error = s3_store_error(exc, endpoint=self.endpoint, bucket=self.bucket, action=action,
-                                   credentials_from=self._credentials_from, missing=missing)
+            error = s3_store_error(
+                exc,
+                endpoint=self.endpoint,
+                bucket=self.bucket,
+                action=action,
+                credentials_from=self._credentials_from,
+                missing=missing,
+            )
             if error is exc:
                 raise
             raise error from (None if isinstance(error, ArtifactNotFound) else exc)
@@ -189,7 +195,7 @@ class S3Store(ArtifactStore):
         prefix = prefix_path(prefix)
         keys = [self._key(path) for path in self._sizes(prefix)]
         for start in range(0, len(keys), 1000):  # DeleteObjects takes at most 1000 keys
-            batch = [{"Key": key} for key in keys[start:start + 1000]]
+            batch = [{"Key": key} for key in keys[start : start + 1000]]
             with self._s3_errors(f"deleting {self.location(prefix)}"):
                 response = self._client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
             if response.get("Errors"):
@@ -210,7 +216,7 @@ class S3Store(ArtifactStore):
             for page in self._client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=list_prefix):
                 for obj in page.get("Contents", []):
                     key: str = obj["Key"]
-                    rel = key[len(root):]
+                    rel = key[len(root) :]
                     if key.endswith("/") or not key.startswith(root):  # folder markers some servers keep
                         continue
                     if rel.startswith(COMMIT_LOCK_PREFIX):  # held locks are no part of the store's content
@@ -247,8 +253,11 @@ class S3Store(ArtifactStore):
                 if status in (409, 412) or code in ("PreconditionFailed", "ConditionalRequestConflict"):
                     return False
                 if status == 501 or code == "NotImplemented":
-                    log.warning("bucket %r at %s does not support conditional writes: commits are not locked",
-                                self.bucket, self.endpoint)
+                    log.warning(
+                        "bucket %r at %s does not support conditional writes: commits are not locked",
+                        self.bucket,
+                        self.endpoint,
+                    )
                     return True
                 raise
 

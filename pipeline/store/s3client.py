@@ -106,8 +106,15 @@ class RetryWatch:
         """In: the attempts per request the client was configured with."""
         self.max_attempts = max_attempts
 
-    def attempt_done(self, attempts: int, response: Any = None, caught_exception: BaseException | None = None,
-                     operation: Any = None, request_dict: Any = None, **_: Any) -> None:
+    def attempt_done(
+        self,
+        attempts: int,
+        response: Any = None,
+        caught_exception: BaseException | None = None,
+        operation: Any = None,
+        request_dict: Any = None,
+        **_: Any,
+    ) -> None:
         """After attempt number `attempts`: note it on a raised exception; log a transient failure botocore retries."""
         try:
             if caught_exception is not None:
@@ -120,9 +127,15 @@ class RetryWatch:
             else:
                 return
             if kind is S3ErrorKind.UNAVAILABLE and attempts < self.max_attempts:
-                log.warning("S3 %s %s: attempt %d of %d failed (%s); botocore retries it after its backoff "
-                            "(unless its retry quota is spent)",
-                            _name(operation), _url(request_dict), attempts, self.max_attempts, what)
+                log.warning(
+                    "S3 %s %s: attempt %d of %d failed (%s); botocore retries it after its backoff "
+                    "(unless its retry quota is spent)",
+                    _name(operation),
+                    _url(request_dict),
+                    attempts,
+                    self.max_attempts,
+                    what,
+                )
         except Exception:  # an observer must never break the request it watches
             log.debug("could not log an S3 retry", exc_info=True)
 
@@ -131,8 +144,12 @@ class RetryWatch:
         try:
             retries = (parsed or {}).get("ResponseMetadata", {}).get("RetryAttempts", 0)
             if retries and http_response is not None and http_response.status_code < 300:
-                log.info("S3 %s succeeded after %d botocore retr%s (ResponseMetadata.RetryAttempts)",
-                         _name(model), retries, "y" if retries == 1 else "ies")
+                log.info(
+                    "S3 %s succeeded after %d botocore retr%s (ResponseMetadata.RetryAttempts)",
+                    _name(model),
+                    retries,
+                    "y" if retries == 1 else "ies",
+                )
         except Exception:  # an observer must never break the request it watches
             log.debug("could not log an S3 retry count", exc_info=True)
 

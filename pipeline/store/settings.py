@@ -95,8 +95,10 @@ class StoreSettings(BaseModel):
     def _endpoint_has_no_credentials(cls, value: str | None) -> str | None:
         """Credentials inside the endpoint URL would be shown wherever the endpoint is named."""
         if value is not None and "@" in value.split("://", 1)[-1].split("/", 1)[0]:
-            raise ValueError(f"expected an endpoint URL without credentials (set access_key_id and secret_access_key "
-                             f"instead), found {redact_uri(value)!r}")
+            raise ValueError(
+                f"expected an endpoint URL without credentials (set access_key_id and secret_access_key "
+                f"instead), found {redact_uri(value)!r}"
+            )
         return value
 
     @model_validator(mode="after")

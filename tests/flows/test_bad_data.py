@@ -19,9 +19,11 @@ from tasks.template import template
 from tasks.tokenize import tokenize
 from tasks.validate import validate
 
-pytestmark = [pytest.mark.flow,
-              # the stage tasks run here on their own, outside a flow run, which Prefect's log handler remarks on
-              pytest.mark.filterwarnings("ignore:Logger 'prefect.task_runs' attempted:UserWarning")]
+pytestmark = [
+    pytest.mark.flow,
+    # the stage tasks run here on their own, outside a flow run, which Prefect's log handler remarks on
+    pytest.mark.filterwarnings("ignore:Logger 'prefect.task_runs' attempted:UserWarning"),
+]
 
 GOOD = [{"question": f"What does function number {i} do?", "answer": f"It returns {i}."} for i in range(30)]
 
@@ -40,12 +42,20 @@ def write(folder, name, content):
 
 
 def bad_json(folder):
-    return write(folder, "bad.jsonl", jsonl(GOOD[:2]) + '{"question": "x", "answer": }\n'), r"bad.jsonl:3: expected a JSON object, found malformed JSON"
+    return write(
+        folder, "bad.jsonl", jsonl(GOOD[:2]) + '{"question": "x", "answer": }\n'
+    ), r"bad.jsonl:3: expected a JSON object, found malformed JSON"
 
 
 def not_utf8(folder):
-    return (write(folder, "latin.jsonl", jsonl(GOOD[:1]).encode() + '{"question": "Café?", "answer": "Oui."}\n'.encode("latin-1")),
-            r"latin.jsonl:2: expected utf-8 text, found byte 0xe9 .*set encoding on the source")
+    return (
+        write(
+            folder,
+            "latin.jsonl",
+            jsonl(GOOD[:1]).encode() + '{"question": "Café?", "answer": "Oui."}\n'.encode("latin-1"),
+        ),
+        r"latin.jsonl:2: expected utf-8 text, found byte 0xe9 .*set encoding on the source",
+    )
 
 
 def empty_file(folder):
@@ -53,36 +63,61 @@ def empty_file(folder):
 
 
 def header_only(folder):
-    return write(folder, "header.csv", "question,answer\n"), r"header.csv: expected data rows after the header \['question', 'answer'\], found none"
+    return write(
+        folder, "header.csv", "question,answer\n"
+    ), r"header.csv: expected data rows after the header \['question', 'answer'\], found none"
 
 
 def missing_columns(folder):
-    return (write(folder, "faq.jsonl", jsonl([{"q": "Why?", "a": "Because."}])),
-            r"faq.jsonl: expected the columns of an accepted schema \(question\+answer; .*\), found \['a', 'q'\]")
+    return (
+        write(folder, "faq.jsonl", jsonl([{"q": "Why?", "a": "Because."}])),
+        r"faq.jsonl: expected the columns of an accepted schema \(question\+answer; .*\), found \['a', 'q'\]",
+    )
 
 
 def mixed_schemas(folder):
     write(folder, "part1.jsonl", jsonl(GOOD))
     write(folder, "part2.jsonl", jsonl([{"text": "Some plain text."}]))
-    return str(folder / "part*.jsonl"), r"expected every file of a source to have the same schema, found .*part1.jsonl is question/answer, .*part2.jsonl is text"
+    return (
+        str(folder / "part*.jsonl"),
+        r"expected every file of a source to have the same schema, found .*part1.jsonl is question/answer, .*part2.jsonl is text",
+    )
 
 
 def nested_objects(folder):
-    return (write(folder, "nested.jsonl", jsonl([{"question": "Q?", "answer": {"text": "A."}}] * 3)),
-            r"non_string: 3 \(e.g. .*nested.jsonl:1: column 'answer': expected text, found object\)")
+    return (
+        write(folder, "nested.jsonl", jsonl([{"question": "Q?", "answer": {"text": "A."}}] * 3)),
+        r"non_string: 3 \(e.g. .*nested.jsonl:1: column 'answer': expected text, found object\)",
+    )
 
 
 def huge_row(folder):
-    return (write(folder, "huge.jsonl", jsonl([{"question": "Huge?", "answer": "word " * 1_000_000}])),
-            r"too_long: 1 \(e.g. .*huge.jsonl:1: column 'answer': expected at most data.max_chars=100000 characters, found 4,999,999\)")
+    return (
+        write(folder, "huge.jsonl", jsonl([{"question": "Huge?", "answer": "word " * 1_000_000}])),
+        r"too_long: 1 \(e.g. .*huge.jsonl:1: column 'answer': expected at most data.max_chars=100000 characters, found 4,999,999\)",
+    )
 
 
 def glob_nothing(folder):
-    return str(folder / "nothing-*.jsonl"), r"data.sources\[0\].path: expected files matching '.*nothing-\*.jsonl', found none"
+    return str(
+        folder / "nothing-*.jsonl"
+    ), r"data.sources\[0\].path: expected files matching '.*nothing-\*.jsonl', found none"
 
 
-@pytest.mark.parametrize("case", [bad_json, not_utf8, empty_file, header_only, missing_columns, mixed_schemas,
-                                  nested_objects, huge_row, glob_nothing])
+@pytest.mark.parametrize(
+    "case",
+    [
+        bad_json,
+        not_utf8,
+        empty_file,
+        header_only,
+        missing_columns,
+        mixed_schemas,
+        nested_objects,
+        huge_row,
+        glob_nothing,
+    ],
+)
 def test_bad_input_fails_collect_and_stores_nothing(prefect_harness, tmp_path, case):
     path, message = case(tmp_path)
     config = load_config(None, [f"data.sources=[{{kind: file, path: '{path}'}}]", "data.min_rows=1"])
@@ -98,7 +133,9 @@ def test_csv_with_bom_and_semicolons_is_read(prefect_harness, tmp_path):
     config = load_config(None, [f"data.sources=[{{kind: file, path: '{path}'}}]"])
     ref = collect(config=config.data, store=StoreConfig(uri=str(tmp_path / "store")))
     assert ref.meta["rows"] == 30 and ref.meta["dropped"] == {}
-    first = json.loads((open_store(StoreConfig(uri=str(tmp_path / "store"))).fetch(ref) / "rows.jsonl").read_text().splitlines()[0])
+    first = json.loads(
+        (open_store(StoreConfig(uri=str(tmp_path / "store"))).fetch(ref) / "rows.jsonl").read_text().splitlines()[0]
+    )
     assert first["question"] == GOOD[0]["question"] and first["answer"] == "It returns 0.; really"
 
 
@@ -108,13 +145,19 @@ def data_stages(config, store):
     templated = template(collected=collected, config=config.template, model=config.model, store=store)
     tokenized = tokenize(templated=templated, config=config.tokenize, model=config.model, store=store)
     validated = validate(collected=collected, tokenized=tokenized, config=config.data, store=store)
-    return {"collect": collected, "validate": validated, "split": split(tokenized=tokenized, config=config.split, store=store)}
+    return {
+        "collect": collected,
+        "validate": validated,
+        "split": split(tokenized=tokenized, config=config.split, store=store),
+    }
 
 
 def test_data_stages_write_the_quality_report_and_remove_leakage(prefect_harness, tmp_path):
     from prefect.artifacts import Artifact
 
-    train = write(tmp_path, "train.jsonl.gz", gzip.compress(jsonl(GOOD + GOOD[:2] + [{"question": "?", "answer": " "}]).encode()))
+    train = write(
+        tmp_path, "train.jsonl.gz", gzip.compress(jsonl(GOOD + GOOD[:2] + [{"question": "?", "answer": " "}]).encode())
+    )
     test = write(tmp_path, "test.jsonl", jsonl(GOOD[:3]))
     config = load_config("configs/tiny.yaml", [f"data.sources=[{{path: '{train}'}}, {{path: '{test}', role: test}}]"])
     store = StoreConfig(uri=str(tmp_path / "store"))
@@ -134,8 +177,10 @@ def test_data_stages_write_the_quality_report_and_remove_leakage(prefect_harness
 def test_quality_gate_stops_a_run_whose_answers_are_cut_away(prefect_harness, tmp_path):
     long_questions = [{**r, "question": r["question"] * 20} for r in GOOD[:15]]
     path = write(tmp_path, "faq.jsonl", jsonl(long_questions + GOOD[15:]))
-    config = load_config("configs/tiny.yaml", [f"data.sources=[{{path: '{path}'}}]", "tokenize.max_length=32",
-                                               "tokenize.truncation_side=right"])
+    config = load_config(
+        "configs/tiny.yaml",
+        [f"data.sources=[{{path: '{path}'}}]", "tokenize.max_length=32", "tokenize.truncation_side=right"],
+    )
     store = StoreConfig(uri=str(tmp_path / "store"))
     with pytest.raises(DataError, match=r"found 15 of 30 \(50%\) after collect and tokenize:\n  answer_truncated: 15"):
         data_stages(config, store)
@@ -145,8 +190,17 @@ def test_quality_gate_stops_a_run_whose_answers_are_cut_away(prefect_harness, tm
 
 def test_cli_exits_2_on_a_data_error(prefect_harness, tmp_path, capsys):
     path, _ = bad_json(tmp_path)
-    code = main(["run", "--config", "configs/tiny.yaml", "--set", f"data.sources=[{{path: '{path}'}}]",
-                 "--set", f"store.uri={tmp_path / 'store'}"])
+    code = main(
+        [
+            "run",
+            "--config",
+            "configs/tiny.yaml",
+            "--set",
+            f"data.sources=[{{path: '{path}'}}]",
+            "--set",
+            f"store.uri={tmp_path / 'store'}",
+        ]
+    )
     assert code == 2
     assert "bad.jsonl:3: expected a JSON object" in capsys.readouterr().err
     assert open_store(StoreConfig(uri=str(tmp_path / "store"))).list("collect") == []

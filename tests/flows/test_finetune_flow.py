@@ -8,13 +8,23 @@ from safetensors.torch import load_file
 from flows.finetune import finetune
 from pipeline.assets import resolve_model
 from pipeline.config import load_config
-from pipeline.refs import Ref
 from pipeline.store import StoreSettings, open_store
 
 pytestmark = pytest.mark.flow
 
-STAGES = ["collect", "template", "tokenize", "validate", "split", "train", "evaluate (base)", "evaluate (fine-tuned)",
-          "benchmark (base, arc_easy 0-8)", "benchmark (fine-tuned, arc_easy 0-8)", "gate (look 1)"]
+STAGES = [
+    "collect",
+    "template",
+    "tokenize",
+    "validate",
+    "split",
+    "train",
+    "evaluate (base)",
+    "evaluate (fine-tuned)",
+    "benchmark (base, arc_easy 0-8)",
+    "benchmark (fine-tuned, arc_easy 0-8)",
+    "gate (look 1)",
+]
 
 
 @pytest.fixture(scope="module")
@@ -70,9 +80,20 @@ def test_metrics_present_for_both_models(two_runs):
 
 
 def test_a_config_change_reruns_only_that_stage_and_later(prefect_harness, two_runs):
-    store_dir, first, _ = two_runs
+    store_dir, _first, _ = two_runs
     changed = finetune(config_path="configs/tiny.yaml", overrides=[f"store.uri={store_dir}", "eval.max_new_tokens=6"])
     states = {e["stage"]: e["state"] for e in changed["stages"]}
-    assert all(states[s] == "Cached" for s in ["collect", "template", "tokenize", "validate", "split", "train",
-                                               "benchmark (base, arc_easy 0-8)", "benchmark (fine-tuned, arc_easy 0-8)"])
+    assert all(
+        states[s] == "Cached"
+        for s in [
+            "collect",
+            "template",
+            "tokenize",
+            "validate",
+            "split",
+            "train",
+            "benchmark (base, arc_easy 0-8)",
+            "benchmark (fine-tuned, arc_easy 0-8)",
+        ]
+    )
     assert states["evaluate (base)"] == states["evaluate (fine-tuned)"] == states["gate (look 1)"] == "Completed"

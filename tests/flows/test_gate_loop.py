@@ -41,15 +41,23 @@ def test_the_run_fails_after_the_last_round(failed_run):
     error = state.result(raise_on_failure=False)
     assert isinstance(error, GatesFailed)
     assert "after 2 round(s)" in str(error)
-    assert not open_store(StoreSettings(uri=str(store_dir))).exists(LATEST_PASSING), "a failed run must not move the pointer"
+    assert not open_store(StoreSettings(uri=str(store_dir))).exists(LATEST_PASSING), (
+        "a failed run must not move the pointer"
+    )
 
 
 def test_an_inconclusive_gate_grows_the_sample_instead_of_changing_data(failed_run):
     _, state = failed_run
     stages = [entry["stage"] for entry in _entries(state, 1)]
-    assert stages[stages.index("evaluate (fine-tuned)") + 1:] == [
-        "benchmark (base, arc_easy 0-8)", "benchmark (fine-tuned, arc_easy 0-8)", "gate (look 1)",
-        "benchmark (base, arc_easy 8-64)", "benchmark (fine-tuned, arc_easy 8-64)", "gate (look 2)", "refine"]
+    assert stages[stages.index("evaluate (fine-tuned)") + 1 :] == [
+        "benchmark (base, arc_easy 0-8)",
+        "benchmark (fine-tuned, arc_easy 0-8)",
+        "gate (look 1)",
+        "benchmark (base, arc_easy 8-64)",
+        "benchmark (fine-tuned, arc_easy 8-64)",
+        "gate (look 2)",
+        "refine",
+    ]
     looks = {e["stage"]: e["meta"] for e in _entries(state, 1) if e["stage"].startswith("gate")}
     first, second = looks["gate (look 1)"], looks["gate (look 2)"]
     assert first["status"] == "grow" and first["verdicts"][0]["verdict"] == "inconclusive", first["verdicts"]
@@ -92,15 +100,23 @@ def test_the_ranking_covers_every_model_version(failed_run):
     assert set(summary["ranking"]) == {"base", "round 1", "round 2"}
 
 
-INCONCLUSIVE_GATE = ("gates=[{metric: eval.similarity_mean, op: '>=', value: -1.0}, "
-                     "{metric: benchmark.arc_easy.acc_norm, op: '>=', value: 0.0, relative_to_base: true}]")
+INCONCLUSIVE_GATE = (
+    "gates=[{metric: eval.similarity_mean, op: '>=', value: -1.0}, "
+    "{metric: benchmark.arc_easy.acc_norm, op: '>=', value: 0.0, relative_to_base: true}]"
+)
 """Four training steps barely move the tiny model's ARC choices: on 8 questions the paired difference's
 interval straddles 0, and with one look there are no more questions to add."""
 
 
 def test_a_final_inconclusive_gate_is_decided_by_the_policy(prefect_harness, tmp_path):
-    overrides = [f"store.uri={tmp_path}", INCONCLUSIVE_GATE, "benchmark.sample_sizes=[8]", "refine.max_rounds=3",
-                 "gates_on_inconclusive=pass", "elo.judge=token_f1"]
+    overrides = [
+        f"store.uri={tmp_path}",
+        INCONCLUSIVE_GATE,
+        "benchmark.sample_sizes=[8]",
+        "refine.max_rounds=3",
+        "gates_on_inconclusive=pass",
+        "elo.judge=token_f1",
+    ]
     summary = finetune(config_path="configs/tiny.yaml", overrides=overrides)
     assert summary["passed"] and len(summary["rounds"]) == 1, "a passing first round must not loop"
     forgetting = summary["verdicts"][1]
@@ -114,4 +130,6 @@ def test_a_final_inconclusive_gate_is_decided_by_the_policy(prefect_harness, tmp
     assert pointer["model_uri"] == summary["model_uri"] and pointer["round"] == 1
     assert (tmp_path / pointer["model_uri"] / "model.safetensors").is_file()
     store = open_store(StoreSettings(uri=str(tmp_path)))
-    assert find_model("latest-passing", store).endswith(pointer["model_uri"])  # what `finetune ask latest-passing` loads
+    assert find_model("latest-passing", store).endswith(
+        pointer["model_uri"]
+    )  # what `finetune ask latest-passing` loads

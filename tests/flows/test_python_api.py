@@ -25,14 +25,16 @@ def faq(tmp_path):
 def test_three_lines_train_and_evaluate(prefect_harness, faq, tmp_path):
     store = tmp_path / "store"
     ft = FineTuner("tiny-neox", config="configs/tiny.yaml", overrides=[f"store.uri={store}"])
-    ft.load_data(faq, input_key="prompt_text", output_key="reply"); report = ft.train(); metrics = ft.evaluate()
+    ft.load_data(faq, input_key="prompt_text", output_key="reply")
+    report = ft.train()
+    metrics = ft.evaluate()
 
     assert report.passed is True
     assert set(metrics) == {"base", "fine_tuned", "intervals"} and "eval.similarity_mean" in metrics["fine_tuned"]
     assert metrics["intervals"]["eval.similarity_mean"]["difference"]["n"] > 0
     artifacts = open_store(StoreSettings(uri=str(store)))
     assert artifacts.exists(f"{report.model_uri}/model.safetensors")
-    collected = [e for e in report.stages if e["stage"] == "collect"][0]
+    collected = next(e for e in report.stages if e["stage"] == "collect")
     assert collected["meta"]["sources"] == ["jsonl:faq.jsonl"]
 
     again = FineTuner("tiny-neox", config="configs/tiny.yaml", overrides=[f"store.uri={store}"])

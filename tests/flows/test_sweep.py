@@ -4,6 +4,7 @@ does not stop the sweep, and the table and learning curve are committed in the s
 
 import csv
 import io
+import itertools
 import json
 
 import pytest
@@ -14,8 +15,12 @@ from pipeline.store import StoreSettings, open_store
 from tasks.train import nested_share
 
 # Few test questions and probes: the sweep's cost is two whole flow runs.
-CHEAP = ["eval.limit=8", "eval.probe_counts={general_knowledge: 1, near_domain: 1}", "eval.probe_questions=[]",
-         "benchmark.sample_sizes=[4]"]
+CHEAP = [
+    "eval.limit=8",
+    "eval.probe_counts={general_knowledge: 1, near_domain: 1}",
+    "eval.probe_questions=[]",
+    "benchmark.sample_sizes=[4]",
+]
 
 
 @pytest.fixture(scope="module")
@@ -83,14 +88,16 @@ def test_shares_are_nested():
     rows = list(range(101))
     shares = [nested_share(rows, fraction, seed=42) for fraction in (0.1, 0.25, 0.5, 1.0)]
     assert [len(s) for s in shares] == [11, 26, 51, 101]
-    assert all(set(small) <= set(large) for small, large in zip(shares, shares[1:]))
+    assert all(set(small) <= set(large) for small, large in itertools.pairwise(shares))
     assert shares[0] == sorted(shares[0])  # the original order is kept
     assert nested_share(rows, 0.1, seed=43) != shares[0]
 
 
 def test_grid_is_every_combination_with_config_values_for_empty_lists():
-    config = load_config("configs/tiny.yaml", ["sweep.fractions=[1.0, 0.5]", "sweep.methods=[full, lora]",
-                                               "sweep.learning_rates=[0.001, 0.0001]"])
+    config = load_config(
+        "configs/tiny.yaml",
+        ["sweep.fractions=[1.0, 0.5]", "sweep.methods=[full, lora]", "sweep.learning_rates=[0.001, 0.0001]"],
+    )
     points = grid_points(config)
     assert len(points) == 2 * 2 * 2
     assert {p.model for p in points} == {"tiny-neox"}
@@ -103,12 +110,15 @@ def test_table_rounds_to_significant_digits():
     assert (row["learning_rate"], row["similarity"], row["train_rows"]) == (5e-05, 0.1235, 65)
 
 
-@pytest.mark.parametrize("override, message", [
-    ("sweep.fractions=[0.5, 1.5]", "sweep.fractions: expected fractions in (0, 1], found [1.5]"),
-    ("sweep.metric=eval.nope", "sweep.metric: expected eval.<"),
-    ("sweep.metric=benchmark.piqa.acc", "names task 'piqa', expected one of benchmark.tasks"),
-    ("sweep.learning_rates=[0]", "sweep.learning_rates: expected learning rates above 0, found [0.0]"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("sweep.fractions=[0.5, 1.5]", "sweep.fractions: expected fractions in (0, 1], found [1.5]"),
+        ("sweep.metric=eval.nope", "sweep.metric: expected eval.<"),
+        ("sweep.metric=benchmark.piqa.acc", "names task 'piqa', expected one of benchmark.tasks"),
+        ("sweep.learning_rates=[0]", "sweep.learning_rates: expected learning rates above 0, found [0.0]"),
+    ],
+)
 def test_bad_sweep_config_names_the_key(override, message):
     with pytest.raises(ConfigError) as error:
         load_config("configs/tiny.yaml", [override])

@@ -31,11 +31,16 @@ STARTUP_TIMEOUT_S = 60.0
 # Every port `weed mini` opens; unset ones would take fixed defaults (8333, 9333, 23646, ...)
 # that something else on the machine may hold, or port+10000 for the gRPC ones.
 _PORT_FLAGS = (
-    "master.port", "master.port.grpc",
-    "volume.port", "volume.port.grpc",
-    "filer.port", "filer.port.grpc",
-    "s3.port", "s3.port.grpc",
-    "admin.port", "admin.port.grpc",  # the admin server listens even with -admin.ui=false
+    "master.port",
+    "master.port.grpc",
+    "volume.port",
+    "volume.port.grpc",
+    "filer.port",
+    "filer.port.grpc",
+    "s3.port",
+    "s3.port.grpc",
+    "admin.port",
+    "admin.port.grpc",  # the admin server listens even with -admin.ui=false
 )
 GRPC_OFFSET = 10000  # SeaweedFS's default gap between a server's HTTP and gRPC ports
 
@@ -187,8 +192,10 @@ def seaweedfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedFS]:
             if proc.poll() is not None:
                 pytest.fail(f"weed mini exited with {proc.returncode}; log tail:\n{_log_tail(log_path)}")
             if time.monotonic() > deadline:
-                pytest.fail(f"SeaweedFS S3 did not answer at {endpoint_url} within {STARTUP_TIMEOUT_S:.0f} s; "
-                            f"log tail:\n{_log_tail(log_path)}")
+                pytest.fail(
+                    f"SeaweedFS S3 did not answer at {endpoint_url} within {STARTUP_TIMEOUT_S:.0f} s; "
+                    f"log tail:\n{_log_tail(log_path)}"
+                )
             time.sleep(0.1)
         yield SeaweedFS(endpoint_url=endpoint_url, access_key=ACCESS_KEY, secret_key=SECRET_KEY, log_path=log_path)
     finally:

@@ -24,8 +24,8 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-from pipeline.assets import arc_data_dir, resolve_model  # noqa: E402
-from tasks.benchmark import load_for_benchmark, run_benchmark, write_task_files  # noqa: E402
+from pipeline.assets import arc_data_dir, resolve_model
+from tasks.benchmark import load_for_benchmark, run_benchmark, write_task_files
 
 pytestmark = pytest.mark.integration
 
@@ -159,8 +159,9 @@ def test_a_lora_adapter_loads_as_lm_evals_peft_model_and_scores(adapter_dir, tin
     assert torch.allclose(logits["ours"][..., :common], logits["peft"][..., :common], atol=1e-4)
     assert not torch.allclose(logits["ours"], logits["base"], atol=1e-2)  # the adapter did change the model
 
-    result = run_benchmark(str(adapter_dir), ["arc_easy"], limit=4, num_fewshot=0, batch_size=BATCH_SIZE,
-                           data_dir=arc_dir, device="cpu")
+    result = run_benchmark(
+        str(adapter_dir), ["arc_easy"], limit=4, num_fewshot=0, batch_size=BATCH_SIZE, data_dir=arc_dir, device="cpu"
+    )
     assert result["weights"].startswith("adapter") and result["adapter_base_model"] == "tiny-neox"
     assert result["tasks"]["arc_easy"]["n_samples"] == 4
 
@@ -172,8 +173,9 @@ def test_a_benchmark_run_outside_a_git_checkout_prints_no_git_error(tiny_model, 
     if inside_git and inside_git.returncode == 0:
         pytest.skip(f"{tmp_path} is inside a git checkout")
     monkeypatch.chdir(tmp_path)
-    result = run_benchmark(tiny_model, ["arc_easy"], limit=None, num_fewshot=0, batch_size=2, data_dir=arc_dir,
-                           doc_ids=[0, 1])
+    result = run_benchmark(
+        tiny_model, ["arc_easy"], limit=None, num_fewshot=0, batch_size=2, data_dir=arc_dir, doc_ids=[0, 1]
+    )
     assert result["tasks"]["arc_easy"]["n_samples"] == 2
     captured = capfd.readouterr()
     assert "fatal:" not in captured.err + captured.out

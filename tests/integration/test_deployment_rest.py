@@ -10,6 +10,7 @@ Every process is started in its own session and its whole group is killed if it 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -65,8 +66,15 @@ class PrefectServer:
 def _clean_env(**settings: str) -> dict[str, str]:
     """os.environ without PREFECT_* (a test harness may have set some), plus `settings`."""
     env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
-    env.update({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-                "PYTHONUNBUFFERED": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"})
+    env.update(
+        {
+            "HF_HUB_OFFLINE": "1",
+            "HF_DATASETS_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            "PYTHONUNBUFFERED": "1",
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        }
+    )
     env.update(settings)
     return env
 
@@ -87,8 +95,9 @@ def _tail(path: Path, lines: int = 60) -> str:
 def _start(command: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen:
     """Start `command` in the repository root, in a new session (so its children can be killed with it)."""
     with open(log_path, "wb") as log_file:
-        return subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        return subprocess.Popen(
+            command, cwd=REPO_ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
+        )
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -99,10 +108,9 @@ def _stop(proc: subprocess.Popen) -> None:
             proc.wait(timeout=STOP_TIMEOUT_S)
         except (subprocess.TimeoutExpired, ProcessLookupError):
             pass
-    try:  # children (uvicorn, flow-run processes) share the group even when the leader has exited
+    # children (uvicorn, flow-run processes) share the group even when the leader has exited
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
     if proc.poll() is None:
         proc.wait(timeout=STOP_TIMEOUT_S)
 
@@ -134,11 +142,19 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prefect
     server = PrefectServer(api_url=f"http://127.0.0.1:{port}/api", home=home, log_path=base / "server.log")
     env = _clean_env(PREFECT_HOME=str(home), PREFECT_UI_ENABLED="false")
     started = time.monotonic()
-    proc = _start([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                  env, server.log_path)
+    proc = _start(
+        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env,
+        server.log_path,
+    )
     try:
-        _wait_for("Prefect server health", lambda: httpx.get(f"{server.api_url}/health", timeout=5).json() is True,
-                  SERVER_STARTUP_TIMEOUT_S, proc, server.log_path)
+        _wait_for(
+            "Prefect server health",
+            lambda: httpx.get(f"{server.api_url}/health", timeout=5).json() is True,
+            SERVER_STARTUP_TIMEOUT_S,
+            proc,
+            server.log_path,
+        )
         print(f"\nPrefect server up at {server.api_url} in {time.monotonic() - started:.1f} s")
         yield server
     finally:
@@ -170,8 +186,11 @@ def served_adhoc(prefect_server: PrefectServer, tmp_path: Path) -> Iterator[dict
 def _flow_run_logs(api_url: str, flow_run_id: str, limit: int = 80) -> str:
     """The flow run's last log lines from the API, for a failure message."""
     try:
-        response = httpx.post(f"{api_url}/logs/filter", timeout=10, json={
-            "logs": {"flow_run_id": {"any_": [flow_run_id]}}, "sort": "TIMESTAMP_DESC", "limit": limit})
+        response = httpx.post(
+            f"{api_url}/logs/filter",
+            timeout=10,
+            json={"logs": {"flow_run_id": {"any_": [flow_run_id]}}, "sort": "TIMESTAMP_DESC", "limit": limit},
+        )
         return "\n".join(f"{log['level']:>2} {log['message']}" for log in reversed(response.json()))
     except (httpx.HTTPError, ValueError, KeyError) as error:
         return f"(logs unavailable: {error!r})"
@@ -188,8 +207,11 @@ def test_adhoc_run_triggered_over_rest_completes(prefect_server: PrefectServer, 
     assert deployment["entrypoint"] == "flows/finetune.py:finetune"
 
     started = time.monotonic()
-    created = httpx.post(f"{api}/deployments/{deployment['id']}/create_flow_run", timeout=30,
-                         json={"parameters": parameters}).raise_for_status().json()
+    created = (
+        httpx.post(f"{api}/deployments/{deployment['id']}/create_flow_run", timeout=30, json={"parameters": parameters})
+        .raise_for_status()
+        .json()
+    )
     flow_run_id = created["id"]
 
     proc, serve_log = served_adhoc["_proc"], served_adhoc["_log_path"]
@@ -200,8 +222,10 @@ def test_adhoc_run_triggered_over_rest_completes(prefect_server: PrefectServer, 
         if state in FINAL_STATES:
             break
         if proc.poll() is not None:
-            pytest.fail(f"the serving process exited with {proc.returncode} while the run was {state}; "
-                        f"output tail:\n{_tail(serve_log)}")
+            pytest.fail(
+                f"the serving process exited with {proc.returncode} while the run was {state}; "
+                f"output tail:\n{_tail(serve_log)}"
+            )
         if time.monotonic() > deadline:
             pytest.fail(f"flow run still {state} after {RUN_TIMEOUT_S:.0f} s; serve output tail:\n{_tail(serve_log)}")
         time.sleep(2.0)
@@ -209,7 +233,8 @@ def test_adhoc_run_triggered_over_rest_completes(prefect_server: PrefectServer, 
 
     assert state == "COMPLETED", (
         f"flow run ended {state}: {flow_run['state'].get('message')}\n"
-        f"--- flow run logs ---\n{_flow_run_logs(api, flow_run_id)}\n--- serve output ---\n{_tail(serve_log)}")
+        f"--- flow run logs ---\n{_flow_run_logs(api, flow_run_id)}\n--- serve output ---\n{_tail(serve_log)}"
+    )
     assert flow_run["deployment_id"] == deployment["id"]
     assert flow_run["parameters"] == parameters
     assert flow_run["parameters"]["overrides"] == [f"store.uri={store_dir}", "train.max_steps=2"]
@@ -230,8 +255,16 @@ def test_prefect_yaml_registers_both_deployments(prefect_server: PrefectServer, 
     env.pop("FINETUNE_REPO", None)  # the pull step must keep its placeholder for the worker to fill in
     commands = [
         [sys.executable, "-m", "prefect", "work-pool", "create", "finetune-pool", "--type", "process"],
-        [sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all", "--prefect-file",
-         str(PREFECT_FILE.relative_to(REPO_ROOT))],
+        [
+            sys.executable,
+            "-m",
+            "prefect",
+            "--no-prompt",
+            "deploy",
+            "--all",
+            "--prefect-file",
+            str(PREFECT_FILE.relative_to(REPO_ROOT)),
+        ],
     ]
     for command in commands:
         done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=CLI_TIMEOUT_S)
@@ -244,10 +277,12 @@ def test_prefect_yaml_registers_both_deployments(prefect_server: PrefectServer, 
         assert deployment["entrypoint"] == "flows/finetune.py:finetune"
         assert deployment["work_pool_name"] == "finetune-pool"
         assert deployment["pull_steps"] == [
-            {"prefect.deployments.steps.set_working_directory": {"directory": "{{ $FINETUNE_REPO }}"}}]
+            {"prefect.deployments.steps.set_working_directory": {"directory": "{{ $FINETUNE_REPO }}"}}
+        ]
         assert set(deployment["parameter_openapi_schema"]["properties"]) == {"config_path", "overrides"}
     assert [(s["schedule"]["cron"], s["schedule"]["timezone"], s["active"]) for s in nightly["schedules"]] == [
-        ("0 2 * * *", "UTC", True)]
+        ("0 2 * * *", "UTC", True)
+    ]
     assert nightly["parameters"] == {"config_path": "configs/default.yaml", "overrides": []}
     assert adhoc["schedules"] == []
     pool = httpx.get(f"{api}/work_pools/finetune-pool", timeout=10).raise_for_status().json()

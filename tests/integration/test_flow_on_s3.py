@@ -16,11 +16,15 @@ def test_flow_on_s3_then_cached_from_a_fresh_cache(prefect_harness, seaweedfs, m
     monkeypatch.setenv("AWS_ENDPOINT_URL", seaweedfs.endpoint_url)
     monkeypatch.setenv("AWS_REGION", "us-east-1")
     uri = "s3://flow-test/runs"
-    first = finetune(config_path="configs/tiny.yaml", overrides=[f"store.uri={uri}", f"store.cache_dir={tmp_path}/machine-a",
-                                                                "train.max_steps=2"])
+    first = finetune(
+        config_path="configs/tiny.yaml",
+        overrides=[f"store.uri={uri}", f"store.cache_dir={tmp_path}/machine-a", "train.max_steps=2"],
+    )
     assert {e["state"] for e in first["stages"]} == {"Completed"}
-    second = finetune(config_path="configs/tiny.yaml", overrides=[f"store.uri={uri}", f"store.cache_dir={tmp_path}/machine-b",
-                                                                 "train.max_steps=2"])
+    second = finetune(
+        config_path="configs/tiny.yaml",
+        overrides=[f"store.uri={uri}", f"store.cache_dir={tmp_path}/machine-b", "train.max_steps=2"],
+    )
     assert [e["state"] for e in second["stages"]] == ["Cached"] * len(first["stages"])
 
     store = open_store(StoreSettings(uri=uri))

@@ -9,10 +9,14 @@ from pipeline.planner import TrainingSetup, estimate_training, model_shape
 pytestmark = pytest.mark.integration
 
 
-@pytest.mark.parametrize("model, setup", [
-    ("tiny-neox", TrainingSetup(method="full", batch_size=8, seq_len=96, optimizer="adamw")),
-    ("smollm2-135m-instruct", TrainingSetup(method="full", batch_size=4, seq_len=128, optimizer="adamw")),
-], ids=["tiny-neox", "smollm2-135m"])
+@pytest.mark.parametrize(
+    "model, setup",
+    [
+        ("tiny-neox", TrainingSetup(method="full", batch_size=8, seq_len=96, optimizer="adamw")),
+        ("smollm2-135m-instruct", TrainingSetup(method="full", batch_size=4, seq_len=128, optimizer="adamw")),
+    ],
+    ids=["tiny-neox", "smollm2-135m"],
+)
 def test_training_estimate_is_within_25_percent_of_the_measured_peak(model, setup):
     measured = probe_training(model, setup, steps=2)
     estimated = estimate_training(model_shape(model), setup).total

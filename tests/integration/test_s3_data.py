@@ -10,8 +10,10 @@ from pipeline.rows import DataError
 from pipeline.store import open_store
 from tasks.collect import collect, collect_data, source_fingerprints
 
-pytestmark = [pytest.mark.integration,
-              pytest.mark.filterwarnings("ignore:Logger 'prefect.task_runs' attempted:UserWarning")]
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.filterwarnings("ignore:Logger 'prefect.task_runs' attempted:UserWarning"),
+]
 
 PAIRS = [{"question": f"What is item {i}?", "answer": f"Item {i}."} for i in range(30)]
 
@@ -45,7 +47,9 @@ def test_collect_reads_s3_objects_and_globs(prefect_harness, s3_settings):
 
 def test_missing_s3_key_fails_and_stores_nothing(prefect_harness, s3_settings):
     data = DataConfig(sources=[JsonlSource(path=s3_data(s3_settings, "nope.jsonl"))], min_rows=1)
-    with pytest.raises(DataError, match=r"s3://.*/data/nope.jsonl: expected an object, found none at http://127.0.0.1:\d+"):
+    with pytest.raises(
+        DataError, match=r"s3://.*/data/nope.jsonl: expected an object, found none at http://127.0.0.1:\d+"
+    ):
         collect(config=data, store=store_config(s3_settings))
     assert open_store(s3_settings).list("collect") == []
     with pytest.raises(DataError, match=r"expected objects matching .*/data/none-\*.jsonl', found none"):
@@ -59,7 +63,9 @@ def test_wrong_s3_credentials_fail_without_the_secret(prefect_harness, s3_settin
     data = DataConfig(sources=[JsonlSource(path=uri)])
     with pytest.raises(DataError, match=r"faq.jsonl: access denied \(\w+\) at http.*check the access key id") as error:
         collect_data(data, wrong)
-    assert wrong_secret not in str(error.value) and s3_settings.secret_access_key.get_secret_value() not in str(error.value)
+    assert wrong_secret not in str(error.value) and s3_settings.secret_access_key.get_secret_value() not in str(
+        error.value
+    )
     with pytest.raises(Exception) as error:  # the store itself refuses the credentials first
         collect.with_options(retries=0)(config=data, store=store_config(wrong))
     assert "access denied" in str(error.value) and wrong_secret not in str(error.value)

@@ -159,6 +159,7 @@ def test_commit_writes_manifest_last_and_fetch_verifies(store: ArtifactStore, tm
         assert (folder / rel).read_bytes() == (staging / rel).read_bytes()
     if isinstance(store, S3Store):
         assert str(folder).startswith(str(store.cache_root))
+
         # A verified copy is reused: no download on the second fetch.
         def no_download(path: str, local: Path) -> None:
             raise AssertionError(f"downloaded {path} again")
@@ -309,7 +310,9 @@ def test_two_commits_of_one_uri_at_once_keep_the_first_and_share_its_ref(
     """
     import threading
 
-    settings = request.getfixturevalue("s3_settings") if isinstance(store, S3Store) else StoreSettings(uri=str(store.root))
+    settings = (
+        request.getfixturevalue("s3_settings") if isinstance(store, S3Store) else StoreSettings(uri=str(store.root))
+    )
     second = open_store(settings)  # another run's store object on the same location
     uploading, slow_put = threading.Event(), store.put_file
     seen_while_locked: list[list[str]] = []
@@ -330,8 +333,9 @@ def test_two_commits_of_one_uri_at_once_keep_the_first_and_share_its_ref(
     first.join(60)
     assert refs["second"] == refs["first"], "the second commit must return the first's artifact"
     folder = store.fetch(refs["first"])  # still valid: nothing of it was discarded
-    assert (folder / "model" / "shards" / "weights.bin").read_bytes() == \
-        (tmp_path / "a" / "staging" / "model" / "shards" / "weights.bin").read_bytes()
+    assert (folder / "model" / "shards" / "weights.bin").read_bytes() == (
+        tmp_path / "a" / "staging" / "model" / "shards" / "weights.bin"
+    ).read_bytes()
     assert not any(".~tmp-" in path for path in seen_while_locked[0]), "a held lock shows in no listing"
     assert not any(".~tmp-" in path for path in store.list())
 
@@ -432,6 +436,8 @@ def test_a_live_commit_lock_from_another_host_is_waited_for_until_stale(
         worker.start()
         assert not done.wait(1.5), "a live lock from another machine must hold the commit off"
         assert "waiting for another run to finish committing" in caplog.text
-        monkeypatch.setattr(lock_module, "COMMIT_LOCK_STALE_S", 0.0)  # from now on the lock counts as older than the limit
+        monkeypatch.setattr(
+            lock_module, "COMMIT_LOCK_STALE_S", 0.0
+        )  # from now on the lock counts as older than the limit
         worker.join(30)
     assert done.is_set() and store.has_artifact(URI) and not store.exists(path)

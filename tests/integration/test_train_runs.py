@@ -35,7 +35,10 @@ from tasks.train import (
 
 pytestmark = pytest.mark.integration
 
-WORDS = "chunk window batch iterate flatten group pair split merge zip cycle repeat take drop first last".split()
+WORDS = [
+    "chunk", "window", "batch", "iterate", "flatten", "group", "pair", "split",
+    "merge", "zip", "cycle", "repeat", "take", "drop", "first", "last",
+]  # fmt: skip
 
 
 def _table(tokenizer, n: int, rng: random.Random) -> pa.Table:
@@ -63,12 +66,30 @@ def split_dir(tmp_path_factory) -> Path:
 
 def _job(root: Path, split_dir: Path, store: StoreSettings | None = None, **train) -> TrainJob:
     """A training job on tiny-neox writing under `root`; `train` overrides the fast test settings."""
-    settings = {**dict(max_steps=4, learning_rate=1e-3, batch_size=4, gradient_accumulation_steps=1, optim="adamw_torch",
-                       warmup_steps=0, eval_steps=2, save_steps=2), **train}
+    settings = {
+        **dict(
+            max_steps=4,
+            learning_rate=1e-3,
+            batch_size=4,
+            gradient_accumulation_steps=1,
+            optim="adamw_torch",
+            warmup_steps=0,
+            eval_steps=2,
+            save_steps=2,
+        ),
+        **train,
+    }
     (root / "out").mkdir(parents=True, exist_ok=True)
-    return TrainJob(base_folder=resolve_model("tiny-neox"), base_spec="tiny-neox", split_dir=str(split_dir),
-                    out_dir=str(root / "out"), work_dir=str(root / "work"), config=TrainConfig(**settings),
-                    store=store, checkpoint_prefix="checkpoints/test" if store else None)
+    return TrainJob(
+        base_folder=resolve_model("tiny-neox"),
+        base_spec="tiny-neox",
+        split_dir=str(split_dir),
+        out_dir=str(root / "out"),
+        work_dir=str(root / "work"),
+        config=TrainConfig(**settings),
+        store=store,
+        checkpoint_prefix="checkpoints/test" if store else None,
+    )
 
 
 def test_lora_keeps_the_adapter_apart_and_exports_it_merged(split_dir, tmp_path, capsys):
@@ -79,7 +100,10 @@ def test_lora_keeps_the_adapter_apart_and_exports_it_merged(split_dir, tmp_path,
     assert report["peak_memory_bytes"] > report["model_memory_bytes"] > 0
     assert [e["step"] for e in report["eval_history"]] == [2, 4] and report["test_loss"] < report["first_loss"]
     assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
-    base, merged = load_file(Path(resolve_model("tiny-neox")) / "model.safetensors"), load_file(out / "model" / "model.safetensors")
+    base, merged = (
+        load_file(Path(resolve_model("tiny-neox")) / "model.safetensors"),
+        load_file(out / "model" / "model.safetensors"),
+    )
     qkv = "gpt_neox.layers.0.attention.query_key_value.weight"
     mlp = "gpt_neox.layers.0.mlp.dense_h_to_4h.weight"
     assert not torch.equal(base[qkv], merged[qkv]) and torch.equal(base[mlp], merged[mlp])  # only the targets moved
@@ -91,14 +115,30 @@ def test_lora_keeps_the_adapter_apart_and_exports_it_merged(split_dir, tmp_path,
     assert torch.allclose(plain, via_peft, atol=1e-4)
 
     capsys.readouterr()
-    code = main(["ask", str(out), "What does chunked do?", "--config", "configs/tiny.yaml",
-                 "--set", f"store.uri={tmp_path / 'store'}", "--max-new-tokens", "4"])
+    code = main(
+        [
+            "ask",
+            str(out),
+            "What does chunked do?",
+            "--config",
+            "configs/tiny.yaml",
+            "--set",
+            f"store.uri={tmp_path / 'store'}",
+            "--max-new-tokens",
+            "4",
+        ]
+    )
     answer = capsys.readouterr().out
     assert code == 0 and answer.endswith("\n") and "### Question" not in answer  # the prompt is cut off by tokens
 
 
-@pytest.mark.parametrize("failure", [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
-                                     RuntimeError("MPS backend out of memory")])
+@pytest.mark.parametrize(
+    "failure",
+    [
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+        RuntimeError("MPS backend out of memory"),
+    ],
+)
 def test_out_of_memory_says_what_to_change(split_dir, tmp_path, monkeypatch, failure):
     def run_out_of_memory(self, *args, **kwargs):
         raise failure
@@ -122,8 +162,13 @@ def test_a_killed_run_resumes_from_the_store_and_ends_with_the_same_loss(split_d
     Path(job.work_dir).mkdir(parents=True)
     job_path = Path(job.work_dir) / "job.json"
     job_path.write_text(job.model_dump_json(), encoding="utf-8")
-    process = subprocess.Popen(launch_command(job.config, job_path), env=training_env(None), cwd=Path.cwd(),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        launch_command(job.config, job_path),
+        env=training_env(None),
+        cwd=Path.cwd(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     while process.poll() is None and not stored_checkpoints(open_store(store), "checkpoints/test"):
         time.sleep(0.02)
     process.send_signal(signal.SIGKILL)
@@ -149,8 +194,18 @@ def test_two_processes_with_dataloader_workers_inside_a_prefect_task(prefect_har
     store = StoreConfig(uri=str(tmp_path / "store"))
     split = open_store(store).commit("split/" + "0" * 32, split_dir, kind="split", inputs={}, config={}, meta={})
     # 2 processes x 4 rows: 4 steps per epoch, so 6 steps cross an epoch end with worker processes running.
-    config = TrainConfig(num_processes=2, dataloader_num_workers=1, max_steps=6, learning_rate=1e-3, batch_size=4,
-                         gradient_accumulation_steps=1, optim="adamw_torch", eval_steps=3, save_steps=3, dataset_name="faq")
+    config = TrainConfig(
+        num_processes=2,
+        dataloader_num_workers=1,
+        max_steps=6,
+        learning_rate=1e-3,
+        batch_size=4,
+        gradient_accumulation_steps=1,
+        optim="adamw_torch",
+        eval_steps=3,
+        save_steps=3,
+        dataset_name="faq",
+    )
 
     @flow
     def one_training():

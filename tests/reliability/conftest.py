@@ -14,6 +14,7 @@ checks on a store's contents.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import json
@@ -36,8 +37,19 @@ from pipeline.store import ArtifactStore, LocalStore
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = "configs/tiny.yaml"
-STAGES = ["collect", "template", "tokenize", "validate", "split", "train", "evaluate (base)", "evaluate (fine-tuned)",
-          "benchmark (base, arc_easy 0-8)", "benchmark (fine-tuned, arc_easy 0-8)", "gate (look 1)"]
+STAGES = [
+    "collect",
+    "template",
+    "tokenize",
+    "validate",
+    "split",
+    "train",
+    "evaluate (base)",
+    "evaluate (fine-tuned)",
+    "benchmark (base, arc_easy 0-8)",
+    "benchmark (fine-tuned, arc_easy 0-8)",
+    "gate (look 1)",
+]
 
 # Files that carry wall-clock figures (seconds, tokens/s, an alias with the UTC time): equal content,
 # different bytes in every run. Everything else a deterministic stage writes must hash the same.
@@ -46,8 +58,16 @@ TIMED_KEYS = ("seconds", "per_second", "alias", "wall", "peak_memory", "referenc
 # What a training process counts for its own session (after a resume, only the steps run since), and the
 # Ref of the model evaluated (its sha256 covers the training report, whose wall-clock figures differ in every run;
 # the model files are compared).
-SESSION_KEYS = ("model_ref", "resumed_from_step", "mean_train_loss", "non_padding_tokens", "padded_tokens", "step_tokens",
-                "step_padded_tokens", "padding_share")
+SESSION_KEYS = (
+    "model_ref",
+    "resumed_from_step",
+    "mean_train_loss",
+    "non_padding_tokens",
+    "padded_tokens",
+    "step_tokens",
+    "step_padded_tokens",
+    "padding_share",
+)
 
 
 def _integration_helpers() -> Any:
@@ -87,14 +107,29 @@ class WeedServer:
         data = self.base / "data"
         data.mkdir(parents=True, exist_ok=True)
         command = [
-            weed, f"-logdir={self.base / 'logs'}", "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-            "-master.telemetry=false", "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0", "-webdav=false",
-            "-volume.preStopSeconds=0", f"-filer.localSocket={self.base}/filer.sock", f"-s3.localSocket={self.base}/s3.sock",
+            weed,
+            f"-logdir={self.base / 'logs'}",
+            "mini",
+            f"-dir={data}",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            "-master.telemetry=false",
+            "-admin.ui=false",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+            "-webdav=false",
+            "-volume.preStopSeconds=0",
+            f"-filer.localSocket={self.base}/filer.sock",
+            f"-s3.localSocket={self.base}/s3.sock",
             *(f"-{flag}={port}" for flag, port in self.ports.items()),
         ]
         (self.base / "logs").mkdir(exist_ok=True)
-        env = {**os.environ, "AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key,
-               "TMPDIR": str(self.base)}
+        env = {
+            **os.environ,
+            "AWS_ACCESS_KEY_ID": self.access_key,
+            "AWS_SECRET_ACCESS_KEY": self.secret_key,
+            "TMPDIR": str(self.base),
+        }
         self.helpers._remove_leftover_sockets(self.ports.values())
         for stale in self.base.glob("*.sock"):
             stale.unlink(missing_ok=True)
@@ -103,8 +138,10 @@ class WeedServer:
         deadline = time.monotonic() + timeout
         while not self._answers():
             if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"weed mini did not come up at {self.endpoint_url}:\n"
-                                   f"{self.helpers._log_tail(self.base / 'weed.log')}")
+                raise RuntimeError(
+                    f"weed mini did not come up at {self.endpoint_url}:\n"
+                    f"{self.helpers._log_tail(self.base / 'weed.log')}"
+                )
             time.sleep(0.1)
 
     def stop(self) -> None:
@@ -128,9 +165,14 @@ class WeedServer:
         from botocore.config import Config
 
         return boto3.session.Session().client(
-            "s3", endpoint_url=self.endpoint_url, region_name="us-east-1", aws_access_key_id=self.access_key,
+            "s3",
+            endpoint_url=self.endpoint_url,
+            region_name="us-east-1",
+            aws_access_key_id=self.access_key,
             aws_secret_access_key=self.secret_key,
-            config=Config(retries={"max_attempts": 1}, connect_timeout=1, read_timeout=5, s3={"addressing_style": "path"}),
+            config=Config(
+                retries={"max_attempts": 1}, connect_timeout=1, read_timeout=5, s3={"addressing_style": "path"}
+            ),
         )
 
 
@@ -210,10 +252,8 @@ class FlowProcess:
 
     def kill(self) -> None:
         """SIGKILL the whole session: the flow process and its training process."""
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         self.proc.wait()
 
     def wait(self, timeout: float = 600) -> int:
@@ -239,7 +279,9 @@ class FlowProcess:
     def task_states(self) -> dict[str, str]:
         """{task run name prefix: final state} from the Prefect log lines ('Task run 'split-0a1' - Finished in state Cached')."""
         states: dict[str, list[str]] = {}
-        for match in re.finditer(r"Task run '([a-z]+)-\w+' - Finished in state (\w+)", self.log.read_text(errors="replace")):
+        for match in re.finditer(
+            r"Task run '([a-z]+)-\w+' - Finished in state (\w+)", self.log.read_text(errors="replace")
+        ):
             states.setdefault(match.group(1), []).append(match.group(2))
         return {name: ",".join(found) for name, found in states.items()}
 
@@ -254,15 +296,30 @@ class FlowStarter:
         self.runner = folder / "run_flow.py"
         self.runner.write_text(_RUNNER)
 
-    def __call__(self, store_uri: str, name: str, overrides: list[str] = (), kill_while_writing: str | None = None,
-                 kill_at: str | None = None, env: dict[str, str] | None = None) -> FlowProcess:
+    def __call__(
+        self,
+        store_uri: str,
+        name: str,
+        overrides: list[str] = (),
+        kill_while_writing: str | None = None,
+        kill_at: str | None = None,
+        env: dict[str, str] | None = None,
+    ) -> FlowProcess:
         """`kill_while_writing`: a glob of a store file; `kill_at`: 'module:function'. Either SIGKILLs the process."""
         log, summary = self.folder / f"{name}.log", self.folder / f"{name}.summary.json"
-        args = {"config": CONFIG, "overrides": [f"store.uri={store_uri}", *overrides], "summary": str(summary),
-                "kill_while_writing": kill_while_writing, "kill_at": kill_at}
+        args = {
+            "config": CONFIG,
+            "overrides": [f"store.uri={store_uri}", *overrides],
+            "summary": str(summary),
+            "kill_while_writing": kill_while_writing,
+            "kill_at": kill_at,
+        }
         with open(log, "wb") as out:
             proc = subprocess.Popen(
-                [sys.executable, str(self.runner), json.dumps(args)], cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
+                [sys.executable, str(self.runner), json.dumps(args)],
+                cwd=REPO,
+                stdout=out,
+                stderr=subprocess.STDOUT,
                 env={**os.environ, "PREFECT_API_URL": self.api_url, "PYTHONPATH": str(REPO), **(env or {})},
                 start_new_session=True,
             )
@@ -356,8 +413,11 @@ def leftover_temp_files(root: Path) -> list[str]:
 
 def _without_timed_keys(value: Any) -> Any:
     if isinstance(value, dict):
-        return {k: _without_timed_keys(v) for k, v in value.items()
-                if not any(t in k for t in TIMED_KEYS) and k not in SESSION_KEYS}
+        return {
+            k: _without_timed_keys(v)
+            for k, v in value.items()
+            if not any(t in k for t in TIMED_KEYS) and k not in SESSION_KEYS
+        }
     if isinstance(value, list):
         return [_without_timed_keys(v) for v in value]
     if isinstance(value, float):
@@ -384,8 +444,11 @@ def assert_same_artifacts(reference: tuple[Path, dict], store_dir: Path, summary
             if name in TIMED_FILES.get(kind, set()):
                 got = _without_timed_keys(json.loads((store_dir / ours["uri"] / name).read_text()))
                 want = _without_timed_keys(json.loads((ref_dir / theirs["uri"] / name).read_text()))
-                differences += [f"{ours['stage']}: {name}: {key}: {got.get(key)!r:.80} != {want.get(key)!r:.80}"
-                                for key in sorted(set(got) | set(want)) if got.get(key) != want.get(key)]
+                differences += [
+                    f"{ours['stage']}: {name}: {key}: {got.get(key)!r:.80} != {want.get(key)!r:.80}"
+                    for key in sorted(set(got) | set(want))
+                    if got.get(key) != want.get(key)
+                ]
             elif mine["files"][name]["sha256"] != entry["sha256"]:
                 differences.append(f"{ours['stage']}: {name}: sha256 differs")
     assert not differences, "\n".join(differences)
@@ -397,8 +460,11 @@ def checks() -> Any:
     import types
 
     return types.SimpleNamespace(
-        STAGES=STAGES, artifact_uris=artifact_uris, assert_every_manifest_verifies=assert_every_manifest_verifies,
-        leftover_temp_files=leftover_temp_files, assert_same_artifacts=assert_same_artifacts,
+        STAGES=STAGES,
+        artifact_uris=artifact_uris,
+        assert_every_manifest_verifies=assert_every_manifest_verifies,
+        leftover_temp_files=leftover_temp_files,
+        assert_same_artifacts=assert_same_artifacts,
     )
 
 
@@ -433,20 +499,34 @@ class LogRecords(logging.Handler):
         botocore's line names no client, so only waits logged in a thread where the store saw one of its
         requests fail count: the test server's own readiness probe (another client, another thread) does not.
         """
-        store_threads = {record.thread for record in self.records if record.name.startswith("pipeline.store")
-                         and self.FAILED_ATTEMPT.search(record.getMessage())}
-        return [float(m.group(1)) for record in self.records if record.name == self.BOTOCORE_RETRIES
-                and record.thread in store_threads and (m := self.BOTOCORE_WAIT.search(record.getMessage()))]
+        store_threads = {
+            record.thread
+            for record in self.records
+            if record.name.startswith("pipeline.store") and self.FAILED_ATTEMPT.search(record.getMessage())
+        }
+        return [
+            float(m.group(1))
+            for record in self.records
+            if record.name == self.BOTOCORE_RETRIES
+            and record.thread in store_threads
+            and (m := self.BOTOCORE_WAIT.search(record.getMessage()))
+        ]
 
     def failed_attempts(self) -> list[tuple[str, int, int]]:
         """(operation, attempt, attempts in all) of each failed S3 attempt the store saw botocore retry."""
-        return [(m.group(1), int(m.group(2)), int(m.group(3))) for message in self.messages()
-                if (m := self.FAILED_ATTEMPT.search(message))]
+        return [
+            (m.group(1), int(m.group(2)), int(m.group(3)))
+            for message in self.messages()
+            if (m := self.FAILED_ATTEMPT.search(message))
+        ]
 
     def retried_requests(self) -> list[tuple[str, int]]:
         """(operation, botocore's ResponseMetadata.RetryAttempts) of each S3 request that succeeded after retries."""
-        return [(m.group(1), int(m.group(2))) for message in self.messages(logging.INFO)
-                if (m := self.RETRIED_REQUEST.search(message))]
+        return [
+            (m.group(1), int(m.group(2)))
+            for message in self.messages(logging.INFO)
+            if (m := self.RETRIED_REQUEST.search(message))
+        ]
 
 
 @pytest.fixture

@@ -63,8 +63,17 @@ def run_data(tmp: Path, source: str, *sets: str) -> list[str]:
 
 
 def tiny_config_json() -> str:
-    return json.dumps({"architectures": ["GPTNeoXForCausalLM"], "model_type": "gpt_neox", "hidden_size": 64,
-                       "num_attention_heads": 4, "num_hidden_layers": 2, "intermediate_size": 128, "vocab_size": 512})
+    return json.dumps(
+        {
+            "architectures": ["GPTNeoXForCausalLM"],
+            "model_type": "gpt_neox",
+            "hidden_size": 64,
+            "num_attention_heads": 4,
+            "num_hidden_layers": 2,
+            "intermediate_size": 128,
+            "vocab_size": 512,
+        }
+    )
 
 
 def pickle_only_model(tmp: Path) -> str:
@@ -81,7 +90,9 @@ def snapshot(root: Path) -> dict[str, str]:
     files = {}
     for path in sorted(root.rglob("*")):
         rel = path.relative_to(root).as_posix()
-        files[rel + ("/" if path.is_dir() else "")] = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else ""
+        files[rel + ("/" if path.is_dir() else "")] = (
+            hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else ""
+        )
     return files
 
 
@@ -91,8 +102,9 @@ def seed_store(root: Path) -> None:
 
     staging = root.parent / "seed-staging"
     write(staging, "rows.jsonl", jsonl(GOOD[:3]))
-    LocalStore(root).commit("collect/" + "0" * 32, staging, kind="collect", inputs={}, config={"seed": True},
-                            meta={"rows": 3})
+    LocalStore(root).commit(
+        "collect/" + "0" * 32, staging, kind="collect", inputs={}, config={"seed": True}, meta={"rows": 3}
+    )
 
 
 # --------------------------------------------------------------------------- the corpus
@@ -193,152 +205,406 @@ def _model_without_config(tmp: Path) -> list[str]:
 FOUND_NONE = "found none"
 CASES: list[Case] = [
     # ---- data files (the flow starts, collect refuses the file, nothing is committed)
-    Case("jsonl_broken_line", _file("bad.jsonl", jsonl(GOOD[:2]) + '{"question": "x", "answer": }\n'),
-         2, r"bad\.jsonl:3: expected a JSON object, found malformed JSON \(Expecting value at column \d+\)", flow=True),
-    Case("jsonl_array_line", _file("arr.jsonl", jsonl(GOOD[:1]) + "[1, 2]\n"),
-         2, r"arr\.jsonl:2: expected a JSON object per line, found array", flow=True),
-    Case("jsonl_not_utf8", _file("latin.jsonl", jsonl(GOOD[:1]).encode() + '{"question": "Café?"}\n'.encode("latin-1")),
-         2, r"latin\.jsonl:2: expected utf-8 text, found byte 0xe9 .*set encoding on the source", flow=True),
-    Case("empty_file", _file("empty.jsonl", ""),
-         2, r"empty\.jsonl: expected rows, found an empty file", flow=True),
-    Case("csv_missing_columns", _csv("q,a\nWhy?,Because.\n"),
-         2, r"faq\.csv: expected the columns of an accepted schema \(question\+answer; .*; messages\), found \['a', 'q'\]; "
-            r"or map your columns", flow=True),
-    Case("csv_header_only", _csv("question,answer\n"),
-         2, r"faq\.csv: expected data rows after the header \['question', 'answer'\], found none", flow=True),
-    Case("csv_mapped_column_missing", _file("faq.csv", "q,a\nWhy?,Because.\n", ", question_key: q, answer_key: answer"),
-         2, r"faq\.csv: expected column\(s\) 'answer' \(question_key=q, answer_key=answer\), found \['a', 'q'\]", flow=True),
-    Case("parquet_non_string_answer", _parquet_numbers,
-         2, r"expected at most data\.max_bad_fraction=0\.25 of the rows read to be dropped, found 30 of 30 .*\n"
-            r"  non_string: 30 \(e\.g\. .*faq\.parquet row 1: column 'answer': expected text, found number\)", flow=True),
-    Case("parquet_not_parquet", _file("rows.parquet", "question,answer"),
-         2, r"rows\.parquet: expected a Parquet file, found ", flow=True),
-    Case("all_rows_duplicates", _all_duplicates,
-         2, r"data: expected at least data\.min_rows=20 rows, found 1\n  duplicate: 29 \(e\.g\. .*repeats an earlier row\)", flow=True),
-    Case("glob_matches_nothing", lambda t: run_data(t, f"{{path: '{t / 'nothing-*.jsonl'}'}}"),
-         2, rf"data\.sources\[0\]\.path: expected files matching '.*nothing-\*\.jsonl', {FOUND_NONE}", flow=True),
-    Case("missing_file", lambda t: run_data(t, f"{{path: '{t / 'missing.jsonl'}'}}"),
-         2, r"data\.sources\[0\]\.path: expected a file, found nothing at '.*missing\.jsonl'", flow=True),
-    Case("folder_as_file", lambda t: run_data(t, f"{{path: '{t}'}}"),
-         2, r"data\.sources\[0\]\.path: expected a file, found nothing at '.*' \(a folder: add a glob like /\*\.jsonl\)", flow=True),
-    Case("gz_not_gzip", _file("rows.jsonl.gz", jsonl(GOOD)),
-         2, r"rows\.jsonl\.gz: expected a gzip-compressed file, found Not a gzipped file", flow=True),
-    Case("gz_truncated", _file("cut.jsonl.gz", gzip.compress(jsonl(GOOD).encode())[:60]),
-         2, r"cut\.jsonl\.gz: expected a gzip-compressed file, found Compressed file ended before", flow=True),
-    Case("unknown_extension", _file("rows.txt", jsonl(GOOD)),
-         2, r"rows\.txt: expected a file ending in \.jsonl, \.ndjson, .*found '\.txt'; or set kind", flow=True),
-    Case("json_scalar", _file("rows.json", "42"),
-         2, r"rows\.json: expected an array of objects, found number", flow=True),
-    Case("hf_folder_not_saved_dataset", _hf_not_saved,
-         2, r"not-a-dataset: expected a folder written by save_to_disk, found ", flow=True),
-    Case("hf_hub_dataset_offline", lambda t: run_data(t, "{kind: hf, dataset: some-org/some-dataset}"),
-         2, r"hub dataset 'some-org/some-dataset' \(split 'train'; no local folder of that name\): expected a loadable "
-            r"dataset, found .*HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set", flow=True),
-    Case("docs_package_missing", lambda t: run_data(t, "{kind: docs, package: no_such_package_xyz}"),
-         2, r"data\.sources: docs package 'no_such_package_xyz' is not installed", flow=True),
-
+    Case(
+        "jsonl_broken_line",
+        _file("bad.jsonl", jsonl(GOOD[:2]) + '{"question": "x", "answer": }\n'),
+        2,
+        r"bad\.jsonl:3: expected a JSON object, found malformed JSON \(Expecting value at column \d+\)",
+        flow=True,
+    ),
+    Case(
+        "jsonl_array_line",
+        _file("arr.jsonl", jsonl(GOOD[:1]) + "[1, 2]\n"),
+        2,
+        r"arr\.jsonl:2: expected a JSON object per line, found array",
+        flow=True,
+    ),
+    Case(
+        "jsonl_not_utf8",
+        _file("latin.jsonl", jsonl(GOOD[:1]).encode() + '{"question": "Café?"}\n'.encode("latin-1")),
+        2,
+        r"latin\.jsonl:2: expected utf-8 text, found byte 0xe9 .*set encoding on the source",
+        flow=True,
+    ),
+    Case("empty_file", _file("empty.jsonl", ""), 2, r"empty\.jsonl: expected rows, found an empty file", flow=True),
+    Case(
+        "csv_missing_columns",
+        _csv("q,a\nWhy?,Because.\n"),
+        2,
+        r"faq\.csv: expected the columns of an accepted schema \(question\+answer; .*; messages\), found \['a', 'q'\]; "
+        r"or map your columns",
+        flow=True,
+    ),
+    Case(
+        "csv_header_only",
+        _csv("question,answer\n"),
+        2,
+        r"faq\.csv: expected data rows after the header \['question', 'answer'\], found none",
+        flow=True,
+    ),
+    Case(
+        "csv_mapped_column_missing",
+        _file("faq.csv", "q,a\nWhy?,Because.\n", ", question_key: q, answer_key: answer"),
+        2,
+        r"faq\.csv: expected column\(s\) 'answer' \(question_key=q, answer_key=answer\), found \['a', 'q'\]",
+        flow=True,
+    ),
+    Case(
+        "parquet_non_string_answer",
+        _parquet_numbers,
+        2,
+        r"expected at most data\.max_bad_fraction=0\.25 of the rows read to be dropped, found 30 of 30 .*\n"
+        r"  non_string: 30 \(e\.g\. .*faq\.parquet row 1: column 'answer': expected text, found number\)",
+        flow=True,
+    ),
+    Case(
+        "parquet_not_parquet",
+        _file("rows.parquet", "question,answer"),
+        2,
+        r"rows\.parquet: expected a Parquet file, found ",
+        flow=True,
+    ),
+    Case(
+        "all_rows_duplicates",
+        _all_duplicates,
+        2,
+        r"data: expected at least data\.min_rows=20 rows, found 1\n  duplicate: 29 \(e\.g\. .*repeats an earlier row\)",
+        flow=True,
+    ),
+    Case(
+        "glob_matches_nothing",
+        lambda t: run_data(t, f"{{path: '{t / 'nothing-*.jsonl'}'}}"),
+        2,
+        rf"data\.sources\[0\]\.path: expected files matching '.*nothing-\*\.jsonl', {FOUND_NONE}",
+        flow=True,
+    ),
+    Case(
+        "missing_file",
+        lambda t: run_data(t, f"{{path: '{t / 'missing.jsonl'}'}}"),
+        2,
+        r"data\.sources\[0\]\.path: expected a file, found nothing at '.*missing\.jsonl'",
+        flow=True,
+    ),
+    Case(
+        "folder_as_file",
+        lambda t: run_data(t, f"{{path: '{t}'}}"),
+        2,
+        r"data\.sources\[0\]\.path: expected a file, found nothing at '.*' \(a folder: add a glob like /\*\.jsonl\)",
+        flow=True,
+    ),
+    Case(
+        "gz_not_gzip",
+        _file("rows.jsonl.gz", jsonl(GOOD)),
+        2,
+        r"rows\.jsonl\.gz: expected a gzip-compressed file, found Not a gzipped file",
+        flow=True,
+    ),
+    Case(
+        "gz_truncated",
+        _file("cut.jsonl.gz", gzip.compress(jsonl(GOOD).encode())[:60]),
+        2,
+        r"cut\.jsonl\.gz: expected a gzip-compressed file, found Compressed file ended before",
+        flow=True,
+    ),
+    Case(
+        "unknown_extension",
+        _file("rows.txt", jsonl(GOOD)),
+        2,
+        r"rows\.txt: expected a file ending in \.jsonl, \.ndjson, .*found '\.txt'; or set kind",
+        flow=True,
+    ),
+    Case(
+        "json_scalar", _file("rows.json", "42"), 2, r"rows\.json: expected an array of objects, found number", flow=True
+    ),
+    Case(
+        "hf_folder_not_saved_dataset",
+        _hf_not_saved,
+        2,
+        r"not-a-dataset: expected a folder written by save_to_disk, found ",
+        flow=True,
+    ),
+    Case(
+        "hf_hub_dataset_offline",
+        lambda t: run_data(t, "{kind: hf, dataset: some-org/some-dataset}"),
+        2,
+        r"hub dataset 'some-org/some-dataset' \(split 'train'; no local folder of that name\): expected a loadable "
+        r"dataset, found .*HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set",
+        flow=True,
+    ),
+    Case(
+        "docs_package_missing",
+        lambda t: run_data(t, "{kind: docs, package: no_such_package_xyz}"),
+        2,
+        r"data\.sources: docs package 'no_such_package_xyz' is not installed",
+        flow=True,
+    ),
     # ---- config files
-    Case("config_file_missing", lambda t: run(t, config=str(t / "nope.yaml")),
-         2, r"nope\.yaml: config file not found"),
-    Case("config_yaml_syntax", _yaml_file("model:\n  name: tiny-neox\ntrain:\n  max_steps: [3\n  lr: 2\n"),
-         2, r"bad\.yaml:5:\d+: expected valid YAML, found .*\(while parsing a flow sequence at line 4\)"),
-    Case("config_bad_indentation", _yaml_file("train:\n max_steps: 3\n  learning_rate: 2\n"),
-         2, r"bad\.yaml:3:\d+: expected valid YAML, found mapping values are not allowed here"),
-    Case("config_not_a_mapping", _yaml_file("- train\n- eval\n"),
-         2, r"bad\.yaml: expected a mapping of sections at the top, found list"),
-    Case("config_not_utf8", lambda t: run(t, config=write(t, "bad.yaml", "model:\n  name: tiny-neox\n# caf\xe9\n".encode("latin-1"))),
-         2, r"bad\.yaml:3: expected UTF-8 YAML text, found byte 0xe9"),
-    Case("config_unknown_section_in_file", _yaml_file("model:\n  name: tiny-neox\ntrian:\n  max_steps: 3\n"),
-         2, r"bad\.yaml: trian: unknown key \(did you mean 'train'\?\); expected one of \['model', 'data', .*\] "
-            r"\(found a section with keys \['max_steps'\]\) \(line 3\)"),
-    Case("config_wrong_type_in_file", _yaml_file("train:\n  max_steps: 4\n  learning_rate: fast\n"),
-         2, r"bad\.yaml: train\.learning_rate: Input should be a valid number.* \(found 'fast'\) \(line 3\)"),
-    Case("unknown_key_with_suggestion", lambda t: run(t, "train.learnin_rate=0.1"),
-         2, r"tiny\.yaml: train\.learnin_rate: unknown key \(did you mean 'learning_rate'\?\); expected one of \[.*'max_steps'.*\] \(found 0\.1\)"),
-    Case("unknown_source_key", lambda t: run(t, "data.sources.0.packge=more_itertools"),
-         2, r"data\.sources\.0\.packge: unknown key \(did you mean 'package'\?\); expected one of \[.*'phrasings'.*\]"),
-    Case("learning_rate_not_a_number", lambda t: run(t, "train.learning_rate=fast"),
-         2, r"train\.learning_rate: Input should be a valid number, unable to parse string as a number \(found 'fast'\)"),
-    Case("negative_max_steps", lambda t: run(t, "train.max_steps=-3"),
-         2, r"train\.max_steps: Input should be greater than 0 \(found -3\)"),
-    Case("test_fraction_above_one", lambda t: run(t, "split.test_fraction=1.5"),
-         2, r"split\.test_fraction: Input should be less than 1 \(found 1\.5\)"),
-    Case("several_problems_at_once", lambda t: run(t, "train.max_steps=0", "eval.batch_size=-1", "tokenize.labels=none"),
-         2, r"(?s)(?=.*train\.max_steps: Input should be greater than 0 \(found 0\))(?=.*eval\.batch_size: Input should be "
-            r"greater than 0 \(found -1\))(?=.*tokenize\.labels: Input should be 'all' or 'completion' \(found 'none'\))"),
-    Case("gate_unknown_metric", lambda t: run(t, "gates=[{metric: eval.bleu, value: 0.5}]"),
-         2, r"gates\.0: expected eval\.<exact_match\|similarity_mean\|.*> or benchmark\.<task>\.<acc\|acc_norm>, found 'eval\.bleu'"),
-    Case("gate_invalid_op", lambda t: run(t, "gates=[{metric: eval.exact_match, op: '>', value: 0.5}]"),
-         2, r"gates\.0\.op: Input should be '>=' or '<=' \(found '>'\)"),
-    Case("gate_on_task_not_benchmarked", lambda t: run(t, "gates=[{metric: benchmark.piqa.acc, value: 0.1}]"),
-         2, r"gate metric 'benchmark\.piqa\.acc' names task 'piqa', expected one of benchmark\.tasks \['arc_easy'\]"),
-    Case("template_unknown_placeholder", lambda t: run(t, "template.name=custom", "template.custom='Q: {question} {context}'"),
-         2, r"template\.custom: unknown placeholder\(s\) \{context\}: expected only \{question\}, \{input\}, \{answer\}"),
-    Case("template_file_missing", lambda t: run(t, "template.name=custom", f"template.file={t / 'tpl.txt'}"),
-         2, r"template: .*template\.file: expected a readable file, found no file at '.*tpl\.txt'"),
-    Case("unknown_source_kind", lambda t: run(t, "data.sources=[{kind: xml, path: a.xml}]"),
-         2, r"data\.sources\.0: expected kind: file, jsonl, json, csv, parquet, hf or docs"),
-    Case("unknown_lm_eval_task", lambda t: run(t, "benchmark.tasks=[mmlu_pro]"),
-         2, r"benchmark\.tasks: unknown lm-eval task\(s\) \['mmlu_pro'\], expected local tasks \['arc_easy', .*\]"),
-    Case("s3_bad_bucket_name", lambda t: ["run", "--config", TINY, "--set", "store.uri=s3://Bad_Bucket!/runs"],
-         2, r"store\.uri: invalid bucket in 's3://Bad_Bucket!/runs': expected 1-63 lowercase letters, digits, .*found 'Bad_Bucket!'"),
-    Case("s3_uri_with_credentials", lambda t: ["run", "--config", TINY, "--set", "store.uri=s3://AKIAEXAMPLE:topsecret@bucket/x"],
-         2, r"store\.uri: invalid bucket in 's3://\*\*\*@bucket/x': .*found '\*\*\*@bucket'"),
-    Case("credential_of_wrong_type_not_echoed", lambda t: run(t, "store.access_key_id=AKIAEXAMPLEKEY123456",
-                                                              "store.secret_access_key=[987654321, 123]"),
-         2, r"^(?!(?s:.*)987654321)(?s:.*)store\.secret_access_key: Input should be a valid string \(found a value of "
-            r"type list, not shown\)"),
-    Case("store_unsupported_scheme", lambda t: ["run", "--config", TINY, "--set", "store.uri=ftp://files.example.com/runs"],
-         2, r"store\.uri: expected a folder or s3://bucket/prefix, found 'ftp://files\.example\.com/runs'"),
-    Case("store_s3_prefix_escapes", lambda t: ["run", "--config", TINY, "--set", "store.uri=s3://bucket/runs/../../other"],
-         2, r"store\.uri: invalid prefix in 's3://bucket/runs/\.\./\.\./other': '\.' and '\.\.' segments are not allowed"),
-
+    Case("config_file_missing", lambda t: run(t, config=str(t / "nope.yaml")), 2, r"nope\.yaml: config file not found"),
+    Case(
+        "config_yaml_syntax",
+        _yaml_file("model:\n  name: tiny-neox\ntrain:\n  max_steps: [3\n  lr: 2\n"),
+        2,
+        r"bad\.yaml:5:\d+: expected valid YAML, found .*\(while parsing a flow sequence at line 4\)",
+    ),
+    Case(
+        "config_bad_indentation",
+        _yaml_file("train:\n max_steps: 3\n  learning_rate: 2\n"),
+        2,
+        r"bad\.yaml:3:\d+: expected valid YAML, found mapping values are not allowed here",
+    ),
+    Case(
+        "config_not_a_mapping",
+        _yaml_file("- train\n- eval\n"),
+        2,
+        r"bad\.yaml: expected a mapping of sections at the top, found list",
+    ),
+    Case(
+        "config_not_utf8",
+        lambda t: run(t, config=write(t, "bad.yaml", "model:\n  name: tiny-neox\n# caf\xe9\n".encode("latin-1"))),
+        2,
+        r"bad\.yaml:3: expected UTF-8 YAML text, found byte 0xe9",
+    ),
+    Case(
+        "config_unknown_section_in_file",
+        _yaml_file("model:\n  name: tiny-neox\ntrian:\n  max_steps: 3\n"),
+        2,
+        r"bad\.yaml: trian: unknown key \(did you mean 'train'\?\); expected one of \['model', 'data', .*\] "
+        r"\(found a section with keys \['max_steps'\]\) \(line 3\)",
+    ),
+    Case(
+        "config_wrong_type_in_file",
+        _yaml_file("train:\n  max_steps: 4\n  learning_rate: fast\n"),
+        2,
+        r"bad\.yaml: train\.learning_rate: Input should be a valid number.* \(found 'fast'\) \(line 3\)",
+    ),
+    Case(
+        "unknown_key_with_suggestion",
+        lambda t: run(t, "train.learnin_rate=0.1"),
+        2,
+        r"tiny\.yaml: train\.learnin_rate: unknown key \(did you mean 'learning_rate'\?\); expected one of \[.*'max_steps'.*\] \(found 0\.1\)",
+    ),
+    Case(
+        "unknown_source_key",
+        lambda t: run(t, "data.sources.0.packge=more_itertools"),
+        2,
+        r"data\.sources\.0\.packge: unknown key \(did you mean 'package'\?\); expected one of \[.*'phrasings'.*\]",
+    ),
+    Case(
+        "learning_rate_not_a_number",
+        lambda t: run(t, "train.learning_rate=fast"),
+        2,
+        r"train\.learning_rate: Input should be a valid number, unable to parse string as a number \(found 'fast'\)",
+    ),
+    Case(
+        "negative_max_steps",
+        lambda t: run(t, "train.max_steps=-3"),
+        2,
+        r"train\.max_steps: Input should be greater than 0 \(found -3\)",
+    ),
+    Case(
+        "test_fraction_above_one",
+        lambda t: run(t, "split.test_fraction=1.5"),
+        2,
+        r"split\.test_fraction: Input should be less than 1 \(found 1\.5\)",
+    ),
+    Case(
+        "several_problems_at_once",
+        lambda t: run(t, "train.max_steps=0", "eval.batch_size=-1", "tokenize.labels=none"),
+        2,
+        r"(?s)(?=.*train\.max_steps: Input should be greater than 0 \(found 0\))(?=.*eval\.batch_size: Input should be "
+        r"greater than 0 \(found -1\))(?=.*tokenize\.labels: Input should be 'all' or 'completion' \(found 'none'\))",
+    ),
+    Case(
+        "gate_unknown_metric",
+        lambda t: run(t, "gates=[{metric: eval.bleu, value: 0.5}]"),
+        2,
+        r"gates\.0: expected eval\.<exact_match\|similarity_mean\|.*> or benchmark\.<task>\.<acc\|acc_norm>, found 'eval\.bleu'",
+    ),
+    Case(
+        "gate_invalid_op",
+        lambda t: run(t, "gates=[{metric: eval.exact_match, op: '>', value: 0.5}]"),
+        2,
+        r"gates\.0\.op: Input should be '>=' or '<=' \(found '>'\)",
+    ),
+    Case(
+        "gate_on_task_not_benchmarked",
+        lambda t: run(t, "gates=[{metric: benchmark.piqa.acc, value: 0.1}]"),
+        2,
+        r"gate metric 'benchmark\.piqa\.acc' names task 'piqa', expected one of benchmark\.tasks \['arc_easy'\]",
+    ),
+    Case(
+        "template_unknown_placeholder",
+        lambda t: run(t, "template.name=custom", "template.custom='Q: {question} {context}'"),
+        2,
+        r"template\.custom: unknown placeholder\(s\) \{context\}: expected only \{question\}, \{input\}, \{answer\}",
+    ),
+    Case(
+        "template_file_missing",
+        lambda t: run(t, "template.name=custom", f"template.file={t / 'tpl.txt'}"),
+        2,
+        r"template: .*template\.file: expected a readable file, found no file at '.*tpl\.txt'",
+    ),
+    Case(
+        "unknown_source_kind",
+        lambda t: run(t, "data.sources=[{kind: xml, path: a.xml}]"),
+        2,
+        r"data\.sources\.0: expected kind: file, jsonl, json, csv, parquet, hf or docs",
+    ),
+    Case(
+        "unknown_lm_eval_task",
+        lambda t: run(t, "benchmark.tasks=[mmlu_pro]"),
+        2,
+        r"benchmark\.tasks: unknown lm-eval task\(s\) \['mmlu_pro'\], expected local tasks \['arc_easy', .*\]",
+    ),
+    Case(
+        "s3_bad_bucket_name",
+        lambda t: ["run", "--config", TINY, "--set", "store.uri=s3://Bad_Bucket!/runs"],
+        2,
+        r"store\.uri: invalid bucket in 's3://Bad_Bucket!/runs': expected 1-63 lowercase letters, digits, .*found 'Bad_Bucket!'",
+    ),
+    Case(
+        "s3_uri_with_credentials",
+        lambda t: ["run", "--config", TINY, "--set", "store.uri=s3://AKIAEXAMPLE:topsecret@bucket/x"],
+        2,
+        r"store\.uri: invalid bucket in 's3://\*\*\*@bucket/x': .*found '\*\*\*@bucket'",
+    ),
+    Case(
+        "credential_of_wrong_type_not_echoed",
+        lambda t: run(t, "store.access_key_id=AKIAEXAMPLEKEY123456", "store.secret_access_key=[987654321, 123]"),
+        2,
+        r"^(?!(?s:.*)987654321)(?s:.*)store\.secret_access_key: Input should be a valid string \(found a value of "
+        r"type list, not shown\)",
+    ),
+    Case(
+        "store_unsupported_scheme",
+        lambda t: ["run", "--config", TINY, "--set", "store.uri=ftp://files.example.com/runs"],
+        2,
+        r"store\.uri: expected a folder or s3://bucket/prefix, found 'ftp://files\.example\.com/runs'",
+    ),
+    Case(
+        "store_s3_prefix_escapes",
+        lambda t: ["run", "--config", TINY, "--set", "store.uri=s3://bucket/runs/../../other"],
+        2,
+        r"store\.uri: invalid prefix in 's3://bucket/runs/\.\./\.\./other': '\.' and '\.\.' segments are not allowed",
+    ),
     # ---- CLI arguments
-    Case("set_without_equals", lambda t: run(t, "train.max_steps"),
-         2, r"--set 'train\.max_steps': expected key\.sub=value, found no '='"),
-    Case("set_value_bad_yaml", lambda t: run(t, "data.sources=[{path: x"),
-         2, r"--set 'data\.sources=\[\{path: x': the value at column \d+: expected valid YAML, found expected ',' or '\}'"),
-    Case("set_into_a_value", lambda t: run(t, "train.max_steps.x=1"),
-         2, r"--set train\.max_steps\.x: train\.max_steps is a value, not a section"),
-    Case("set_list_index_out_of_range", lambda t: run(t, "data.sources.5.limit=3"),
-         2, r"--set data\.sources\.5: expected a list index below 1, found '5'"),
-    Case("unknown_subcommand", lambda t: ["trian", "--config", TINY],
-         2, r"argument command: invalid choice: 'trian' \(choose from '?run'?, '?validate'?, .*\)"),
-    Case("unknown_flag", lambda t: run(t) + ["--max-steps", "3"],
-         2, r"unrecognized arguments: --max-steps 3"),
-    Case("ask_negative_max_new_tokens", lambda t: ["ask", "tiny-neox", "Hi?", "--config", TINY, "--max-new-tokens", "-1"],
-         2, r"argument --max-new-tokens: expected a positive integer, found -1"),
-
+    Case(
+        "set_without_equals",
+        lambda t: run(t, "train.max_steps"),
+        2,
+        r"--set 'train\.max_steps': expected key\.sub=value, found no '='",
+    ),
+    Case(
+        "set_value_bad_yaml",
+        lambda t: run(t, "data.sources=[{path: x"),
+        2,
+        r"--set 'data\.sources=\[\{path: x': the value at column \d+: expected valid YAML, found expected ',' or '\}'",
+    ),
+    Case(
+        "set_into_a_value",
+        lambda t: run(t, "train.max_steps.x=1"),
+        2,
+        r"--set train\.max_steps\.x: train\.max_steps is a value, not a section",
+    ),
+    Case(
+        "set_list_index_out_of_range",
+        lambda t: run(t, "data.sources.5.limit=3"),
+        2,
+        r"--set data\.sources\.5: expected a list index below 1, found '5'",
+    ),
+    Case(
+        "unknown_subcommand",
+        lambda t: ["trian", "--config", TINY],
+        2,
+        r"argument command: invalid choice: 'trian' \(choose from '?run'?, '?validate'?, .*\)",
+    ),
+    Case("unknown_flag", lambda t: [*run(t), "--max-steps", "3"], 2, r"unrecognized arguments: --max-steps 3"),
+    Case(
+        "ask_negative_max_new_tokens",
+        lambda t: ["ask", "tiny-neox", "Hi?", "--config", TINY, "--max-new-tokens", "-1"],
+        2,
+        r"argument --max-new-tokens: expected a positive integer, found -1",
+    ),
     # ---- model specs (refused before the flow starts)
-    Case("model_path_missing", lambda t: run(t, f"model.name={t / 'models' / 'nope'}"),
-         2, r"tiny\.yaml: model\.name: Unknown model '.*models/nope': it is not a built-in alias, not an existing local "
-            r"folder, and it is not a valid Hugging Face hub id either"),
-    Case("model_folder_without_config", _model_without_config,
-         2, r"model\.name: model folder .*no-config: expected config\.json .*found \['model\.safetensors'\]"),
-    Case("model_folder_pickle_only", lambda t: run(t, f"model.name={pickle_only_model(t)}"),
-         2, r"model\.name: model folder .*pickled-model: expected model\.safetensors \(pickled weights are never loaded: "
-            r"they can run code\), found \['pytorch_model\.bin'\]; convert it once"),
-    Case("model_hub_id_offline", lambda t: run(t, "model.name=some-org/some-model-that-is-not-cached"),
-         2, r"model\.name: Unknown model 'some-org/some-model-that-is-not-cached': .*HF_HUB_OFFLINE is set while the hub "
-            r"id is not in the local Hugging Face cache"),
-    Case("ask_pickle_only_folder", lambda t: ["ask", pickle_only_model(t), "Hi?", "--config", TINY, "--set", f"store.uri={t / 'store'}"],
-         2, r"model error:\nmodel folder .*pickled-model: expected model\.safetensors .*found \['pytorch_model\.bin'\]"),
-    Case("ask_unknown_alias", lambda t: ["ask", "more_itertools_9_steps_20990101T000000Z", "Hi?", "--config", TINY,
-                                         "--set", f"store.uri={t / 'store'}"],
-         2, r"(?s)model error:\nUnknown model 'more_itertools_9_steps_20990101T000000Z'.*\nTrained models in the store .*store \(aliases\)"),
-
+    Case(
+        "model_path_missing",
+        lambda t: run(t, f"model.name={t / 'models' / 'nope'}"),
+        2,
+        r"tiny\.yaml: model\.name: Unknown model '.*models/nope': it is not a built-in alias, not an existing local "
+        r"folder, and it is not a valid Hugging Face hub id either",
+    ),
+    Case(
+        "model_folder_without_config",
+        _model_without_config,
+        2,
+        r"model\.name: model folder .*no-config: expected config\.json .*found \['model\.safetensors'\]",
+    ),
+    Case(
+        "model_folder_pickle_only",
+        lambda t: run(t, f"model.name={pickle_only_model(t)}"),
+        2,
+        r"model\.name: model folder .*pickled-model: expected model\.safetensors \(pickled weights are never loaded: "
+        r"they can run code\), found \['pytorch_model\.bin'\]; convert it once",
+    ),
+    Case(
+        "model_hub_id_offline",
+        lambda t: run(t, "model.name=some-org/some-model-that-is-not-cached"),
+        2,
+        r"model\.name: Unknown model 'some-org/some-model-that-is-not-cached': .*HF_HUB_OFFLINE is set while the hub "
+        r"id is not in the local Hugging Face cache",
+    ),
+    Case(
+        "ask_pickle_only_folder",
+        lambda t: ["ask", pickle_only_model(t), "Hi?", "--config", TINY, "--set", f"store.uri={t / 'store'}"],
+        2,
+        r"model error:\nmodel folder .*pickled-model: expected model\.safetensors .*found \['pytorch_model\.bin'\]",
+    ),
+    Case(
+        "ask_unknown_alias",
+        lambda t: [
+            "ask",
+            "more_itertools_9_steps_20990101T000000Z",
+            "Hi?",
+            "--config",
+            TINY,
+            "--set",
+            f"store.uri={t / 'store'}",
+        ],
+        2,
+        r"(?s)model error:\nUnknown model 'more_itertools_9_steps_20990101T000000Z'.*\nTrained models in the store .*store \(aliases\)",
+    ),
     # ---- Python API (named exceptions)
-    Case("api_load_model_pickle_only", _api_load_model, "ModelFolderError",
-         r"model folder .*pickled-model: expected model\.safetensors .*found \['pytorch_model\.bin'\]"),
-    Case("api_adapter_pickle_only", _api_adapter_pickle, "ModelFolderError",
-         r"adapter folder .*adapter: expected adapter_model\.safetensors \(pickled weights are never loaded\), "
-         r"found \['adapter_config\.json', 'adapter_model\.bin'\]; convert it once"),
-    Case("api_finetuner_bad_override", _api_finetuner, "ConfigError",
-         r"tiny\.yaml: train\.max_steps: Input should be greater than 0 \(found -1\)"),
-    Case("api_store_key_escapes", _api_store_escape, ValueError,
-         r"invalid store path 'collect/\.\./\.\./escaped\.txt': '\.' and '\.\.' segments are not allowed"),
-    Case("api_ref_uri_percent_encoded", _api_ref_escape, ValueError,
-         r"invalid store path 'collect/%2e%2e/%2e%2e/etc': percent-encoded .* read as 'collect/\.\./\.\./etc'"),
+    Case(
+        "api_load_model_pickle_only",
+        _api_load_model,
+        "ModelFolderError",
+        r"model folder .*pickled-model: expected model\.safetensors .*found \['pytorch_model\.bin'\]",
+    ),
+    Case(
+        "api_adapter_pickle_only",
+        _api_adapter_pickle,
+        "ModelFolderError",
+        r"adapter folder .*adapter: expected adapter_model\.safetensors \(pickled weights are never loaded\), "
+        r"found \['adapter_config\.json', 'adapter_model\.bin'\]; convert it once",
+    ),
+    Case(
+        "api_finetuner_bad_override",
+        _api_finetuner,
+        "ConfigError",
+        r"tiny\.yaml: train\.max_steps: Input should be greater than 0 \(found -1\)",
+    ),
+    Case(
+        "api_store_key_escapes",
+        _api_store_escape,
+        ValueError,
+        r"invalid store path 'collect/\.\./\.\./escaped\.txt': '\.' and '\.\.' segments are not allowed",
+    ),
+    Case(
+        "api_ref_uri_percent_encoded",
+        _api_ref_escape,
+        ValueError,
+        r"invalid store path 'collect/%2e%2e/%2e%2e/etc': percent-encoded .* read as 'collect/\.\./\.\./etc'",
+    ),
 ]
 
 
@@ -353,13 +619,18 @@ def _exception_type(expect: int | type[BaseException] | str) -> type[BaseExcepti
 
 def test_the_corpus_is_large_and_varied():
     assert len(CASES) >= 25 and len({case.id for case in CASES}) == len(CASES)
-    kinds = {"data": sum(c.flow for c in CASES), "exit 2 without a flow": sum(not c.flow and c.expect == 2 for c in CASES),
-             "exceptions": sum(c.expect != 2 for c in CASES)}
+    kinds = {
+        "data": sum(c.flow for c in CASES),
+        "exit 2 without a flow": sum(not c.flow and c.expect == 2 for c in CASES),
+        "exceptions": sum(c.expect != 2 for c in CASES),
+    }
     assert min(kinds.values()) >= 5, kinds
 
 
 @pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
-def test_bad_input_is_refused_by_name_and_leaves_the_store_unchanged(case: Case, tmp_path: Path, monkeypatch, capsys, request):
+def test_bad_input_is_refused_by_name_and_leaves_the_store_unchanged(
+    case: Case, tmp_path: Path, monkeypatch, capsys, request
+):
     if case.flow:
         request.getfixturevalue("prefect_harness")
     monkeypatch.chdir(tmp_path)  # a default ./artifacts store would appear here
@@ -375,7 +646,7 @@ def test_bad_input_is_refused_by_name_and_leaves_the_store_unchanged(case: Case,
             code = exit_.code
         err = capsys.readouterr().err
         assert code == case.expect, f"exit code {code}, expected {case.expect}; stderr:\n{err}"
-        message = err[err.rfind("\n", 0, err.rfind("error:")) + 1:]  # the CLI's own last word, after Prefect's logs
+        message = err[err.rfind("\n", 0, err.rfind("error:")) + 1 :]  # the CLI's own last word, after Prefect's logs
         assert "Traceback" not in message, err
     else:
         with pytest.raises(_exception_type(case.expect)) as raised:

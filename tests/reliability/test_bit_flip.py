@@ -18,8 +18,9 @@ from pipeline.store import LocalStore, sha256_file
 pytestmark = [pytest.mark.flow]
 
 
-def test_a_flipped_bit_is_detected_reported_recomputed_and_never_read(prefect_harness, reference_run, checks, logs,
-                                                                      tmp_path, monkeypatch):
+def test_a_flipped_bit_is_detected_reported_recomputed_and_never_read(
+    prefect_harness, reference_run, checks, logs, tmp_path, monkeypatch
+):
     from flows.finetune import finetune
 
     reference_dir, reference = reference_run
@@ -49,11 +50,16 @@ def test_a_flipped_bit_is_detected_reported_recomputed_and_never_read(prefect_ha
 
     states = {entry["stage"]: entry["state"] for entry in summary["stages"]}
     assert states == {
-        "collect": "Cached", "template": "Cached", "tokenize": "Cached", "validate": "Cached",
+        "collect": "Cached",
+        "template": "Cached",
+        "tokenize": "Cached",
+        "validate": "Cached",
         "split": "Completed",  # recomputed: its cached record pointed at a corrupt artifact
         "train": "Cached",  # the recomputed split has the same bytes and the same Ref: no retraining
-        "evaluate (base)": "Completed", "evaluate (fine-tuned)": "Completed",  # eval.max_new_tokens changed
-        "benchmark (base, arc_easy 0-8)": "Cached", "benchmark (fine-tuned, arc_easy 0-8)": "Cached",
+        "evaluate (base)": "Completed",
+        "evaluate (fine-tuned)": "Completed",  # eval.max_new_tokens changed
+        "benchmark (base, arc_easy 0-8)": "Cached",
+        "benchmark (fine-tuned, arc_easy 0-8)": "Cached",
         "gate (look 1)": "Completed",
     }
     reports = [m for m in logs.messages() if "corrupt artifact" in m and "test.parquet" in m]
@@ -62,6 +68,7 @@ def test_a_flipped_bit_is_detected_reported_recomputed_and_never_read(prefect_ha
     assert sha256_file(target) == original
     assert [e["uri"] for e in summary["stages"][:6]] == [e["uri"] for e in reference["stages"][:6]]
     assert store.open_ref(split_uri).sha256 == next(
-        LocalStore(reference_dir).open_ref(e["uri"]).sha256 for e in reference["stages"] if e["stage"] == "split")
+        LocalStore(reference_dir).open_ref(e["uri"]).sha256 for e in reference["stages"] if e["stage"] == "split"
+    )
     checks.assert_every_manifest_verifies(store)
     assert checks.leftover_temp_files(root) == []

@@ -66,9 +66,16 @@ def test_two_writers_of_the_same_artifacts_agree_on_one_intact_artifact_each(tmp
 
     root, rounds = tmp_path / "store", 40
     repo = Path(__file__).resolve().parents[2]
-    writers = [subprocess.Popen([sys.executable, "-c", _WRITER, str(root), name, str(rounds), str(tmp_path / name)],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                env={**os.environ, "PYTHONPATH": str(repo)}) for name in ("a", "b")]
+    writers = [
+        subprocess.Popen(
+            [sys.executable, "-c", _WRITER, str(root), name, str(rounds), str(tmp_path / name)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(repo)},
+        )
+        for name in ("a", "b")
+    ]
     results = [writer.communicate(timeout=300) for writer in writers]
     assert all(writer.returncode == 0 for writer in writers), [err for _, err in results]
     refs_a, refs_b = (json.loads(out) for out, _ in results)

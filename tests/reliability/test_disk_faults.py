@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 # Run in a child process: commits a small artifact that fits, then one that does not (or may not be
 # written), and reports what the store holds afterwards.
-_SCRIPT = textwrap.dedent('''
+_SCRIPT = textwrap.dedent("""
     import json, os, sys
     from pathlib import Path
     from pipeline.store import LocalStore, StoreError
@@ -67,7 +67,7 @@ _SCRIPT = textwrap.dedent('''
     small = "collect/" + "a" * 32
     report["small_intact"] = store.has_artifact(small) and store.fetch(store.open_ref(small)).is_dir()
     print(json.dumps(report))
-''')
+""")
 
 
 def _staging(folder: Path, sizes: dict[str, int]) -> Path:
@@ -78,8 +78,14 @@ def _staging(folder: Path, sizes: dict[str, int]) -> Path:
 
 
 def _commit_small(root: Path, tmp: Path) -> None:
-    LocalStore(root).commit("collect/" + "a" * 32, _staging(tmp / "small", {"rows.jsonl": 20_000}), kind="collect",
-                            inputs={}, config={}, meta={})
+    LocalStore(root).commit(
+        "collect/" + "a" * 32,
+        _staging(tmp / "small", {"rows.jsonl": 20_000}),
+        kind="collect",
+        inputs={},
+        config={},
+        meta={},
+    )
 
 
 def test_a_full_disk_gives_a_clear_error_and_leaves_nothing_partial(tmp_path):
@@ -90,7 +96,7 @@ def test_a_full_disk_gives_a_clear_error_and_leaves_nothing_partial(tmp_path):
     script.write_text(_SCRIPT)
     small = _staging(tmp_path / "small", {"rows.jsonl": 20_000})
     big = _staging(tmp_path / "big", {"a.bin": 300_000, "b.bin": 900_000, "c.bin": 10_000})  # > 1 MiB in all
-    inner = textwrap.dedent(f'''
+    inner = textwrap.dedent(f"""
         set -e
         mount -t tmpfs -o size=1m tmpfs {mount}
         {sys.executable} -c "
@@ -99,9 +105,14 @@ def test_a_full_disk_gives_a_clear_error_and_leaves_nothing_partial(tmp_path):
     LocalStore(Path('{mount}/store')).commit('collect/' + 'a' * 32, Path('{small}'), kind='collect', inputs={{}},
                                              config={{}}, meta={{}})"
         {sys.executable} {script} {mount}/store {big}
-    ''')
-    result = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", inner], cwd=REPO,
-                            capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    """)
+    result = subprocess.run(
+        ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", inner],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     if result.returncode != 0 and "mount" in result.stderr and "commit.py" not in result.stderr:
         pytest.skip(f"cannot mount a tmpfs in a user namespace here: {result.stderr.strip()[-300:]}")
     assert result.returncode == 0, result.stderr
@@ -131,8 +142,14 @@ def test_enospc_on_the_manifest_removes_the_whole_attempt(tmp_path, monkeypatch)
     monkeypatch.setattr(os, "fsync", fsync_reports_a_full_disk)
     store, uri = LocalStore(root), "tokenize/" + "c" * 32
     with pytest.raises(StoreError) as failure:
-        store.commit(uri, _staging(tmp_path / "staging", {"tokens.parquet": 50_000, "report.json": 100}),
-                     kind="tokenize", inputs={}, config={}, meta={})
+        store.commit(
+            uri,
+            _staging(tmp_path / "staging", {"tokens.parquet": 50_000, "report.json": 100}),
+            kind="tokenize",
+            inputs={},
+            config={},
+            meta={},
+        )
     monkeypatch.undo()
     message = str(failure.value)
     print(message)
@@ -172,8 +189,13 @@ def test_no_write_permission_gives_a_clear_error_and_leaves_nothing_partial(tmp_
         for case, root_mode in (("store root not writable", 0o555), ("stage folder not writable", 0o777)):
             root.chmod(root_mode)
             (root / "collect").chmod(0o555)
-            result = subprocess.run([sys.executable, str(script), str(root), str(big), *extra], cwd=base,
-                                    capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+            result = subprocess.run(
+                [sys.executable, str(script), str(root), str(big), *extra],
+                cwd=base,
+                capture_output=True,
+                text=True,
+                env={**os.environ, "PYTHONPATH": str(REPO)},
+            )
             assert result.returncode == 0, result.stderr
             cases[case] = json.loads(result.stdout.strip().splitlines()[-1])
         root.chmod(0o755)

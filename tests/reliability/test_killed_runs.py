@@ -28,8 +28,9 @@ def _manifests(root, stage: str) -> list:
     return sorted(root.glob(f"{stage}/*/{MANIFEST_NAME}"))
 
 
-def test_killed_three_times_then_finishes_like_an_uninterrupted_run(prefect_harness, reference_run, flow_process,
-                                                                     checks, tmp_path):
+def test_killed_three_times_then_finishes_like_an_uninterrupted_run(
+    prefect_harness, reference_run, flow_process, checks, tmp_path
+):
     from flows.finetune import finetune
 
     root = tmp_path / "store"

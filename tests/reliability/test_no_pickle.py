@@ -75,7 +75,9 @@ def test_an_adapter_with_pickled_weights_is_refused(tmp_path: Path):
 
     folder = tmp_path / "adapter"
     folder.mkdir()
-    (folder / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "tiny-neox", "peft_type": "LORA"}))
+    (folder / "adapter_config.json").write_text(
+        json.dumps({"base_model_name_or_path": "tiny-neox", "peft_type": "LORA"})
+    )
     (folder / "adapter_model.bin").write_bytes(exploit(tmp_path / MARKER))
     with pytest.raises(ModelFolderError, match=r"expected adapter_model\.safetensors"):
         load_model(str(folder), device="cpu")
@@ -93,6 +95,7 @@ def test_loaders_ask_for_safetensors_and_no_remote_code_unless_told(tiny_folder:
         def call(*args, **kwargs):
             calls.append(kwargs)
             return real(*args, **kwargs)
+
         return call
 
     monkeypatch.setattr(models.AutoModelForCausalLM, "from_pretrained", spy(real_model))
@@ -132,8 +135,11 @@ def test_checkpoint_state_is_only_read_with_the_restricted_unpickler(tmp_path: P
     import transformers.trainer
 
     source = Path(inspect.getsourcefile(transformers.trainer)).read_text()
-    loads = [node for node in ast.walk(ast.parse(source)) if isinstance(node, ast.Call)
-             and ast.unparse(node.func) == "torch.load"]
+    loads = [
+        node
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, ast.Call) and ast.unparse(node.func) == "torch.load"
+    ]
     assert loads, "the Trainer no longer calls torch.load: re-check how it resumes"
     for call in loads:
         weights_only = {k.arg: ast.unparse(k.value) for k in call.keywords}.get("weights_only")
@@ -169,7 +175,9 @@ def test_stage_results_in_the_store_are_json_and_nothing_stored_is_a_pickle(pref
     store_config = StoreConfig(uri=str(tmp_path / "store"))
     task = collect.with_options(result_storage=result_storage_for(store_config))  # as the flow runs it
     ref = task(config=config.data, store=store_config, fingerprints=source_fingerprints(config.data))
-    state = task(config=config.data, store=store_config, fingerprints=source_fingerprints(config.data), return_state=True)
+    state = task(
+        config=config.data, store=store_config, fingerprints=source_fingerprints(config.data), return_state=True
+    )
     assert state.name == "Cached" and state.result() == ref  # read back from the JSON record in the store
 
     root = tmp_path / "store"
@@ -180,7 +188,7 @@ def test_stage_results_in_the_store_are_json_and_nothing_stored_is_a_pickle(pref
         assert record["metadata"]["serializer"]["type"] == "json", record["metadata"]
         classes = set()
 
-        def collect_classes(obj):
+        def collect_classes(obj, classes=classes):  # this record's set, bound now (B023)
             if isinstance(obj, dict):
                 classes.update(v for k, v in obj.items() if k in ("__class__", "__exc_type__"))
                 return obj
@@ -217,27 +225,48 @@ def test_a_planted_pickle_cache_record_is_ignored_and_replaced_never_unpickled(p
 
     state = task(**arguments, return_state=True)
     assert not (tmp_path / MARKER).exists(), "the planted record was unpickled"
-    assert state.name != "Cached" and state.result() == ref, "the refused record counts as none: the stage answers again"
+    assert state.name != "Cached" and state.result() == ref, (
+        "the refused record counts as none: the stage answers again"
+    )
     rewritten = json.loads(record_path.read_bytes())
     assert rewritten["metadata"]["serializer"]["type"] == "json", "a fresh JSON record replaced the planted one"
     assert task(**arguments, return_state=True).name == "Cached"
 
 
-@pytest.mark.parametrize("record, reason", [
-    (b"\x80\x04not json", "in JSON"),
-    (json.dumps({"metadata": {"serializer": {"type": "pickle"}}, "result": "gASV"}).encode(), "serializer 'json'"),
-    (json.dumps({"metadata": {"serializer": {"type": "json"}},
-                 "result": json.dumps({"__class__": "os.PathLike", "data": {}})}).encode(), "os.PathLike"),
-    (json.dumps({"metadata": {"serializer": {"type": "json"}},
-                 "result": json.dumps({"__exc_type__": "antigravity.Fly", "message": ""})}).encode(), "antigravity"),
-])
+@pytest.mark.parametrize(
+    "record, reason",
+    [
+        (b"\x80\x04not json", "in JSON"),
+        (json.dumps({"metadata": {"serializer": {"type": "pickle"}}, "result": "gASV"}).encode(), "serializer 'json'"),
+        (
+            json.dumps(
+                {
+                    "metadata": {"serializer": {"type": "json"}},
+                    "result": json.dumps({"__class__": "os.PathLike", "data": {}}),
+                }
+            ).encode(),
+            "os.PathLike",
+        ),
+        (
+            json.dumps(
+                {
+                    "metadata": {"serializer": {"type": "json"}},
+                    "result": json.dumps({"__exc_type__": "antigravity.Fly", "message": ""}),
+                }
+            ).encode(),
+            "antigravity",
+        ),
+    ],
+)
 def test_result_records_naming_anything_but_refs_are_refused(record: bytes, reason: str):
     from pipeline.stage import UnsafeResultRecord, check_result_record
 
     with pytest.raises(UnsafeResultRecord, match=reason):
         check_result_record(record, "_prefect/key")
-    good = {"metadata": {"serializer": {"type": "json"}},
-            "result": json.dumps({"__exc_type__": "pipeline.rows.DataError", "message": "bad row"})}
+    good = {
+        "metadata": {"serializer": {"type": "json"}},
+        "result": json.dumps({"__exc_type__": "pipeline.rows.DataError", "message": "bad row"}),
+    }
     import pipeline.rows  # noqa: F401  (a failed task's record names an exception its run imported)
 
     assert check_result_record(json.dumps(good).encode(), "_prefect/key") == json.dumps(good).encode()

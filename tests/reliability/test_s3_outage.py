@@ -32,9 +32,13 @@ BEFORE_TRAIN = ["collect", "template", "tokenize", "validate", "split"]
 
 def _settings(server, tmp_path: Path, **changes) -> StoreSettings:
     return StoreSettings(
-        uri=f"s3://outage-{uuid.uuid4().hex[:10]}/runs", endpoint_url=server.endpoint_url, region="us-east-1",
-        access_key_id=SecretStr(server.access_key), secret_access_key=SecretStr(server.secret_key),
-        cache_dir=str(tmp_path / "s3-cache"), **changes,
+        uri=f"s3://outage-{uuid.uuid4().hex[:10]}/runs",
+        endpoint_url=server.endpoint_url,
+        region="us-east-1",
+        access_key_id=SecretStr(server.access_key),
+        secret_access_key=SecretStr(server.secret_key),
+        cache_dir=str(tmp_path / "s3-cache"),
+        **changes,
     )
 
 
@@ -47,8 +51,9 @@ def _staging(tmp_path: Path) -> Path:
 
 
 @pytest.mark.filterwarnings("ignore:Logger 'prefect.task_runs' attempted:UserWarning")  # a task run outside a flow
-def test_a_short_outage_is_ridden_out_by_botocore_retries_not_by_a_task_retry(prefect_harness, weed_server, tmp_path,
-                                                                              logs):
+def test_a_short_outage_is_ridden_out_by_botocore_retries_not_by_a_task_retry(
+    prefect_harness, weed_server, tmp_path, logs
+):
     from prefect import task
 
     # 14 attempts: botocore's waits (a random share of 50 ms x 2^n, at most 20 s) add up to > 10 s almost surely.
@@ -79,12 +84,14 @@ def test_a_short_outage_is_ridden_out_by_botocore_retries_not_by_a_task_retry(pr
     # retried nothing); the store logged each failed attempt and botocore's RetryAttempts for the PutObject.
     assert len(runs) == 1, "a Prefect task retry was needed"
     assert logs.retried_requests() == [("PutObject", len(waits))], logs.messages(logging.INFO)
-    assert [(op, attempt) for op, attempt, _ in logs.failed_attempts()] == \
-        [("PutObject", n) for n in range(1, len(waits) + 1)]
+    assert [(op, attempt) for op, attempt, _ in logs.failed_attempts()] == [
+        ("PutObject", n) for n in range(1, len(waits) + 1)
+    ]
 
 
-def test_the_server_dying_mid_commit_leaves_no_artifact_and_names_the_endpoint(weed_server, tmp_path, logs,
-                                                                               monkeypatch):
+def test_the_server_dying_mid_commit_leaves_no_artifact_and_names_the_endpoint(
+    weed_server, tmp_path, logs, monkeypatch
+):
     settings = _settings(weed_server, tmp_path, retry_attempts=3)
     store = open_store(settings)
     uri = "split/" + "5" * 32
@@ -122,17 +129,23 @@ def test_the_server_dying_mid_commit_leaves_no_artifact_and_names_the_endpoint(w
 
 
 @pytest.mark.flow
-def test_the_server_dying_during_a_run_fails_it_and_a_rerun_reuses_what_finished(prefect_harness, weed_server, checks,
-                                                                                  tmp_path, logs, monkeypatch):
+def test_the_server_dying_during_a_run_fails_it_and_a_rerun_reuses_what_finished(
+    prefect_harness, weed_server, checks, tmp_path, logs, monkeypatch
+):
     from flows.finetune import finetune
 
     # Credentials from the environment only, as in production: they are never flow parameters.
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", weed_server.access_key)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", weed_server.secret_key)
     settings = _settings(weed_server, tmp_path)
-    overrides = [f"store.uri={settings.uri}", f"store.endpoint_url={weed_server.endpoint_url}", "store.region=us-east-1",
-                 f"store.cache_dir={tmp_path / 'cache'}", "store.retry_attempts=3"]
-    bucket, prefix = settings.uri[len("s3://"):].split("/", 1)
+    overrides = [
+        f"store.uri={settings.uri}",
+        f"store.endpoint_url={weed_server.endpoint_url}",
+        "store.region=us-east-1",
+        f"store.cache_dir={tmp_path / 'cache'}",
+        "store.retry_attempts=3",
+    ]
+    bucket, prefix = settings.uri[len("s3://") :].split("/", 1)
 
     # Stop the server as soon as the first training checkpoint is committed to the bucket.
     client, stopped, done = weed_server.client(), threading.Event(), threading.Event()

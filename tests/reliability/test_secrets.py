@@ -49,8 +49,11 @@ WRONG_SECRET = "wRoNgSeCrEtCaNaRy-0a1b2c3d4e5f6789"
 SESSION_TOKEN = "tOkEnCaNaRy-FwoGZXIvYXdzEJr-5a6b7c8d"
 SECRETS = (SECRET_KEY, WRONG_SECRET, SESSION_TOKEN)
 
-pytestmark = [pytest.mark.integration, pytest.mark.flow,
-              pytest.mark.filterwarnings("ignore:Logger 'prefect.task_runs' attempted:UserWarning")]
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.flow,
+    pytest.mark.filterwarnings("ignore:Logger 'prefect.task_runs' attempted:UserWarning"),
+]
 
 
 # --------------------------------------------------------------------------- a server with canary credentials
@@ -70,9 +73,13 @@ def _answers(endpoint: str) -> bool:
     from botocore.config import Config
 
     client = boto3.session.Session().client(
-        "s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id=ACCESS_KEY,
+        "s3",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        aws_access_key_id=ACCESS_KEY,
         aws_secret_access_key=SECRET_KEY,
-        config=Config(retries={"max_attempts": 1}, connect_timeout=1, read_timeout=2, s3={"addressing_style": "path"}))
+        config=Config(retries={"max_attempts": 1}, connect_timeout=1, read_timeout=2, s3={"addressing_style": "path"}),
+    )
     try:
         client.list_buckets()
         return True
@@ -92,10 +99,23 @@ def canary_s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     (base / "logs").mkdir()
     ports = dict(zip(helpers._PORT_FLAGS, helpers._free_ports(len(helpers._PORT_FLAGS))))
     ports["admin.port"], ports["admin.port.grpc"] = helpers._port_pair(avoid=set(ports.values()))
-    command = [weed, f"-logdir={base / 'logs'}", "mini", f"-dir={base / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-               "-master.telemetry=false", "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0", "-webdav=false",
-               "-volume.preStopSeconds=0", f"-filer.localSocket={base}/filer.sock", f"-s3.localSocket={base}/s3.sock",
-               *(f"-{flag}={port}" for flag, port in ports.items())]
+    command = [
+        weed,
+        f"-logdir={base / 'logs'}",
+        "mini",
+        f"-dir={base / 'data'}",
+        "-ip=127.0.0.1",
+        "-ip.bind=127.0.0.1",
+        "-master.telemetry=false",
+        "-admin.ui=false",
+        "-s3.port.iceberg=0",
+        "-s3.port.lance=0",
+        "-webdav=false",
+        "-volume.preStopSeconds=0",
+        f"-filer.localSocket={base}/filer.sock",
+        f"-s3.localSocket={base}/s3.sock",
+        *(f"-{flag}={port}" for flag, port in ports.items()),
+    ]
     env = {**os.environ, "AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY, "TMPDIR": str(base)}
     endpoint = f"http://127.0.0.1:{ports['s3.port']}"
     with open(base / "weed.log", "wb") as log_file:
@@ -146,13 +166,15 @@ def prefect_api_dump() -> dict[str, str]:
 
     async def read() -> dict[str, str]:
         async with get_client() as client:
-            dump: dict[str, list] = {"flow_runs": await client.read_flow_runs(limit=200),
-                                     "task_runs": await client.read_task_runs(limit=200),
-                                     "logs": await client.read_logs(limit=200),
-                                     "artifacts": await client.read_artifacts(limit=200),
-                                     "block_documents": await client.read_block_documents(include_secrets=True),
-                                     "variables": await client.read_variables(),
-                                     "deployments": await client.read_deployments()}
+            dump: dict[str, list] = {
+                "flow_runs": await client.read_flow_runs(limit=200),
+                "task_runs": await client.read_task_runs(limit=200),
+                "logs": await client.read_logs(limit=200),
+                "artifacts": await client.read_artifacts(limit=200),
+                "block_documents": await client.read_block_documents(include_secrets=True),
+                "variables": await client.read_variables(),
+                "deployments": await client.read_deployments(),
+            }
             states = []
             for run in dump["flow_runs"]:
                 states += await client.read_flow_run_states(run.id)
@@ -167,8 +189,10 @@ def prefect_api_dump() -> dict[str, str]:
                 page = await client.read_events_page(page.next_page)
                 events += page.events
             dump["events"] = events
-            return {kind: json.dumps([item.model_dump(mode="json") for item in items], default=str)
-                    for kind, items in dump.items()}
+            return {
+                kind: json.dumps([item.model_dump(mode="json") for item in items], default=str)
+                for kind, items in dump.items()
+            }
 
     return asyncio.run(read())
 
@@ -178,14 +202,21 @@ def bucket_dump(endpoint: str) -> dict[str, bytes]:
     import boto3
     from botocore.config import Config
 
-    client = boto3.session.Session().client("s3", endpoint_url=endpoint, region_name="us-east-1",
-                                             aws_access_key_id=ACCESS_KEY, aws_secret_access_key=SECRET_KEY,
-                                             config=Config(s3={"addressing_style": "path"}))
+    client = boto3.session.Session().client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        aws_access_key_id=ACCESS_KEY,
+        aws_secret_access_key=SECRET_KEY,
+        config=Config(s3={"addressing_style": "path"}),
+    )
     objects = {}
     for bucket in client.list_buckets()["Buckets"]:
         for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket["Name"]):
             for obj in page.get("Contents", []):
-                objects[f"{bucket['Name']}/{obj['Key']}"] = client.get_object(Bucket=bucket["Name"], Key=obj["Key"])["Body"].read()
+                objects[f"{bucket['Name']}/{obj['Key']}"] = client.get_object(Bucket=bucket["Name"], Key=obj["Key"])[
+                    "Body"
+                ].read()
     return objects
 
 
@@ -227,8 +258,23 @@ def test_credentials_appear_nowhere(prefect_harness, canary_s3, aws_env, tmp_pat
     aws_env.delenv("AWS_ACCESS_KEY_ID")
     aws_env.delenv("AWS_SECRET_ACCESS_KEY")
     missing = tmp_path / "missing.jsonl"
-    assert main(["run", "--config", TINY, *store, "--set", f"store.access_key_id={ACCESS_KEY}",
-                 "--set", f"store.secret_access_key={SECRET_KEY}", "--set", f"data.sources=[{{path: '{missing}'}}]"]) == 2
+    assert (
+        main(
+            [
+                "run",
+                "--config",
+                TINY,
+                *store,
+                "--set",
+                f"store.access_key_id={ACCESS_KEY}",
+                "--set",
+                f"store.secret_access_key={SECRET_KEY}",
+                "--set",
+                f"data.sources=[{{path: '{missing}'}}]",
+            ]
+        )
+        == 2
+    )
     second = capsys.readouterr()
     assert "expected a file, found nothing" in second.err
 
@@ -289,16 +335,41 @@ def test_config_and_settings_never_show_secrets():
     from pipeline.store import StoreSettings, open_store
 
     # the search itself finds a credential in any of the forms it looks for
-    for form in (SECRET_KEY, quote(SECRET_KEY), base64.b64encode(b"xy" + SECRET_KEY.encode()).decode(),
-                 json.dumps({"k": SECRET_KEY}), SECRET_KEY.encode("utf-16-le")):
+    for form in (
+        SECRET_KEY,
+        quote(SECRET_KEY),
+        base64.b64encode(b"xy" + SECRET_KEY.encode()).decode(),
+        json.dumps({"k": SECRET_KEY}),
+        SECRET_KEY.encode("utf-16-le"),
+    ):
         assert leaks(form if isinstance(form, bytes) else f"...{form}...") == [SECRET_KEY], form
 
-    config = load_config(TINY, [f"store.access_key_id={ACCESS_KEY}", f"store.secret_access_key={SECRET_KEY}",
-                                "store.uri=s3://canary-bucket/runs", "store.endpoint_url=http://127.0.0.1:9"])
-    settings = StoreSettings(uri="s3://b/p", access_key_id=SecretStr(ACCESS_KEY), secret_access_key=SecretStr(SECRET_KEY))
-    shown = [repr(config), str(config), config.model_dump_json(), json.dumps(config.model_dump(mode="json")),
-             repr(config.store), str(config.store), repr(settings), str(settings), str(settings.model_dump()),
-             canonical_json(config), canonical_json(settings), repr(open_store(settings).__dict__)]
+    config = load_config(
+        TINY,
+        [
+            f"store.access_key_id={ACCESS_KEY}",
+            f"store.secret_access_key={SECRET_KEY}",
+            "store.uri=s3://canary-bucket/runs",
+            "store.endpoint_url=http://127.0.0.1:9",
+        ],
+    )
+    settings = StoreSettings(
+        uri="s3://b/p", access_key_id=SecretStr(ACCESS_KEY), secret_access_key=SecretStr(SECRET_KEY)
+    )
+    shown = [
+        repr(config),
+        str(config),
+        config.model_dump_json(),
+        json.dumps(config.model_dump(mode="json")),
+        repr(config.store),
+        str(config.store),
+        repr(settings),
+        str(settings),
+        str(settings.model_dump()),
+        canonical_json(config),
+        canonical_json(settings),
+        repr(open_store(settings).__dict__),
+    ]
     for text in shown:
         assert not leaks(text, (SECRET_KEY, ACCESS_KEY)), text
     assert config.store.secret_access_key.get_secret_value() == SECRET_KEY  # still usable where it is needed
@@ -310,15 +381,28 @@ def test_config_and_settings_never_show_secrets():
 
         out = io.StringIO()
         with contextlib.redirect_stdout(out):
-            assert main(["validate", "--config", TINY, "--set", f"store.secret_access_key={SECRET_KEY}",
-                         "--set", f"store.access_key_id={ACCESS_KEY}"]) == 0
+            assert (
+                main(
+                    [
+                        "validate",
+                        "--config",
+                        TINY,
+                        "--set",
+                        f"store.secret_access_key={SECRET_KEY}",
+                        "--set",
+                        f"store.access_key_id={ACCESS_KEY}",
+                    ]
+                )
+                == 0
+            )
         assert not leaks(out.getvalue(), (SECRET_KEY, ACCESS_KEY)) and '"**********"' in out.getvalue()
 
         # credentials given with --set leave the flow's parameters and go to the environment boto3 reads
         patch.setenv("AWS_SECRET_ACCESS_KEY", "before")
         patch.setenv("AWS_ACCESS_KEY_ID", "before")
-        kept = secrets_to_environment(["train.max_steps=2", f"store.secret_access_key={SECRET_KEY}",
-                                       f"store.access_key_id={ACCESS_KEY}"])
+        kept = secrets_to_environment(
+            ["train.max_steps=2", f"store.secret_access_key={SECRET_KEY}", f"store.access_key_id={ACCESS_KEY}"]
+        )
         assert kept == ["train.max_steps=2"]
         assert os.environ["AWS_SECRET_ACCESS_KEY"] == SECRET_KEY and os.environ["AWS_ACCESS_KEY_ID"] == ACCESS_KEY
 
@@ -326,12 +410,14 @@ def test_config_and_settings_never_show_secrets():
 def test_a_rejected_credential_is_never_echoed():
     from pipeline.config import ConfigError, load_config
 
-    for overrides in ([f"store.secret_access_key=[{SECRET_KEY}]", f"store.access_key_id={ACCESS_KEY}"],
-                      [f"store.access_key_id={{k: {ACCESS_KEY}}}", f"store.secret_access_key={SECRET_KEY}"],
-                      [f"stor={{secret_access_key: {SECRET_KEY}}}"],
-                      [f"store.secret_access_key={SECRET_KEY}"],
-                      [f"store.uri=s3://{ACCESS_KEY}:{SECRET_KEY}@bucket/runs"],
-                      [f"store.endpoint_url=http://{ACCESS_KEY}:{SECRET_KEY}@127.0.0.1:8333"]):
+    for overrides in (
+        [f"store.secret_access_key=[{SECRET_KEY}]", f"store.access_key_id={ACCESS_KEY}"],
+        [f"store.access_key_id={{k: {ACCESS_KEY}}}", f"store.secret_access_key={SECRET_KEY}"],
+        [f"stor={{secret_access_key: {SECRET_KEY}}}"],
+        [f"store.secret_access_key={SECRET_KEY}"],
+        [f"store.uri=s3://{ACCESS_KEY}:{SECRET_KEY}@bucket/runs"],
+        [f"store.endpoint_url=http://{ACCESS_KEY}:{SECRET_KEY}@127.0.0.1:8333"],
+    ):
         with pytest.raises(ConfigError) as rejected:
             load_config(TINY, overrides)
         assert not leaks(str(rejected.value), (SECRET_KEY, ACCESS_KEY)), str(rejected.value)

@@ -56,13 +56,23 @@ ESCAPES = [
     "a/b\nc",
     "a/b\rc",
 ]
-FINE = ["a", "collect/abc/data.jsonl", "a..b/c", ".hidden/x", "model/v1.0", "a/100%/b", "a/%zz/b", "caf\u00e9/x", "a b/c"]
+FINE = [
+    "a",
+    "collect/abc/data.jsonl",
+    "a..b/c",
+    ".hidden/x",
+    "model/v1.0",
+    "a/100%/b",
+    "a/%zz/b",
+    "caf\u00e9/x",
+    "a b/c",
+]
 
 
 class NoNetwork:
     """A boto3 client stand-in: any request fails the test. Only `meta.endpoint_url` may be read."""
 
-    class meta:  # noqa: N801  (boto3's attribute name)
+    class meta:
         endpoint_url = "http://127.0.0.1:9"
         region_name = "us-east-1"
 
@@ -76,10 +86,10 @@ class OneManifest(NoNetwork):
     def __init__(self, key: str, body: bytes):
         self.key, self.body = key, body
 
-    def head_bucket(self, Bucket: str) -> dict:  # noqa: N803
+    def head_bucket(self, Bucket: str) -> dict:
         return {}
 
-    def get_object(self, Bucket: str, Key: str) -> dict:  # noqa: N803
+    def get_object(self, Bucket: str, Key: str) -> dict:
         assert Key == self.key, f"unexpected read of {Key}"
 
         class Body:
@@ -134,7 +144,9 @@ def test_every_operation_refuses_an_escaping_key(store, bad: str, tmp_path: Path
             continue  # '' lists/deletes the whole root, a trailing '/' is a folder prefix: both stay inside
         with pytest.raises(ValueError) as refused:
             operation()
-        named = repr(bad[:-1]) if name in ("list", "delete") and bad.endswith("/") else repr(bad)  # prefixes: one '/' trimmed
+        named = (
+            repr(bad[:-1]) if name in ("list", "delete") and bad.endswith("/") else repr(bad)
+        )  # prefixes: one '/' trimmed
         assert named in str(refused.value), f"{name}: {refused.value}"
     assert files_under(outer) == before, "something was written"
     assert not (tmp_path / "outside.txt").exists() and not (tmp_path / "downloaded.bin").exists()
@@ -150,11 +162,24 @@ def test_unusual_but_harmless_keys_still_work(good: str, tmp_path: Path):
 
 
 def _manifest(files: dict[str, dict]) -> bytes:
-    return json.dumps({"kind": "collect", "uri": "collect/k", "files": files, "inputs": {}, "config": {}, "meta": {},
-                       "created_at": "2026-01-01T00:00:00Z"}, indent=2, sort_keys=True).encode()
+    return json.dumps(
+        {
+            "kind": "collect",
+            "uri": "collect/k",
+            "files": files,
+            "inputs": {},
+            "config": {},
+            "meta": {},
+            "created_at": "2026-01-01T00:00:00Z",
+        },
+        indent=2,
+        sort_keys=True,
+    ).encode()
 
 
-@pytest.mark.parametrize("entry", ["../../../outside.txt", "/etc/passwd", "a/%2e%2e/%2e%2e/%2e%2e/outside.txt", "a\\..\\x"])
+@pytest.mark.parametrize(
+    "entry", ["../../../outside.txt", "/etc/passwd", "a/%2e%2e/%2e%2e/%2e%2e/outside.txt", "a\\..\\x"]
+)
 def test_a_tampered_manifest_cannot_point_outside_the_artifact(entry: str, tmp_path: Path):
     """A manifest is data from the store: its file names are checked like any key (local and S3 cache)."""
     data = _manifest({entry: {"sha256": "0" * 64, "size": 1}})
@@ -165,8 +190,10 @@ def test_a_tampered_manifest_cannot_point_outside_the_artifact(entry: str, tmp_p
     with pytest.raises(ValueError, match="invalid store path"):
         local.fetch(ref)
 
-    remote = S3Store(StoreSettings(uri="s3://team-bucket/runs", cache_dir=str(tmp_path / "outer" / "cache")),
-                     client=OneManifest(f"runs/collect/k/{MANIFEST_NAME}", data))
+    remote = S3Store(
+        StoreSettings(uri="s3://team-bucket/runs", cache_dir=str(tmp_path / "outer" / "cache")),
+        client=OneManifest(f"runs/collect/k/{MANIFEST_NAME}", data),
+    )
     with pytest.raises(ValueError, match="invalid store path"):
         remote.fetch(ref)
     assert not (tmp_path / "outside.txt").exists()
@@ -214,18 +241,21 @@ def test_prefect_result_paths_are_store_keys_too(tmp_path: Path):
     assert not (tmp_path / "outside").exists()
 
 
-@pytest.mark.parametrize(("uri", "message"), [
-    ("s3://bucket/runs/../../other", r"'\.' and '\.\.' segments"),
-    ("s3://bucket/runs/%2e%2e/x", "percent-encoded"),
-    ("s3://bucket//runs", None),  # leading slashes of the prefix are trimmed: same as s3://bucket/runs
-    ("s3://other-bucket@bucket/x", "invalid bucket"),
-    ("s3://bucket:443/x", "invalid bucket"),
-    ("s3://bucket?versionId=1/x", "invalid bucket"),
-    ("s3://bucket#frag/x", "invalid bucket"),
-    ("s3://..bucket/x", "invalid bucket"),
-    ("s3://%62ucket/x", "invalid bucket"),
-    ("s3://Bucket/x", "invalid bucket"),
-])
+@pytest.mark.parametrize(
+    ("uri", "message"),
+    [
+        ("s3://bucket/runs/../../other", r"'\.' and '\.\.' segments"),
+        ("s3://bucket/runs/%2e%2e/x", "percent-encoded"),
+        ("s3://bucket//runs", None),  # leading slashes of the prefix are trimmed: same as s3://bucket/runs
+        ("s3://other-bucket@bucket/x", "invalid bucket"),
+        ("s3://bucket:443/x", "invalid bucket"),
+        ("s3://bucket?versionId=1/x", "invalid bucket"),
+        ("s3://bucket#frag/x", "invalid bucket"),
+        ("s3://..bucket/x", "invalid bucket"),
+        ("s3://%62ucket/x", "invalid bucket"),
+        ("s3://Bucket/x", "invalid bucket"),
+    ],
+)
 def test_s3_roots_are_validated(uri: str, message: str | None):
     if message is None:
         assert parse_s3_uri(uri) == ("bucket", "runs")

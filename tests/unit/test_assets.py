@@ -96,9 +96,7 @@ def test_tiny_neox_loads_and_runs(tiny_neox: str) -> None:
     assert 9.0 < out.loss.item() < 12.5
 
 
-def test_tiny_neox_is_deterministic_and_cached(
-    tiny_neox: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_tiny_neox_is_deterministic_and_cached(tiny_neox: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from safetensors.torch import load_file
 
     # A second cache on the "same machine elsewhere" builds the same folder name and weights.
@@ -305,11 +303,7 @@ def test_arc_train_questions_never_include_test(arc_dir: Path, cache_dir: Path) 
     rows = assets.arc_train_questions(cache_dir)
     assert len(rows) == 2251 + 1119
     train_ids = {row["id"] for row in rows}
-    test_ids = {
-        row["id"] for subset in EXPECTED_ARC for row in _read_jsonl(arc_dir / subset / "test.jsonl")
-    }
-    expected_train = {
-        row["id"] for subset in EXPECTED_ARC for row in _read_jsonl(arc_dir / subset / "train.jsonl")
-    }
+    test_ids = {row["id"] for subset in EXPECTED_ARC for row in _read_jsonl(arc_dir / subset / "test.jsonl")}
+    expected_train = {row["id"] for subset in EXPECTED_ARC for row in _read_jsonl(arc_dir / subset / "train.jsonl")}
     assert train_ids == expected_train
     assert not train_ids & test_ids

@@ -140,8 +140,12 @@ def _spans(looks: list[list[BenchmarkSample]]) -> list[list[tuple[str, int, int]
 def test_default_looks_on_arc_easy_are_200_400_800_and_all():
     looks = benchmark_looks(BenchmarkConfig(), {"arc_easy": 2376})
     assert BenchmarkConfig().sample_sizes == [200, 400, 800, "all"]
-    assert _spans(looks) == [[("arc_easy", 0, 200)], [("arc_easy", 200, 400)], [("arc_easy", 400, 800)],
-                             [("arc_easy", 800, 2376)]]
+    assert _spans(looks) == [
+        [("arc_easy", 0, 200)],
+        [("arc_easy", 200, 400)],
+        [("arc_easy", 400, 800)],
+        [("arc_easy", 800, 2376)],
+    ]
 
 
 def test_looks_carry_the_seed_and_scoring_settings():
@@ -154,7 +158,9 @@ def test_looks_carry_the_seed_and_scoring_settings():
 def test_sizes_beyond_a_small_task_are_cut_and_empty_looks_dropped():
     looks = benchmark_looks(BenchmarkConfig(), {"arc_easy": 300})
     assert _spans(looks) == [[("arc_easy", 0, 200)], [("arc_easy", 200, 300)]]
-    assert _spans(benchmark_looks(BenchmarkConfig(sample_sizes=[200, 400]), {"arc_easy": 150})) == [[("arc_easy", 0, 150)]]
+    assert _spans(benchmark_looks(BenchmarkConfig(sample_sizes=[200, 400]), {"arc_easy": 150})) == [
+        [("arc_easy", 0, 150)]
+    ]
 
 
 def test_two_tasks_of_different_sizes_share_looks_until_the_smaller_one_is_done():
@@ -202,10 +208,21 @@ def test_task_size_counts_the_scored_split(data_dir):
 
 def _sample(doc_id: int, doc: dict, target, acc: float, acc_norm: float, logliks: list[float]) -> dict:
     """One lm-eval logged sample of a multiple-choice task (the fields item_rows reads, plus some it ignores)."""
-    return {"doc_id": doc_id, "doc": doc, "target": target, "arguments": [["ctx", f" {k}"] for k in range(len(logliks))],
-            "resps": [[[ll, k == 0]] for k, ll in enumerate(logliks)], "acc": acc, "acc_norm": acc_norm,
-            "filtered_resps": [(ll, k == 0) for k, ll in enumerate(logliks)], "filter": "none",
-            "metrics": ["acc", "acc_norm"], "doc_hash": "x", "prompt_hash": "y", "target_hash": "z"}
+    return {
+        "doc_id": doc_id,
+        "doc": doc,
+        "target": target,
+        "arguments": [["ctx", f" {k}"] for k in range(len(logliks))],
+        "resps": [[[ll, k == 0]] for k, ll in enumerate(logliks)],
+        "acc": acc,
+        "acc_norm": acc_norm,
+        "filtered_resps": [(ll, k == 0) for k, ll in enumerate(logliks)],
+        "filter": "none",
+        "metrics": ["acc", "acc_norm"],
+        "doc_hash": "x",
+        "prompt_hash": "y",
+        "target_hash": "z",
+    }
 
 
 def test_item_rows_turn_logged_samples_into_sorted_per_question_rows():
@@ -218,8 +235,14 @@ def test_item_rows_turn_logged_samples_into_sorted_per_question_rows():
     rows = item_rows(samples)
     assert [r["doc_id"] for r in rows] == [3, 40, 41, 812]
     assert rows[0] == {"doc_id": 3, "doc": "3", "gold": 0, "acc": 0.0, "acc_norm": 1.0, "loglikelihoods": [-1.0, -4.5]}
-    assert rows[-1] == {"doc_id": 812, "doc": "Mercury_7", "gold": 2, "acc": 1.0, "acc_norm": 0.0,
-                        "loglikelihoods": [-3.5, -2.0, -1.25]}
+    assert rows[-1] == {
+        "doc_id": 812,
+        "doc": "Mercury_7",
+        "gold": 2,
+        "acc": 1.0,
+        "acc_norm": 0.0,
+        "loglikelihoods": [-3.5, -2.0, -1.25],
+    }
     assert rows[1]["gold"] == 1 and rows[1]["doc"] == "NYSEDREGENTS_2015_4_1"
     assert rows[2]["gold"] == -1, "a target that is not a choice index"
     assert all(isinstance(r["acc"], float) and isinstance(r["acc_norm"], float) for r in rows)

@@ -74,8 +74,15 @@ def changed(before: dict[str, str], after: dict[str, str]) -> set[str]:
 
 def test_editing_a_stage_reruns_it_and_what_depends_on_it(original: Path, tmp_path: Path):
     before, after = chain_keys(original), chain_keys(edited(original, tmp_path, "tasks/split.py"))
-    assert changed(before, after) == {"split", "train", "evaluate (base)", "evaluate (fine-tuned)",
-                                      "benchmark (fine-tuned)", "gate", "refine"}
+    assert changed(before, after) == {
+        "split",
+        "train",
+        "evaluate (base)",
+        "evaluate (fine-tuned)",
+        "benchmark (fine-tuned)",
+        "gate",
+        "refine",
+    }
 
 
 def test_editing_a_shared_module_reruns_the_stages_that_import_it(original: Path, tmp_path: Path):

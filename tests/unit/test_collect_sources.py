@@ -73,18 +73,40 @@ def test_several_files_a_glob_and_a_forced_format(tmp_path):
         ({"question": "Q?", "answer": "A."}, {"question": "Q?", "answer": "A."}),
         ({"instruction": "Sum.", "input": "1 2", "output": "3"}, {"question": "Sum.", "input": "1 2", "answer": "3"}),
         ({"instruction": "Greet.", "input": "", "output": "Hi"}, {"question": "Greet.", "answer": "Hi"}),
-        ({"instruction": "Sum.", "context": "1 2", "response": "3"}, {"question": "Sum.", "input": "1 2", "answer": "3"}),
+        (
+            {"instruction": "Sum.", "context": "1 2", "response": "3"},
+            {"question": "Sum.", "input": "1 2", "answer": "3"},
+        ),
         ({"prompt": "P", "completion": "C"}, {"question": "P", "answer": "C"}),
         ({"input": "I", "output": "O"}, {"question": "I", "answer": "O"}),
         ({"Question ": "Q?", "ANSWER": "A."}, {"question": "Q?", "answer": "A."}),
         ({"text": "  Plain text.  "}, {"text": "Plain text."}),
-        ({"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"},
-                       {"role": "assistant", "content": "Hello."}]},
-         {"question": "Hi?", "answer": "Hello.",
-          "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"}]}),
+        (
+            {
+                "messages": [
+                    {"role": "system", "content": "Be brief."},
+                    {"role": "user", "content": "Hi?"},
+                    {"role": "assistant", "content": "Hello."},
+                ]
+            },
+            {
+                "question": "Hi?",
+                "answer": "Hello.",
+                "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"}],
+            },
+        ),
     ],
-    ids=["qa", "alpaca", "alpaca-no-input", "instruction-response", "prompt-completion", "input-output",
-         "case-insensitive", "text", "messages"],
+    ids=[
+        "qa",
+        "alpaca",
+        "alpaca-no-input",
+        "instruction-response",
+        "prompt-completion",
+        "input-output",
+        "case-insensitive",
+        "text",
+        "messages",
+    ],
 )
 def test_schema_detection(tmp_path, record, expected):
     rows, _ = collect(JsonlSource(path=str(write_jsonl(tmp_path / "d.jsonl", [record]))))
@@ -93,7 +115,9 @@ def test_schema_detection(tmp_path, record, expected):
 
 
 def test_explicit_mapping_overrides_detection(tmp_path):
-    path = write_jsonl(tmp_path / "d.jsonl", [{"question": "ignored", "answer": "ignored", "q": "Q?", "a": "A.", "ctx": "C"}])
+    path = write_jsonl(
+        tmp_path / "d.jsonl", [{"question": "ignored", "answer": "ignored", "q": "Q?", "a": "A.", "ctx": "C"}]
+    )
     rows, _ = collect(JsonlSource(path=str(path), question_key="q", answer_key="a", input_key="ctx"))
     assert (rows[0]["question"], rows[0]["answer"], rows[0]["input"]) == ("Q?", "A.", "C")
     rows, _ = collect(JsonlSource(path=str(path), text_key="q"))
@@ -116,8 +140,14 @@ def test_bad_rows_are_dropped_and_counted_with_file_line_and_column(tmp_path):
     path = write_jsonl(tmp_path / "faq.jsonl", good + bad)
     rows, report = collect(JsonlSource(path=str(path)), max_chars=40, max_bad_fraction=0.5)
     assert len(rows) == 20 and report["rows_read"] == 27
-    assert report["dropped"] == {"empty": 1, "non_string": 1, "missing_field": 2, "duplicate": 1, "near_duplicate": 1,
-                                 "too_long": 1}
+    assert report["dropped"] == {
+        "empty": 1,
+        "non_string": 1,
+        "missing_field": 2,
+        "duplicate": 1,
+        "near_duplicate": 1,
+        "too_long": 1,
+    }
     assert report["examples"]["non_string"] == [f"{path}:22: column 'answer': expected text, found number"]
     assert report["examples"]["empty"][0].startswith(f"{path}:21: column 'question'")
     assert any(":24: column 'answer'" in e for e in report["examples"]["missing_field"])
@@ -128,17 +158,22 @@ def test_bad_rows_are_dropped_and_counted_with_file_line_and_column(tmp_path):
 def test_too_many_bad_rows_fail_with_reasons(tmp_path):
     records = [{"question": f"Q{i}?", "answer": {"nested": i}} for i in range(3)] + PAIRS
     path = write_jsonl(tmp_path / "faq.jsonl", records)
-    with pytest.raises(DataError, match=r"max_bad_fraction=0.25 .* found 3 of 9 \(33%\):\n  non_string: 3 "
-                                        rf"\(e.g. {path}:1: column 'answer': expected text, found object\)"):
+    with pytest.raises(
+        DataError,
+        match=r"max_bad_fraction=0.25 .* found 3 of 9 \(33%\):\n  non_string: 3 "
+        rf"\(e.g. {path}:1: column 'answer': expected text, found object\)",
+    ):
         collect(JsonlSource(path=str(path)))
     rows, _ = collect(JsonlSource(path=str(path)), max_bad_fraction=0.5)
     assert len(rows) == 6
 
 
 def test_chat_rows_must_end_with_an_answer(tmp_path):
-    records = [{"messages": [{"role": "user", "content": "Hi?"}]},
-               {"messages": "not a list"},
-               {"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]}]
+    records = [
+        {"messages": [{"role": "user", "content": "Hi?"}]},
+        {"messages": "not a list"},
+        {"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]},
+    ]
     _, report = collect(JsonlSource(path=str(write_jsonl(tmp_path / "chat.jsonl", records))), max_bad_fraction=1)
     assert report["dropped"] == {"bad_messages": 2} and report["rows"] == 1
 
@@ -183,7 +218,8 @@ def test_hf_save_to_disk_folder_and_its_splits(tmp_path):
 
     Dataset.from_list(PAIRS).save_to_disk(str(tmp_path / "one"))
     DatasetDict({"train": Dataset.from_list(PAIRS[:4]), "validation": Dataset.from_list(PAIRS[4:])}).save_to_disk(
-        str(tmp_path / "dict"))
+        str(tmp_path / "dict")
+    )
     rows, _ = collect(HFSource(dataset=str(tmp_path / "one")))
     assert qa(rows) == [(p["question"], p["answer"]) for p in PAIRS]
     rows, _ = collect(HFSource(dataset=str(tmp_path / "dict"), split="validation"))
@@ -197,7 +233,9 @@ def test_hub_dataset_fails_fast_and_clearly_offline():
 
     if not datasets.config.HF_HUB_OFFLINE:  # read once at import; tests/conftest.py sets it unless told otherwise
         pytest.skip("the hub may be reachable: HF_HUB_OFFLINE is not set")
-    with pytest.raises(DataError, match=r"hub dataset 'tatsu-lab/alpaca' \(split 'train'.*HF_HUB_OFFLINE.*save_to_disk"):
+    with pytest.raises(
+        DataError, match=r"hub dataset 'tatsu-lab/alpaca' \(split 'train'.*HF_HUB_OFFLINE.*save_to_disk"
+    ):
         collect(HFSource(dataset="tatsu-lab/alpaca"))
 
 

@@ -21,8 +21,15 @@ def test_shipped_configs_exist():
 
 
 def test_dotted_overrides_apply_with_yaml_types():
-    config = load_config(None, ["train.max_steps=7", "train.learning_rate=3e-4", "benchmark.tasks=[arc_easy, arc_challenge]",
-                                "data.sources.0.phrasings=2"])
+    config = load_config(
+        None,
+        [
+            "train.max_steps=7",
+            "train.learning_rate=3e-4",
+            "benchmark.tasks=[arc_easy, arc_challenge]",
+            "data.sources.0.phrasings=2",
+        ],
+    )
     assert config.train.max_steps == 7
     assert config.train.learning_rate == pytest.approx(3e-4)
     assert config.benchmark.tasks == ["arc_easy", "arc_challenge"]
@@ -41,7 +48,10 @@ def test_all_problems_reported_at_once_with_key_expected_found(tmp_path):
 
 
 def test_gate_on_unknown_metric_is_a_config_error():
-    with pytest.raises(ConfigError, match=r"gates\.0: expected eval\.<exact_match\|similarity_mean\|.*> or benchmark\.<task>.*found 'eval\.bleu'"):
+    with pytest.raises(
+        ConfigError,
+        match=r"gates\.0: expected eval\.<exact_match\|similarity_mean\|.*> or benchmark\.<task>.*found 'eval\.bleu'",
+    ):
         load_config(None, ["gates=[{metric: eval.bleu, value: 0.5}]"])
 
 
@@ -56,7 +66,9 @@ def test_override_without_equals_is_a_config_error():
 
 
 def test_cli_exits_2_on_config_error_before_any_work(tmp_path, capsys):
-    code = main(["run", "--config", "configs/tiny.yaml", "--set", "train.max_steps=-1", "--set", f"store.uri={tmp_path}/store"])
+    code = main(
+        ["run", "--config", "configs/tiny.yaml", "--set", "train.max_steps=-1", "--set", f"store.uri={tmp_path}/store"]
+    )
     assert code == 2
     assert "train.max_steps" in capsys.readouterr().err
     assert not (tmp_path / "store").exists()

@@ -28,8 +28,10 @@ from tasks.tokenize import tokenize_pair, tokenize_rows, truncate_pair
 def test_docs_source_makes_real_pairs_from_docstrings():
     import more_itertools
 
-    rows = docs_rows(DocsSource(package="more_itertools", phrasings=2, max_objects=20, offtopic=3),
-                     ["Which gas do plants absorb?", "What is 2+2?", "Why is the sky blue?", "unused"])
+    rows = docs_rows(
+        DocsSource(package="more_itertools", phrasings=2, max_objects=20, offtopic=3),
+        ["Which gas do plants absorb?", "What is 2+2?", "Why is the sky blue?", "unused"],
+    )
     chunked = [r for r in rows if "more_itertools.chunked" in r["question"] or "`chunked`" in r["question"]]
     assert chunked, "chunked is documented and among the first 20 names"
     assert chunked[0]["answer"].split()[0] in more_itertools.chunked.__doc__
@@ -69,8 +71,11 @@ def test_jsonl_source_reads_and_names_bad_line(tmp_path):
 def test_jsonl_source_missing_fields_lists_found(tmp_path):
     path = tmp_path / "faq.jsonl"
     path.write_text(json.dumps({"q": "Why?", "a": "Because."}) + "\n")
-    with pytest.raises(DataError, match=r"faq.jsonl: expected the columns of an accepted schema \(question\+answer;.*"
-                                        r"found \['a', 'q'\]; or map your columns"):
+    with pytest.raises(
+        DataError,
+        match=r"faq.jsonl: expected the columns of an accepted schema \(question\+answer;.*"
+        r"found \['a', 'q'\]; or map your columns",
+    ):
         read_jsonl_source(JsonlSource(path=str(path)))
     with pytest.raises(DataError, match=r"faq.jsonl: expected column\(s\) 'question' .*found \['a', 'q'\]"):
         read_jsonl_source(JsonlSource(path=str(path), answer_key="a"))
@@ -114,9 +119,15 @@ def test_alpaca_template_with_and_without_input():
     config = TemplateConfig(name="alpaca")
     plain = apply_template(QA_ROW, config)
     assert plain["prompt"].startswith("Below is an instruction that describes a task. Write a response")
-    assert plain["prompt"].endswith("### Instruction:\nWhat is X?\n\n### Response:\n") and "### Input" not in plain["prompt"]
+    assert (
+        plain["prompt"].endswith("### Instruction:\nWhat is X?\n\n### Response:\n")
+        and "### Input" not in plain["prompt"]
+    )
     with_input = apply_template({**QA_ROW, "input": "X = 1"}, config)
-    assert "paired with an input" in with_input["prompt"] and "### Input:\nX = 1\n\n### Response:\n" in with_input["prompt"]
+    assert (
+        "paired with an input" in with_input["prompt"]
+        and "### Input:\nX = 1\n\n### Response:\n" in with_input["prompt"]
+    )
     assert with_input["completion"] == "A thing." and with_input["text"] == with_input["prompt"] + "A thing."
     qa_input = apply_template({**QA_ROW, "input": "X = 1"}, TemplateConfig())
     assert qa_input["prompt"] == "### Question:\nWhat is X?\n\n### Input:\nX = 1\n\n### Answer:\n"
@@ -134,13 +145,22 @@ def test_custom_template_string_and_file(tmp_path):
     assert (text_row["prompt"], text_row["completion"]) == ("", "Plain text.")
 
 
-@pytest.mark.parametrize(("overrides", "message"), [
-    (["template.name=custom", "template.custom='Q: {question} {context}'"], r"template.custom: unknown placeholder\(s\) \{context\}"),
-    (["template.name=custom", "template.custom='{answer} {answer} {question}'"], r"expected \{answer\} at most once"),
-    (["template.name=custom"], "name: custom needs template.custom or template.file"),
-    (["template.name=custom", "template.file=does/not/exist.txt"], "template.file: expected a readable file"),
-    (["template.custom='{question}'"], "only used with name: custom"),
-])
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["template.name=custom", "template.custom='Q: {question} {context}'"],
+            r"template.custom: unknown placeholder\(s\) \{context\}",
+        ),
+        (
+            ["template.name=custom", "template.custom='{answer} {answer} {question}'"],
+            r"expected \{answer\} at most once",
+        ),
+        (["template.name=custom"], "name: custom needs template.custom or template.file"),
+        (["template.name=custom", "template.file=does/not/exist.txt"], "template.file: expected a readable file"),
+        (["template.custom='{question}'"], "only used with name: custom"),
+    ],
+)
 def test_bad_custom_templates_are_config_errors_at_load_time(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, overrides)
@@ -148,15 +168,24 @@ def test_bad_custom_templates_are_config_errors_at_load_time(overrides, message)
 
 def test_chat_template_comes_from_the_tokenizer(tiny_tokenizer):
     tokenizer = copy.copy(tiny_tokenizer)
-    tokenizer.chat_template = ("{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}"
-                               "{% if add_generation_prompt %}<assistant>{% endif %}")
+    tokenizer.chat_template = (
+        "{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
     config = TemplateConfig(name="chat", system_prompt="Be brief.")
     row = apply_template(QA_ROW, config, tokenizer)
     assert row["prompt"] == "<system>Be brief.\n<user>What is X?\n<assistant>" and row["completion"] == "A thing."
-    chat = {**QA_ROW, "messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
-                                   {"role": "user", "content": "What is X?"}]}
+    chat = {
+        **QA_ROW,
+        "messages": [
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello"},
+            {"role": "user", "content": "What is X?"},
+        ],
+    }
     assert apply_template(chat, config, tokenizer)["prompt"] == (
-        "<system>Be brief.\n<user>Hi\n<assistant>Hello\n<user>What is X?\n<assistant>")
+        "<system>Be brief.\n<user>Hi\n<assistant>Hello\n<user>What is X?\n<assistant>"
+    )
     with pytest.raises(DataError, match="expected a tokenizer with a chat template, found none"):
         check_chat_template(tiny_tokenizer, "tiny-neox")
 
@@ -174,16 +203,22 @@ def tiny_tokenizer():
 
 def test_right_truncation_drops_rows_whose_answer_is_cut_away():
     config = TokenizeConfig(max_length=8, truncation_side="right", labels="completion")
-    assert tokenize_pair([1, 2, 3, 4, 5], [6, 7, 8, 9, 0], config) == ([1, 2, 3, 4, 5, 6, 7, 8], [IGNORE_INDEX] * 5 + [6, 7, 8])
+    assert tokenize_pair([1, 2, 3, 4, 5], [6, 7, 8, 9, 0], config) == (
+        [1, 2, 3, 4, 5, 6, 7, 8],
+        [IGNORE_INDEX] * 5 + [6, 7, 8],
+    )
     assert truncate_pair(9, 3, config) == (8, 0)
 
 
 def test_tokenize_rows_counts_drops_and_trains_text_rows_on_every_token(tiny_tokenizer):
-    rows = [apply_template(r, TemplateConfig()) for r in (
-        {"id": "a", "question": "Short?", "answer": "Yes.", "source": "s"},
-        {"id": "b", "question": "word " * 40, "answer": "No.", "source": "s", "role": "test"},
-        {"id": "c", "text": "Plain text to learn.", "source": "t"},
-    )]
+    rows = [
+        apply_template(r, TemplateConfig())
+        for r in (
+            {"id": "a", "question": "Short?", "answer": "Yes.", "source": "s"},
+            {"id": "b", "question": "word " * 40, "answer": "No.", "source": "s", "role": "test"},
+            {"id": "c", "text": "Plain text to learn.", "source": "t"},
+        )
+    ]
     eos = tiny_tokenizer.eos_token_id
     table, counts = tokenize_rows(rows, tiny_tokenizer, TokenizeConfig(max_length=16, truncation_side="right"))
     assert counts["dropped"] == {"answer_truncated": 1} and counts["rows"] == 2
@@ -228,7 +263,12 @@ def test_parallel_batch_encoding_gives_the_tokenizers_own_ids(model):
     from tasks.tokenize import encode_texts
 
     tokenizer = load_tokenizer(resolve_model(model))
-    texts = ["### Question:\nWhat does `chunked` do?\n\n### Answer:\n", " Break *iterable* into lists.", "", "naïve café — 東京 😀"]
+    texts = [
+        "### Question:\nWhat does `chunked` do?\n\n### Answer:\n",
+        " Break *iterable* into lists.",
+        "",
+        "naïve café — 東京 😀",
+    ]
     assert encode_texts(tokenizer, texts) == tokenizer(texts, add_special_tokens=False)["input_ids"]
     assert os.environ.get("TOKENIZERS_PARALLELISM") == "false", "the switch must be put back after the call"
 

@@ -32,9 +32,18 @@ ANSWER = "Break an iterable into lists of length n."
 def _write_split(folder: Path, targets: list[str | None], prompts: list[str] | None = None) -> Path:
     """A split folder whose test.parquet has one row per target (and train.parquet its first row)."""
     folder.mkdir(parents=True, exist_ok=True)
-    prompts = prompts if prompts is not None else [render_prompt(f"What does `f{i}` do?", TEMPLATE) for i in range(len(targets))]
-    table = pa.table({"id": pa.array([f"id{i}" for i in range(len(targets))], pa.string()),
-                      "prompt": pa.array(prompts, pa.string()), "completion": pa.array(targets, pa.string())})
+    prompts = (
+        prompts
+        if prompts is not None
+        else [render_prompt(f"What does `f{i}` do?", TEMPLATE) for i in range(len(targets))]
+    )
+    table = pa.table(
+        {
+            "id": pa.array([f"id{i}" for i in range(len(targets))], pa.string()),
+            "prompt": pa.array(prompts, pa.string()),
+            "completion": pa.array(targets, pa.string()),
+        }
+    )
     pq.write_table(table, folder / "test.parquet")
     pq.write_table(table.slice(0, 1), folder / "train.parquet")
     return folder
@@ -66,9 +75,13 @@ def arc_dir(tmp_path: Path) -> Path:
 
 def test_an_empty_test_split_names_the_file_and_what_was_expected(tmp_path):
     split_dir = _write_split(tmp_path / "split", [])
-    with pytest.raises(EmptyTestSplit, match=r"test.parquet has no rows \(expected at least one question.*found 0 rows"):
+    with pytest.raises(
+        EmptyTestSplit, match=r"test.parquet has no rows \(expected at least one question.*found 0 rows"
+    ):
         read_test_rows(split_dir / "test.parquet", None)
-    with pytest.raises(EmptyTestSplit, match="has no rows"):  # the stage core fails the same way, before loading a model
+    with pytest.raises(
+        EmptyTestSplit, match="has no rows"
+    ):  # the stage core fails the same way, before loading a model
         evaluate_model("/nonexistent/model", split_dir, EvalConfig(probe_counts={}), TEMPLATE)
 
 
@@ -90,8 +103,11 @@ def test_a_test_split_without_the_expected_columns_names_them(tmp_path):
 
 def test_a_model_folder_without_tokenizer_files_is_named_with_what_it_holds(tmp_path):
     folder = _weights_only_folder(tmp_path)
-    with pytest.raises(MissingTokenizerFiles, match=rf"{folder} has no tokenizer files: expected one of tokenizer.json"
-                                                    r".*found \['config.json', 'model.safetensors'\]"):
+    with pytest.raises(
+        MissingTokenizerFiles,
+        match=rf"{folder} has no tokenizer files: expected one of tokenizer.json"
+        r".*found \['config.json', 'model.safetensors'\]",
+    ):
         check_tokenizer_files(str(folder))
     check_tokenizer_files(resolve_model("tiny-neox"))  # a complete folder passes
     check_tokenizer_files("someone/hub-model")  # not a local folder: left to from_pretrained
@@ -140,7 +156,9 @@ def test_an_unknown_task_lists_the_local_tasks_before_anything_is_written(arc_di
 
 
 def test_an_unknown_task_fails_before_any_model_loads(arc_dir):
-    with pytest.raises(UnknownBenchmarkTask, match=r"\['mmlu'\], expected one or more of \['arc_challenge', 'arc_easy'"):
+    with pytest.raises(
+        UnknownBenchmarkTask, match=r"\['mmlu'\], expected one or more of \['arc_challenge', 'arc_easy'"
+    ):
         run_benchmark("/nonexistent/model", ["mmlu"], limit=8, num_fewshot=0, batch_size=4, data_dir=arc_dir)
 
 

@@ -70,8 +70,15 @@ def test_refusal_rules_catch_polite_declines_only():
 
 
 def _flags(**changes):
-    signals = dict(offtopic_question=False, declined=False, answer="some answer", ratio=1.0, repeated=0.0,
-                   similarity=0.8, config=EvalConfig())
+    signals = dict(
+        offtopic_question=False,
+        declined=False,
+        answer="some answer",
+        ratio=1.0,
+        repeated=0.0,
+        similarity=0.8,
+        config=EvalConfig(),
+    )
     return categorise(**{**signals, **changes})
 
 
@@ -88,19 +95,57 @@ def test_categories_follow_their_priority():
 
 def test_summary_rates_sum_to_one_and_refusal_rate_comes_from_probes():
     rows = [
-        {"category": "ok", "categories": "", "offtopic_question": False, "declined": False, "exact_match": True,
-         "similarity": 0.9, "rouge_l": 1.0, "token_f1": 1.0, "length_ratio": 1.0, "repetition": 0.0, "empty": False,
-         "answer": "a b"},
-        {"category": "too_short", "categories": "too_short,repetitive", "offtopic_question": False, "declined": True,
-         "exact_match": False, "similarity": 0.1, "rouge_l": 0.0, "token_f1": 0.0, "length_ratio": 0.0,
-         "repetition": 0.5, "empty": True, "answer": ""},
-        {"category": "not_declined", "categories": "not_declined", "offtopic_question": True, "declined": False,
-         "exact_match": False, "similarity": 0.2, "rouge_l": 0.0, "token_f1": 0.0, "length_ratio": 2.0,
-         "repetition": 0.0, "empty": False, "answer": "x y z w"},
+        {
+            "category": "ok",
+            "categories": "",
+            "offtopic_question": False,
+            "declined": False,
+            "exact_match": True,
+            "similarity": 0.9,
+            "rouge_l": 1.0,
+            "token_f1": 1.0,
+            "length_ratio": 1.0,
+            "repetition": 0.0,
+            "empty": False,
+            "answer": "a b",
+        },
+        {
+            "category": "too_short",
+            "categories": "too_short,repetitive",
+            "offtopic_question": False,
+            "declined": True,
+            "exact_match": False,
+            "similarity": 0.1,
+            "rouge_l": 0.0,
+            "token_f1": 0.0,
+            "length_ratio": 0.0,
+            "repetition": 0.5,
+            "empty": True,
+            "answer": "",
+        },
+        {
+            "category": "not_declined",
+            "categories": "not_declined",
+            "offtopic_question": True,
+            "declined": False,
+            "exact_match": False,
+            "similarity": 0.2,
+            "rouge_l": 0.0,
+            "token_f1": 0.0,
+            "length_ratio": 2.0,
+            "repetition": 0.0,
+            "empty": False,
+            "answer": "x y z w",
+        },
     ]
-    probes = [{"category": "general_knowledge", "declined": True}, {"category": "chit_chat", "declined": False},
-              {"category": "near_domain", "declined": True}, {"category": "hand_picked", "declined": True},
-              {"category": "on_topic", "declined": True}, {"category": "on_topic", "declined": False}]
+    probes = [
+        {"category": "general_knowledge", "declined": True},
+        {"category": "chit_chat", "declined": False},
+        {"category": "near_domain", "declined": True},
+        {"category": "hand_picked", "declined": True},
+        {"category": "on_topic", "declined": True},
+        {"category": "on_topic", "declined": False},
+    ]
     summary = summarise(rows, probes, 2)
     assert sum(summary[f"{c}_rate"] for c in CATEGORIES) == pytest.approx(1.0)
     assert summary["refusal_rate"] == 0.75  # the off-topic probes only
@@ -132,8 +177,14 @@ def test_question_is_recovered_from_the_templated_prompt():
 def _write_split(folder: Path, targets: list[str], questions: list[str] | None = None) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     questions = questions or [f"What does `more_itertools.f{i}` do?" for i in range(len(targets))]
-    table = pa.table({"id": [f"id{i}" for i in range(len(targets))], "source": ["docs:more_itertools"] * len(targets),
-                      "prompt": [render_prompt(q, TEMPLATE) for q in questions], "completion": targets})
+    table = pa.table(
+        {
+            "id": [f"id{i}" for i in range(len(targets))],
+            "source": ["docs:more_itertools"] * len(targets),
+            "prompt": [render_prompt(q, TEMPLATE) for q in questions],
+            "completion": targets,
+        }
+    )
     pq.write_table(table, folder / "test.parquet")
     pq.write_table(table.slice(0, 1), folder / "train.parquet")
     return folder
@@ -156,9 +207,16 @@ def tiny():
 
 def test_batched_answers_equal_one_at_a_time_greedy_answers(tiny):
     model, tokenizer = tiny
-    prompts = [render_prompt(q, TEMPLATE) for q in
-               ["What does `more_itertools.chunked` do?", "Hi?", "Explain the more_itertools function `windowed` please.",
-                "What is the purpose of `first`?", "Why?"]]
+    prompts = [
+        render_prompt(q, TEMPLATE)
+        for q in [
+            "What does `more_itertools.chunked` do?",
+            "Hi?",
+            "Explain the more_itertools function `windowed` please.",
+            "What is the purpose of `first`?",
+            "Why?",
+        ]
+    ]
     batched = generate_answers(model, tokenizer, prompts, max_new_tokens=8, batch_size=3)
     single = [generate_answers(model, tokenizer, [p], max_new_tokens=8, batch_size=1)[0] for p in prompts]
     assert batched == single
@@ -171,14 +229,21 @@ def test_evaluate_model_scores_test_questions_and_probes(tmp_path):
     questions = ["What does `more_itertools.chunked` do?", "What do you think of Jupiter?", "Tell me about `windowed`."]
     split_dir = _write_split(tmp_path / "split", [DOC_ANSWER, OFFTOPIC_ANSWER, ""], questions)
     counts = {"general_knowledge": 2, "chit_chat": 1, "near_domain": 1, "on_topic": 1}
-    config = EvalConfig(max_new_tokens=6, batch_size=4, probe_counts=counts,
-                        probe_questions=["What do you think of Mars?"])
+    config = EvalConfig(
+        max_new_tokens=6, batch_size=4, probe_counts=counts, probe_questions=["What do you think of Mars?"]
+    )
     result = evaluate_model(resolve_model("tiny-neox"), split_dir, config, TEMPLATE)
     assert [r["question"] for r in result.rows] == questions[:2]
     assert [r["offtopic_question"] for r in result.rows] == [False, True]
     assert result.summary["excluded_empty_target"] == 1 and result.summary["n"] == 2
-    assert [p["category"] for p in result.probes] == ["general_knowledge", "general_knowledge", "chit_chat",
-                                                      "near_domain", "on_topic", "hand_picked"]
+    assert [p["category"] for p in result.probes] == [
+        "general_knowledge",
+        "general_knowledge",
+        "chit_chat",
+        "near_domain",
+        "on_topic",
+        "hand_picked",
+    ]
     assert "chunked" in result.probes[4]["question"]  # the one documented object the split asks about
     assert result.summary["probe_counts"]["general_knowledge"]["n"] == 2
     write_outputs(result, tmp_path)

@@ -48,15 +48,34 @@ LOOKS = 4  # the default growing sample: 200, 400, 800, all
 # --------------------------------------------------------------------------- synthetic items
 
 
-def _row(i: int, similarity: float, category: str = "ok", *, prefix: str = "q", exact: bool = False,
-         categories: str | None = None, declined: bool = False) -> dict[str, Any]:
+def _row(
+    i: int,
+    similarity: float,
+    category: str = "ok",
+    *,
+    prefix: str = "q",
+    exact: bool = False,
+    categories: str | None = None,
+    declined: bool = False,
+) -> dict[str, Any]:
     """One answers.parquet row (the columns the gate reads)."""
-    return {"id": f"{prefix}{i}", "question": f"Question {i}?", "target": f"target {i}",
-            "answer": f"answer {i} ({similarity})", "category": category,
-            "categories": categories if categories is not None else ("" if category == "ok" else category),
-            "exact_match": exact, "similarity": similarity, "rouge_l": round(similarity / 2, 6),
-            "token_f1": round(similarity / 3, 6), "length_ratio": 1.0 + similarity, "repetition": 0.0,
-            "empty": False, "declined": declined, "offtopic_question": False}
+    return {
+        "id": f"{prefix}{i}",
+        "question": f"Question {i}?",
+        "target": f"target {i}",
+        "answer": f"answer {i} ({similarity})",
+        "category": category,
+        "categories": categories if categories is not None else ("" if category == "ok" else category),
+        "exact_match": exact,
+        "similarity": similarity,
+        "rouge_l": round(similarity / 2, 6),
+        "token_f1": round(similarity / 3, 6),
+        "length_ratio": 1.0 + similarity,
+        "repetition": 0.0,
+        "empty": False,
+        "declined": declined,
+        "offtopic_question": False,
+    }
 
 
 def _answers(sims: list[float], categories: list[str] | None = None, prefix: str = "q") -> list[dict]:
@@ -70,16 +89,23 @@ def _probes(counts: dict[str, tuple[int, int]]) -> dict[str, dict[str, Any]]:
     for category, (declined, asked) in counts.items():
         for k in range(asked):
             question = f"{category} probe {k}?"
-            probes[question] = {"question": question, "category": category,
-                                "expected": "answer" if category == "on_topic" else "decline", "declined": k < declined}
+            probes[question] = {
+                "question": question,
+                "category": category,
+                "expected": "answer" if category == "on_topic" else "decline",
+                "declined": k < declined,
+            }
     return probes
 
 
 def _bench(acc_norm: dict[int, int], task: str = "arc_easy") -> dict[str, dict[int, dict[str, Any]]]:
     """Benchmark outcomes {task: {doc_id: row}}; acc is the opposite of acc_norm, so a gate reading the wrong
     column gives a visibly different answer."""
-    return {task: {doc: {"doc_id": doc, "acc": float(1 - right), "acc_norm": float(right)}
-                   for doc, right in acc_norm.items()}}
+    return {
+        task: {
+            doc: {"doc_id": doc, "acc": float(1 - right), "acc_norm": float(right)} for doc, right in acc_norm.items()
+        }
+    }
 
 
 def _items(answers: list[dict] = (), probes: dict | None = None, benchmark: dict | None = None) -> ModelItems:
@@ -95,19 +121,35 @@ def _shuffled(mapping: dict, seed: int) -> dict:
 
 # 32 off-topic probes, 26 declined (0.8125), and 10 on-topic probes, 3 declined: counting the on-topic ones
 # as refusals would give 29/42.
-PROBE_COUNTS = {"general_knowledge": (9, 10), "chit_chat": (10, 10), "near_domain": (5, 10), "hand_picked": (2, 2),
-                "on_topic": (3, 10)}
+PROBE_COUNTS = {
+    "general_knowledge": (9, 10),
+    "chit_chat": (10, 10),
+    "near_domain": (5, 10),
+    "hand_picked": (2, 2),
+    "on_topic": (3, 10),
+}
 
 
 # --------------------------------------------------------------------------- per-item values
 
 
-@pytest.mark.parametrize("metric, binary", [
-    ("eval.exact_match", True), ("eval.refusal_rate", True), ("eval.refusal_rate.near_domain", True),
-    ("eval.false_refusal_rate", True), ("eval.too_long_rate", True), ("eval.repetition_rate", True),
-    ("eval.similarity_mean", False), ("eval.rouge_l", False), ("eval.token_f1", False),
-    ("eval.length_ratio_mean", False), ("benchmark.arc_easy.acc", True), ("benchmark.piqa.acc_norm", True),
-])
+@pytest.mark.parametrize(
+    "metric, binary",
+    [
+        ("eval.exact_match", True),
+        ("eval.refusal_rate", True),
+        ("eval.refusal_rate.near_domain", True),
+        ("eval.false_refusal_rate", True),
+        ("eval.too_long_rate", True),
+        ("eval.repetition_rate", True),
+        ("eval.similarity_mean", False),
+        ("eval.rouge_l", False),
+        ("eval.token_f1", False),
+        ("eval.length_ratio_mean", False),
+        ("benchmark.arc_easy.acc", True),
+        ("benchmark.piqa.acc_norm", True),
+    ],
+)
 def test_is_binary_tells_rates_from_means(metric, binary):
     assert is_binary(metric) is binary
 
@@ -126,8 +168,14 @@ def test_refusal_values_come_from_the_right_probes():
 
 def test_point_figures_equal_the_evaluate_summary_of_the_same_rows():
     """metrics.json (the gate's points) and summary.json (evaluate) must agree on every shared figure."""
-    rows = [_row(0, 0.9, exact=True), _row(1, 0.2, "off_topic"), _row(2, 0.1, "too_short", categories="too_short,repetitive"),
-            _row(3, 0.5, "too_long"), _row(4, 0.7), _row(5, 0.3, "repetitive")]
+    rows = [
+        _row(0, 0.9, exact=True),
+        _row(1, 0.2, "off_topic"),
+        _row(2, 0.1, "too_short", categories="too_short,repetitive"),
+        _row(3, 0.5, "too_long"),
+        _row(4, 0.7),
+        _row(5, 0.3, "repetitive"),
+    ]
     rows[2]["empty"], rows[2]["repetition"] = True, 0.4
     probes = _probes(PROBE_COUNTS)
     summary = summarise(rows, list(probes.values()), excluded_empty_target=0)
@@ -175,15 +223,23 @@ def test_a_relative_benchmark_gate_is_the_newcombe_interval_with_mcnemar_on_shar
     assert result["method"] == NEWCOMBE_METHOD
     assert result["n"] == 120, "only the doc ids both models answered pair up"
     assert result["discordant"] == [12, 24] == list(expected.discordant)
-    assert result["p_value"] == pytest.approx(expected.p_value, abs=1e-6) == pytest.approx(mcnemar_exact_p(12, 24), abs=1e-6)
+    assert (
+        result["p_value"]
+        == pytest.approx(expected.p_value, abs=1e-6)
+        == pytest.approx(mcnemar_exact_p(12, 24), abs=1e-6)
+    )
     assert result["estimate"] == pytest.approx(-0.1)
-    assert (result["low"], result["high"]) == (pytest.approx(expected.low, abs=1e-6), pytest.approx(expected.high, abs=1e-6))
+    assert (result["low"], result["high"]) == (
+        pytest.approx(expected.low, abs=1e-6),
+        pytest.approx(expected.high, abs=1e-6),
+    )
     assert result["confidence"] == pytest.approx(level) and result["looks"] == LOOKS
     assert result["verdict"] == verdict(expected, ">=", -0.03)
     assert result["gate"] == "benchmark.arc_easy.acc_norm - base >= -0.03" and result["relative_to_base"] is True
     # the other column of the same questions: acc is 1 - acc_norm here, so the difference flips sign
-    acc = decide_gate(Gate(metric="benchmark.arc_easy.acc", value=-0.03, relative_to_base=True), tuned, base,
-                      CONFIDENCE, LOOKS)
+    acc = decide_gate(
+        Gate(metric="benchmark.arc_easy.acc", value=-0.03, relative_to_base=True), tuned, base, CONFIDENCE, LOOKS
+    )
     assert acc["estimate"] == pytest.approx(0.1) and acc["discordant"] == [24, 12]
 
 
@@ -192,8 +248,9 @@ def test_relative_benchmark_pairing_is_by_doc_id_not_by_position():
     outcomes = {doc: rng.randint(0, 1) for doc in range(80)}
     tuned = _items(benchmark=_bench(_shuffled(outcomes, 3)))
     base = _items(benchmark=_bench(_shuffled(outcomes, 4)))
-    result = decide_gate(Gate(metric="benchmark.arc_easy.acc_norm", value=-0.03, relative_to_base=True), tuned, base,
-                         CONFIDENCE, LOOKS)
+    result = decide_gate(
+        Gate(metric="benchmark.arc_easy.acc_norm", value=-0.03, relative_to_base=True), tuned, base, CONFIDENCE, LOOKS
+    )
     assert result["discordant"] == [0, 0] and result["p_value"] == 1.0 and result["estimate"] == 0.0
     assert result["n"] == 80
 
@@ -208,27 +265,38 @@ def test_a_relative_continuous_gate_is_the_paired_bootstrap_on_shared_rows():
 
     keys = sorted((r["id"] for r in tuned_rows), key=str)
     by_id_t, by_id_b = {r["id"]: r for r in tuned_rows}, {r["id"]: r for r in base_rows}
-    expected = paired_mean_difference([by_id_t[k]["similarity"] for k in keys], [by_id_b[k]["similarity"] for k in keys],
-                                      confidence=CONFIDENCE)
+    expected = paired_mean_difference(
+        [by_id_t[k]["similarity"] for k in keys], [by_id_b[k]["similarity"] for k in keys], confidence=CONFIDENCE
+    )
     assert result["method"] == expected.method and result["method"].startswith("paired bootstrap (BCa")
     assert result["n"] == 60
-    assert result["estimate"] == pytest.approx(sum(by_id_t[k]["similarity"] - by_id_b[k]["similarity"] for k in keys) / 60,
-                                                abs=1e-6)
-    assert (result["low"], result["high"]) == (pytest.approx(expected.low, abs=1e-6), pytest.approx(expected.high, abs=1e-6))
+    assert result["estimate"] == pytest.approx(
+        sum(by_id_t[k]["similarity"] - by_id_b[k]["similarity"] for k in keys) / 60, abs=1e-6
+    )
+    assert (result["low"], result["high"]) == (
+        pytest.approx(expected.low, abs=1e-6),
+        pytest.approx(expected.high, abs=1e-6),
+    )
     assert result["low"] < result["estimate"] < result["high"]
     assert result["p_value"] is None and result["discordant"] is None
     assert result["confidence"] == CONFIDENCE and result["looks"] == 1, "an eval gate has one look"
     # the rows' order in the artifacts does not change anything
-    shuffled = decide_gate(gate, _items(random.Random(5).sample(tuned_rows, 60)), _items(base_rows[::-1]), CONFIDENCE,
-                           LOOKS)
+    shuffled = decide_gate(
+        gate, _items(random.Random(5).sample(tuned_rows, 60)), _items(base_rows[::-1]), CONFIDENCE, LOOKS
+    )
     assert shuffled == result
 
 
 def test_a_relative_binary_eval_gate_pairs_test_rows_by_id():
     tuned = [_row(i, 0.5, exact=i < 30) for i in range(40)]
     base = [_row(i, 0.5, exact=10 <= i < 35) for i in range(40)]
-    result = decide_gate(Gate(metric="eval.exact_match", value=0.0, relative_to_base=True), _items(tuned),
-                         _items(base[::-1]), CONFIDENCE, LOOKS)
+    result = decide_gate(
+        Gate(metric="eval.exact_match", value=0.0, relative_to_base=True),
+        _items(tuned),
+        _items(base[::-1]),
+        CONFIDENCE,
+        LOOKS,
+    )
     assert result["method"] == NEWCOMBE_METHOD and result["discordant"] == [10, 5] and result["n"] == 40
     assert result["p_value"] == pytest.approx(mcnemar_exact_p(10, 5), abs=1e-6) and result["looks"] == 1
 
@@ -242,7 +310,10 @@ def test_an_absolute_refusal_gate_is_wilson_on_the_off_topic_probes_only():
     expected = wilson_interval(26, 32, CONFIDENCE)
     assert result["method"] == WILSON_METHOD and result["n"] == 32
     assert result["estimate"] == pytest.approx(26 / 32) == pytest.approx(result["tuned_value"])
-    assert (result["low"], result["high"]) == (pytest.approx(expected.low, abs=1e-6), pytest.approx(expected.high, abs=1e-6))
+    assert (result["low"], result["high"]) == (
+        pytest.approx(expected.low, abs=1e-6),
+        pytest.approx(expected.high, abs=1e-6),
+    )
     assert result["confidence"] == CONFIDENCE and result["looks"] == 1
     assert result["verdict"] == "inconclusive" and result["decision"] == "pending"
     assert isinstance(result["items_to_decide"], int) and result["items_to_decide"] > 32
@@ -253,16 +324,18 @@ def test_a_category_refusal_gate_and_the_false_refusal_gate_take_their_own_probe
     near = decide_gate(Gate(metric="eval.refusal_rate.near_domain", value=0.8), tuned, _items(), CONFIDENCE, LOOKS)
     assert (near["n"], near["estimate"]) == (10, 0.5)
     assert near["low"] == pytest.approx(wilson_interval(5, 10, CONFIDENCE).low, abs=1e-6)
-    false_refusal = decide_gate(Gate(metric="eval.false_refusal_rate", op="<=", value=0.1), tuned, _items(), CONFIDENCE,
-                                LOOKS)
+    false_refusal = decide_gate(
+        Gate(metric="eval.false_refusal_rate", op="<=", value=0.1), tuned, _items(), CONFIDENCE, LOOKS
+    )
     assert (false_refusal["n"], false_refusal["estimate"]) == (10, 0.3)
     assert false_refusal["high"] == pytest.approx(wilson_interval(3, 10, CONFIDENCE).high, abs=1e-6)
 
 
 def test_an_absolute_continuous_gate_bootstraps_the_tuned_mean():
     sims = [0.2, 0.4, 0.5, 0.55, 0.6, 0.7, 0.8, 0.35, 0.45, 0.65]
-    result = decide_gate(Gate(metric="eval.similarity_mean", value=0.3), _items(_answers(sims)), _items(), CONFIDENCE,
-                         LOOKS)
+    result = decide_gate(
+        Gate(metric="eval.similarity_mean", value=0.3), _items(_answers(sims)), _items(), CONFIDENCE, LOOKS
+    )
     assert result["estimate"] == pytest.approx(sum(sims) / len(sims), abs=1e-6) and result["n"] == 10
     assert result["method"].startswith("paired bootstrap") and result["low"] < result["estimate"] < result["high"]
     assert result["base_value"] is None
@@ -271,16 +344,31 @@ def test_an_absolute_continuous_gate_bootstraps_the_tuned_mean():
 # --------------------------------------------------------------------------- verdicts and confidence
 
 
-@pytest.mark.parametrize("op, where, expected", [
-    (">=", "below", "pass"), (">=", "above", "fail"), (">=", "inside", "inconclusive"),
-    ("<=", "above", "pass"), ("<=", "below", "fail"), ("<=", "inside", "inconclusive"),
-])
+@pytest.mark.parametrize(
+    "op, where, expected",
+    [
+        (">=", "below", "pass"),
+        (">=", "above", "fail"),
+        (">=", "inside", "inconclusive"),
+        ("<=", "above", "pass"),
+        ("<=", "below", "fail"),
+        ("<=", "inside", "inconclusive"),
+    ],
+)
 def test_the_three_verdicts_follow_the_whole_interval(op, where, expected):
     interval = wilson_interval(26, 32, CONFIDENCE)
-    threshold = {"below": interval.low - 0.01, "above": interval.high + 0.01,
-                 "inside": (interval.low + interval.estimate) / 2}[where]
-    result = decide_gate(Gate(metric="eval.refusal_rate", op=op, value=threshold), _items(probes=_probes(PROBE_COUNTS)),
-                         _items(), CONFIDENCE, LOOKS)
+    threshold = {
+        "below": interval.low - 0.01,
+        "above": interval.high + 0.01,
+        "inside": (interval.low + interval.estimate) / 2,
+    }[where]
+    result = decide_gate(
+        Gate(metric="eval.refusal_rate", op=op, value=threshold),
+        _items(probes=_probes(PROBE_COUNTS)),
+        _items(),
+        CONFIDENCE,
+        LOOKS,
+    )
     assert result["verdict"] == expected
     assert result["decision"] == {"pass": "pass", "fail": "fail", "inconclusive": "pending"}[expected]
     assert result["passed"] is (expected == "pass") and result["decided_by"] == "interval"
@@ -292,8 +380,13 @@ def test_the_three_verdicts_follow_the_whole_interval(op, where, expected):
 def test_an_interval_touching_the_threshold_passes(op):
     tuned = _answers([0.75, 0.5, 1.0, 0.625])
     base = _answers([0.5, 0.25, 0.75, 0.375])  # every difference exactly 0.25: the interval is [0.25, 0.25]
-    result = decide_gate(Gate(metric="eval.similarity_mean", op=op, value=0.25, relative_to_base=True), _items(tuned),
-                         _items(base), CONFIDENCE, LOOKS)
+    result = decide_gate(
+        Gate(metric="eval.similarity_mean", op=op, value=0.25, relative_to_base=True),
+        _items(tuned),
+        _items(base),
+        CONFIDENCE,
+        LOOKS,
+    )
     assert (result["low"], result["high"]) == (0.25, 0.25) and "degenerate" in result["method"]
     assert result["verdict"] == "pass"
 
@@ -311,7 +404,10 @@ def test_benchmark_gates_split_alpha_over_the_looks_and_eval_gates_do_not():
     absolute = decide_gate(Gate(metric="benchmark.arc_easy.acc_norm", value=0.3), tuned, base, CONFIDENCE, 4)
     wilson = wilson_interval(48, 120, per_look_confidence(CONFIDENCE, 4))
     assert absolute["method"] == WILSON_METHOD and absolute["n"] == 120 and absolute["looks"] == 4
-    assert (absolute["low"], absolute["high"]) == (pytest.approx(wilson.low, abs=1e-6), pytest.approx(wilson.high, abs=1e-6))
+    assert (absolute["low"], absolute["high"]) == (
+        pytest.approx(wilson.low, abs=1e-6),
+        pytest.approx(wilson.high, abs=1e-6),
+    )
     for looks in (1, 4):
         result = decide_gate(eval_gate, tuned, base, CONFIDENCE, looks)
         assert result["confidence"] == CONFIDENCE and result["looks"] == 1
@@ -322,16 +418,29 @@ def test_benchmark_gates_split_alpha_over_the_looks_and_eval_gates_do_not():
 
 def test_a_gate_on_an_unmeasured_metric_names_it():
     tuned = _items(_answers([0.5, 0.6]))
-    with pytest.raises(GateMetricMissing, match=r"eval.refusal_rate was not measured for the fine-tuned model "
-                                                r"\(measured: .*eval.exact_match") as error:
+    with pytest.raises(
+        GateMetricMissing,
+        match=r"eval.refusal_rate was not measured for the fine-tuned model "
+        r"\(measured: .*eval.exact_match",
+    ) as error:
         decide_gate(Gate(metric="eval.refusal_rate", value=0.5), tuned, _items(), CONFIDENCE, LOOKS)
     assert str(error.value).startswith("gate 'eval.refusal_rate >= 0.5'")  # not KeyError's quoted repr
     with pytest.raises(GateMetricMissing, match=r"benchmark.arc_easy.acc_norm was not measured for the base model"):
-        decide_gate(Gate(metric="benchmark.arc_easy.acc_norm", value=-0.03, relative_to_base=True),
-                    _items(benchmark=_bench({0: 1})), _items(benchmark=_bench({0: 1}, task="piqa")), CONFIDENCE, LOOKS)
+        decide_gate(
+            Gate(metric="benchmark.arc_easy.acc_norm", value=-0.03, relative_to_base=True),
+            _items(benchmark=_bench({0: 1})),
+            _items(benchmark=_bench({0: 1}, task="piqa")),
+            CONFIDENCE,
+            LOOKS,
+        )
     with pytest.raises(GateMetricMissing, match=r"share no items for benchmark.arc_easy.acc_norm"):
-        decide_gate(Gate(metric="benchmark.arc_easy.acc_norm", value=-0.03, relative_to_base=True),
-                    _items(benchmark=_bench({0: 1, 1: 0})), _items(benchmark=_bench({2: 1, 3: 0})), CONFIDENCE, LOOKS)
+        decide_gate(
+            Gate(metric="benchmark.arc_easy.acc_norm", value=-0.03, relative_to_base=True),
+            _items(benchmark=_bench({0: 1, 1: 0})),
+            _items(benchmark=_bench({2: 1, 3: 0})),
+            CONFIDENCE,
+            LOOKS,
+        )
 
 
 # --------------------------------------------------------------------------- round status
@@ -340,19 +449,32 @@ def test_a_gate_on_an_unmeasured_metric_names_it():
 def _benchmark_verdict(outcome: str) -> dict[str, Any]:
     """A real decide_gate result for a relative ARC gate with the wanted verdict."""
     base = {doc: doc % 2 for doc in range(100)}
-    tuned = {"pass": {doc: 1 for doc in base}, "fail": {doc: 0 for doc in base},
-             # ten questions each way: the difference is 0 and the interval straddles -0.03
-             "inconclusive": {doc: (1 - right if doc < 20 else right) for doc, right in base.items()}}[outcome]
-    result = decide_gate(Gate(metric="benchmark.arc_easy.acc_norm", value=-0.03, relative_to_base=True),
-                         _items(benchmark=_bench(tuned)), _items(benchmark=_bench(base)), CONFIDENCE, LOOKS)
+    tuned = {
+        "pass": {doc: 1 for doc in base},
+        "fail": {doc: 0 for doc in base},
+        # ten questions each way: the difference is 0 and the interval straddles -0.03
+        "inconclusive": {doc: (1 - right if doc < 20 else right) for doc, right in base.items()},
+    }[outcome]
+    result = decide_gate(
+        Gate(metric="benchmark.arc_easy.acc_norm", value=-0.03, relative_to_base=True),
+        _items(benchmark=_bench(tuned)),
+        _items(benchmark=_bench(base)),
+        CONFIDENCE,
+        LOOKS,
+    )
     assert result["verdict"] == outcome
     return result
 
 
 def _eval_verdict(outcome: str) -> dict[str, Any]:
     declined = {"pass": 32, "fail": 20, "inconclusive": 26}[outcome]
-    result = decide_gate(Gate(metric="eval.refusal_rate", value=0.8), _items(probes=_probes({"chit_chat": (declined, 32)})),
-                         _items(), CONFIDENCE, LOOKS)
+    result = decide_gate(
+        Gate(metric="eval.refusal_rate", value=0.8),
+        _items(probes=_probes({"chit_chat": (declined, 32)})),
+        _items(),
+        CONFIDENCE,
+        LOOKS,
+    )
     assert result["verdict"] == outcome
     return result
 
@@ -411,13 +533,16 @@ def test_comparisons_give_value_and_paired_difference_intervals_for_what_both_mo
     base = _items(_answers([0.5, 0.5, 0.6, 0.4]), {}, _bench(base_right))
     out = comparisons(tuned, base, CONFIDENCE)
     assert "eval.refusal_rate" not in out, "the base has no probes"
-    assert {"eval.similarity_mean", "eval.exact_match", "benchmark.arc_easy.acc", "benchmark.arc_easy.acc_norm"} <= set(out)
+    assert {"eval.similarity_mean", "eval.exact_match", "benchmark.arc_easy.acc", "benchmark.arc_easy.acc_norm"} <= set(
+        out
+    )
     arc = out["benchmark.arc_easy.acc_norm"]
     assert arc["value"]["method"] == WILSON_METHOD and arc["value"]["estimate"] == pytest.approx(48 / 120, abs=1e-6)
     assert arc["difference"]["method"] == NEWCOMBE_METHOD and arc["difference"]["discordant"] == [12, 24]
     assert out["eval.similarity_mean"]["difference"]["estimate"] == pytest.approx(0.25, abs=1e-6)
-    estimate, kind = gate_estimate(Gate(metric="eval.similarity_mean", value=0.0, relative_to_base=True), tuned, base,
-                                   CONFIDENCE)
+    estimate, kind = gate_estimate(
+        Gate(metric="eval.similarity_mean", value=0.0, relative_to_base=True), tuned, base, CONFIDENCE
+    )
     assert kind == "paired_mean" and estimate.as_dict() == out["eval.similarity_mean"]["difference"]
 
 
@@ -429,9 +554,16 @@ def test_side_by_side_matches_rows_by_id():
     tuned = list(reversed(_answers([0.7, 0.9], ["ok", "too_long"])))
     rows = side_by_side(base, tuned)
     assert [r["question"] for r in rows] == ["Question 1?", "Question 0?"]
-    assert rows[0] == {"question": "Question 1?", "target": "target 1", "base_answer": "answer 1 (0.2)",
-                       "tuned_answer": "answer 1 (0.9)", "base_similarity": 0.2, "tuned_similarity": 0.9,
-                       "base_category": "ok", "tuned_category": "too_long"}
+    assert rows[0] == {
+        "question": "Question 1?",
+        "target": "target 1",
+        "base_answer": "answer 1 (0.2)",
+        "tuned_answer": "answer 1 (0.9)",
+        "base_similarity": 0.2,
+        "tuned_similarity": 0.9,
+        "base_category": "ok",
+        "tuned_category": "too_long",
+    }
 
 
 def test_worst_answers_are_the_five_least_similar_per_category():
@@ -488,7 +620,10 @@ def test_ranking_does_not_depend_on_the_order_of_rows_or_versions():
     for row in table:
         other = reversed_table[row["label"]]
         assert (other["rating"], other["low"], other["high"]) == (
-            pytest.approx(row["rating"], abs=0.11), pytest.approx(row["low"], abs=0.11), pytest.approx(row["high"], abs=0.11))
+            pytest.approx(row["rating"], abs=0.11),
+            pytest.approx(row["low"], abs=0.11),
+            pytest.approx(row["high"], abs=0.11),
+        )
         assert (other["wins"], other["draws"], other["losses"]) == (row["wins"], row["draws"], row["losses"])
 
 
@@ -524,19 +659,31 @@ def test_the_config_chooses_the_ranking_judge_a_metric_or_a_function():
     assert all(r["draws"] == 4 for r in draws), "a difference within draw_margin is a draw"
 
 
-@pytest.mark.parametrize("judge, message", [
-    ("bleu", r"elo\.judge: expected one of \['similarity', 'rouge_l', 'token_f1', 'exact_match'\] or 'package\.module:function', found 'bleu'"),
-    ("no_such_module_xyz:judge", r"elo\.judge: expected an importable 'package\.module:function', found 'no_such_module_xyz:judge'"),
-    ("json:no_such_function", r"elo\.judge: expected an importable .*found 'json:no_such_function'"),
-    ("json:__doc__", r"elo\.judge: expected 'json:__doc__' to name a function, found a str"),
-])
+@pytest.mark.parametrize(
+    "judge, message",
+    [
+        (
+            "bleu",
+            r"elo\.judge: expected one of \['similarity', 'rouge_l', 'token_f1', 'exact_match'\] or 'package\.module:function', found 'bleu'",
+        ),
+        (
+            "no_such_module_xyz:judge",
+            r"elo\.judge: expected an importable 'package\.module:function', found 'no_such_module_xyz:judge'",
+        ),
+        ("json:no_such_function", r"elo\.judge: expected an importable .*found 'json:no_such_function'"),
+        ("json:__doc__", r"elo\.judge: expected 'json:__doc__' to name a function, found a str"),
+    ],
+)
 def test_an_unknown_elo_judge_is_a_config_error_before_anything_runs(judge: str, message: str):
     with pytest.raises(ConfigError, match=message):  # the CLI exits 2 on any ConfigError
         load_config(None, [f"elo.judge={judge}"])
 
 
 def test_config_accepts_new_eval_metrics_and_rejects_unknown_ones_and_tasks():
-    load_config(None, ["gates=[{metric: eval.refusal_rate, value: 0.8}, {metric: eval.false_refusal_rate, op: '<=', value: 0.1}]"])
+    load_config(
+        None,
+        ["gates=[{metric: eval.refusal_rate, value: 0.8}, {metric: eval.false_refusal_rate, op: '<=', value: 0.1}]"],
+    )
     with pytest.raises(ConfigError, match="eval.bleu"):
         load_config(None, ["gates=[{metric: eval.bleu, value: 0.1}]"])
     with pytest.raises(ConfigError, match=r"unknown lm-eval task\(s\) \['mmlu'\].*arc_easy.*piqa"):
@@ -549,7 +696,11 @@ def test_config_accepts_new_eval_metrics_and_rejects_unknown_ones_and_tasks():
 
 def test_version_labels_number_repeats():
     assert version_labels([{"model": "tiny-neox"}, {"model": "fine-tuned"}, {"model": "fine-tuned"}, {}]) == [
-        "tiny-neox", "fine-tuned", "fine-tuned #2", "model 3"]
+        "tiny-neox",
+        "fine-tuned",
+        "fine-tuned #2",
+        "model 3",
+    ]
 
 
 # --------------------------------------------------------------------------- plots and report
@@ -558,8 +709,13 @@ def test_version_labels_number_repeats():
 def _report_verdicts() -> list[dict[str, Any]]:
     """A decided pass, a policy-decided inconclusive benchmark gate and an absolute rate gate."""
     tuned_rows, base_rows = _answers([0.6, 0.7, 0.8, 0.9, 0.65]), _answers([0.2, 0.3, 0.25, 0.4, 0.1])
-    similarity = decide_gate(Gate(metric="eval.similarity_mean", value=0.05, relative_to_base=True), _items(tuned_rows),
-                             _items(base_rows), CONFIDENCE, LOOKS)
+    similarity = decide_gate(
+        Gate(metric="eval.similarity_mean", value=0.05, relative_to_base=True),
+        _items(tuned_rows),
+        _items(base_rows),
+        CONFIDENCE,
+        LOOKS,
+    )
     verdicts = [similarity, _benchmark_verdict("inconclusive"), _eval_verdict("inconclusive")]
     assert similarity["verdict"] == "pass"
     return verdicts
@@ -579,28 +735,51 @@ def test_report_shows_each_gate_interval_n_method_and_verdict(tmp_path):
     plot_intervals(verdicts, tmp_path / "intervals.png")
     base_points = {"eval.similarity_mean": 0.2, "eval.exact_match": 0.0, "benchmark.arc_easy.acc_norm": 0.4}
     tuned_points = {"eval.similarity_mean": 0.6, "eval.exact_match": 0.1, "benchmark.arc_easy.acc_norm": 0.38}
-    plot_comparison({"base": base_points, "fine-tuned": tuned_points}, sorted(tuned_points), tmp_path / "comparison.png")
+    plot_comparison(
+        {"base": base_points, "fine-tuned": tuned_points}, sorted(tuned_points), tmp_path / "comparison.png"
+    )
     pngs = {name: (tmp_path / f"{name}.png").read_bytes() for name in ("intervals", "comparison")}
     rows = _answers([0.1, 0.3], ["too_long", "repetitive"])
     rows[0]["answer"] = "a | pipe\nand a newline"
     ranking = rank_versions([_answers([0.2, 0.2]), rows], ["tiny-neox", "fine-tuned"])
-    report = report_markdown(verdicts, "grow", 1, LOOKS, tuned_points, base_points, worst_answers(rows), ranking, pngs,
-                             {"base": {"ok": 2}, "fine_tuned": {"too_long": 1, "repetitive": 1}}, judged_by="similarity")
+    report = report_markdown(
+        verdicts,
+        "grow",
+        1,
+        LOOKS,
+        tuned_points,
+        base_points,
+        worst_answers(rows),
+        ranking,
+        pngs,
+        {"base": {"ok": 2}, "fine_tuned": {"too_long": 1, "repetitive": 1}},
+        judged_by="similarity",
+    )
 
     assert "Status: **grow** (benchmark look 1 of 4)" in report
     for v in verdicts:
         line = next(line for line in report.splitlines() if line.startswith(f"| `{v['gate']}` |"))
         assert f"[{v['low']:+.3f}, {v['high']:+.3f}] at {v['confidence']:.1%}" in line, line
         assert f"| {v['n']} | {v['method']} |" in line, line
-    lines = {v["gate"]: next(line for line in report.splitlines() if line.startswith(f"| `{v['gate']}` |"))
-             for v in verdicts}
+    lines = {
+        v["gate"]: next(line for line in report.splitlines() if line.startswith(f"| `{v['gate']}` |")) for v in verdicts
+    }
     similarity, arc, refusal = (lines[v["gate"]] for v in verdicts)
     assert similarity.endswith("| pass |") and "| n/a |" in similarity  # no McNemar p for a continuous gate
     assert f"| {verdicts[1]['p_value']:.3f} |" in arc and "at 98.8%" in arc
     assert f"inconclusive (about {verdicts[1]['items_to_decide']} items would decide)" in arc
     assert "inconclusive -> **fail** (gates_on_inconclusive)" in refusal
     assert "(gates_on_inconclusive)" not in similarity + arc
-    for part in ("## Gates", "| eval.similarity_mean | 0.200 | 0.600 | +0.400 |", "data:image/png;base64,",
-                 "![gate intervals against thresholds]", "### too_long", "### repetitive", "a \\| pipe and a newline",
-                 "| 1 | tiny-neox |", "| too_long | 0 | 1 |", "judged by similarity"):
+    for part in (
+        "## Gates",
+        "| eval.similarity_mean | 0.200 | 0.600 | +0.400 |",
+        "data:image/png;base64,",
+        "![gate intervals against thresholds]",
+        "### too_long",
+        "### repetitive",
+        "a \\| pipe and a newline",
+        "| 1 | tiny-neox |",
+        "| too_long | 0 | 1 |",
+        "judged by similarity",
+    ):
         assert part in report, part

@@ -57,8 +57,12 @@ def gate_verdicts(tables: np.ndarray, margin: float = MARGIN) -> np.ndarray:
     """The gate's verdict for every table, through the public `verdict` on each run's interval."""
     d, low, high = _newcombe_paired(*tables.T, CONFIDENCE)
     n = int(tables[0].sum())
-    return np.array([verdict(Estimate(float(e), float(lo), float(hi), n, CONFIDENCE, "sim"), ">=", -margin)
-                     for e, lo, hi in zip(d, low, high)])
+    return np.array(
+        [
+            verdict(Estimate(float(e), float(lo), float(hi), n, CONFIDENCE, "sim"), ">=", -margin)
+            for e, lo, hi in zip(d, low, high)
+        ]
+    )
 
 
 def rate(verdicts: np.ndarray, outcome: str) -> float:
@@ -72,7 +76,7 @@ def old_rule_passes(tables: np.ndarray) -> np.ndarray:
 def sequential_verdicts(drop: float, seed: int, margin: float = MARGIN) -> np.ndarray:
     """The whole procedure: nested samples at LOOKS, stopping at the first pass or fail; else inconclusive."""
     rng = np.random.default_rng(seed)
-    steps = np.diff((0,) + LOOKS)
+    steps = np.diff((0, *LOOKS))
     increments = np.stack([rng.multinomial(s, cell_probabilities(drop), size=RUNS) for s in steps])
     final = np.full(RUNS, "inconclusive", dtype=object)
     undecided = np.ones(RUNS, dtype=bool)
@@ -105,10 +109,14 @@ def test_a_model_as_good_as_the_base_rarely_fails_and_passes_on_the_full_set():
     small = gate_verdicts(simulate_tables(drop=0.0, n=100, seed=1))
     full = gate_verdicts(simulate_tables(drop=0.0, n=2376, seed=2))
     old_small = old_rule_passes(simulate_tables(drop=0.0, n=100, seed=1))
-    report([f"equal model, n=100:  gate fails {rate(small, 'fail'):.1%} "
+    report(
+        [
+            f"equal model, n=100:  gate fails {rate(small, 'fail'):.1%} "
             f"(inconclusive {rate(small, 'inconclusive'):.1%}); "
             f"old point rule wrongly fails {1 - old_small.mean():.1%}",
-            f"equal model, n=2376: gate fails {rate(full, 'fail'):.1%}, passes {rate(full, 'pass'):.1%}"])
+            f"equal model, n=2376: gate fails {rate(full, 'fail'):.1%}, passes {rate(full, 'pass'):.1%}",
+        ]
+    )
     assert rate(small, "fail") <= LOOK_ALPHA + SLACK
     assert rate(full, "fail") <= LOOK_ALPHA + SLACK
     assert rate(full, "pass") >= 0.80
@@ -119,9 +127,13 @@ def test_a_drop_of_twice_the_margin_rarely_passes_and_fails_on_the_full_set():
     small = gate_verdicts(simulate_tables(drop=drop, n=100, seed=3))
     full = gate_verdicts(simulate_tables(drop=drop, n=2376, seed=4))
     old_small = old_rule_passes(simulate_tables(drop=drop, n=100, seed=3))
-    report([f"drop of {drop:.2f}, n=100:  gate passes {rate(small, 'pass'):.1%}; old point rule wrongly passes "
+    report(
+        [
+            f"drop of {drop:.2f}, n=100:  gate passes {rate(small, 'pass'):.1%}; old point rule wrongly passes "
             f"{old_small.mean():.1%}",
-            f"drop of {drop:.2f}, n=2376: gate passes {rate(full, 'pass'):.1%}, fails {rate(full, 'fail'):.1%}"])
+            f"drop of {drop:.2f}, n=2376: gate passes {rate(full, 'pass'):.1%}, fails {rate(full, 'fail'):.1%}",
+        ]
+    )
     assert rate(small, "pass") <= LOOK_ALPHA + SLACK
     assert rate(full, "pass") <= LOOK_ALPHA + SLACK
     assert rate(full, "fail") >= 0.80
@@ -132,10 +144,14 @@ def test_the_sequential_procedure_keeps_its_one_sided_error_across_looks():
     # bounds. Four looks at per-look confidence 0.9875 spend alpha / 2 = 2.5% one-sided in all.
     at_margin = sequential_verdicts(drop=MARGIN, seed=5)
     equal = sequential_verdicts(drop=0.0, seed=6)
-    report([f"sequential (looks {LOOKS}), drop = margin: passes {rate(at_margin, 'pass'):.1%} "
+    report(
+        [
+            f"sequential (looks {LOOKS}), drop = margin: passes {rate(at_margin, 'pass'):.1%} "
             f"(bound {OVERALL_ALPHA / 2:.1%}), fails {rate(at_margin, 'fail'):.1%}",
             f"sequential, equal model: passes {rate(equal, 'pass'):.1%}, fails {rate(equal, 'fail'):.1%}, "
-            f"inconclusive {rate(equal, 'inconclusive'):.1%}"])
+            f"inconclusive {rate(equal, 'inconclusive'):.1%}",
+        ]
+    )
     assert rate(at_margin, "pass") <= OVERALL_ALPHA / 2 + SLACK
     assert rate(equal, "fail") <= OVERALL_ALPHA / 2 + SLACK
     assert rate(equal, "pass") >= 0.80
@@ -148,8 +164,12 @@ def test_margin_pass_rates(n):
     margins = (0.02, 0.022, 0.025, 0.03, 0.035, 0.037, 0.04, 0.05)
     passes = {m: rate(gate_verdicts(tables, m), "pass") for m in margins}
     mde = minimum_detectable_effect("paired_binary", n, DISCORDANCE, CONFIDENCE, power=0.8)
-    report([f"n={n}: MDE at 80% power {mde:.4f}; pass rate by margin: "
-            + ", ".join(f"{m:.3f}: {p:.0%}" for m, p in passes.items())])
+    report(
+        [
+            f"n={n}: MDE at 80% power {mde:.4f}; pass rate by margin: "
+            + ", ".join(f"{m:.3f}: {p:.0%}" for m, p in passes.items())
+        ]
+    )
     # The simulation agrees with the normal approximation: about 80% at the MDE, more above it.
     assert all(passes[m] >= 0.80 for m in margins if m >= mde + 0.003)
     assert all(passes[m] < 0.80 for m in margins if m <= mde - 0.003)

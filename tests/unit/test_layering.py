@@ -65,7 +65,10 @@ def test_the_checker_sees_upward_and_sideways_imports(tmp_path: Path):
     planner = found["pipeline/planner.py"]
     assert len(planner) == 2 and "imports tasks.train from the layer above" in planner[0]
     assert [line.split(" imports ")[1].split(":")[0] for line in found["tasks/gate.py"]] == [
-        "tasks.evaluate", "tasks.evaluate.CATEGORIES", "tasks.split"]
+        "tasks.evaluate",
+        "tasks.evaluate.CATEGORIES",
+        "tasks.split",
+    ]
     assert found["tasks/split.py"] == ["tasks.split (tasks/) imports flows.finetune from the layer above (flows/)"]
     assert found["flows/sweep.py"][0].startswith("flows.sweep (flows/) imports finetune.api")
     assert found["pipeline/store/__init__.py"] == [] and found["finetune/cli.py"] == []

@@ -23,9 +23,17 @@ from pipeline.planner import (
 
 GB, GiB = 10**9, 2**30
 # Llama-2-7B and TinyLlama-1.1B dimensions (their hub config.json files), built here without the hub.
-LLAMA_7B = dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, intermediate_size=11008, vocab_size=32000)
-TINYLLAMA_1B = dict(hidden_size=2048, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
-                    intermediate_size=5632, vocab_size=32000)
+LLAMA_7B = dict(
+    hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, intermediate_size=11008, vocab_size=32000
+)
+TINYLLAMA_1B = dict(
+    hidden_size=2048,
+    num_hidden_layers=22,
+    num_attention_heads=32,
+    num_key_value_heads=4,
+    intermediate_size=5632,
+    vocab_size=32000,
+)
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +46,18 @@ def tinyllama_1b():
     return model_shape(LlamaConfig(**TINYLLAMA_1B), name="tinyllama-1.1b")
 
 
-@pytest.mark.parametrize("text, expected", [("16GB", 16 * GB), ("16GiB", 16 * GiB), ("24G", 24 * GiB), ("512MiB", 512 * 2**20),
-                                            ("1.5 TB", 1_500_000_000_000), ("2048", 2048), ("16gb", 16 * GB)])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("16GB", 16 * GB),
+        ("16GiB", 16 * GiB),
+        ("24G", 24 * GiB),
+        ("512MiB", 512 * 2**20),
+        ("1.5 TB", 1_500_000_000_000),
+        ("2048", 2048),
+        ("16gb", 16 * GB),
+    ],
+)
 def test_memory_sizes(text, expected):
     assert parse_memory(text) == expected
 
@@ -52,8 +70,16 @@ def test_a_bad_memory_size_says_what_is_accepted():
 def test_parameter_counts_are_exact(llama_7b, tinyllama_1b):
     assert llama_7b.parameters == 6_738_415_616  # Llama-2-7B
     assert tinyllama_1b.parameters == 1_100_048_384  # TinyLlama-1.1B
-    pythia = model_shape(GPTNeoXConfig(vocab_size=50304, hidden_size=512, num_hidden_layers=6, num_attention_heads=8,
-                                       intermediate_size=2048, rotary_pct=0.25))
+    pythia = model_shape(
+        GPTNeoXConfig(
+            vocab_size=50304,
+            hidden_size=512,
+            num_hidden_layers=6,
+            num_attention_heads=8,
+            intermediate_size=2048,
+            rotary_pct=0.25,
+        )
+    )
     assert pythia.parameters == 70_426_624  # Pythia-70m (docs/assets.md)
     assert llama_7b.gated_mlp and not pythia.gated_mlp
 
@@ -74,15 +100,21 @@ def test_a_config_json_path_works(tmp_path):
 
 
 def test_7b_inference_fits_a_16gb_v100_in_fp16(llama_7b):
-    plan = make_plan(llama_7b, TrainingSetup(batch_size=1, seq_len=512), parse_memory("16GB"), inference_dtype="float16")
+    plan = make_plan(
+        llama_7b, TrainingSetup(batch_size=1, seq_len=512), parse_memory("16GB"), inference_dtype="float16"
+    )
     assert plan.inference_fits
     assert 12.5 * GiB < plan.inference.total < 13.5 * GiB  # 13.5 GB of weights plus a small KV cache
 
 
 def test_7b_full_fine_tuning_with_adamw_does_not_fit(llama_7b):
-    plan = make_plan(llama_7b, TrainingSetup(method="full", optimizer="adamw", precision="bfloat16"), parse_memory("16GB"))
+    plan = make_plan(
+        llama_7b, TrainingSetup(method="full", optimizer="adamw", precision="bfloat16"), parse_memory("16GB")
+    )
     assert not plan.training_fits
-    assert plan.training.total > 3 * parse_memory("16GB")  # 2 (weights) + 2 (gradients) + 4 (moments) bytes per parameter
+    assert plan.training.total > 3 * parse_memory(
+        "16GB"
+    )  # 2 (weights) + 2 (gradients) + 4 (moments) bytes per parameter
     assert {o.changes[0].name for o in plan.single_changes if o.fits} == set()  # no single change is enough
     assert "LoRA" in [c.name for c in plan.fewest_changes.changes]
 
@@ -105,8 +137,11 @@ def test_the_advice_names_pipeline_settings(llama_7b):
 def test_lora_checkpointing_and_smaller_batches_shrink_the_estimate(tinyllama_1b):
     base = TrainingSetup(batch_size=8, seq_len=1024)
     full = estimate_training(tinyllama_1b, base).total
-    for smaller in (TrainingSetup(method="lora", batch_size=8, seq_len=1024), TrainingSetup(batch_size=1, seq_len=1024),
-                    TrainingSetup(batch_size=8, seq_len=1024, gradient_checkpointing=True)):
+    for smaller in (
+        TrainingSetup(method="lora", batch_size=8, seq_len=1024),
+        TrainingSetup(batch_size=1, seq_len=1024),
+        TrainingSetup(batch_size=8, seq_len=1024, gradient_checkpointing=True),
+    ):
         assert estimate_training(tinyllama_1b, smaller).total < full
 
 
@@ -115,6 +150,7 @@ def test_lora_checkpointing_and_smaller_batches_shrink_the_estimate(tinyllama_1b
 
 def saved_values_per_token_per_layer(config, batch=2, seq=64) -> float:
     """Values autograd saves for one decoder layer per token, from saved_tensors_hooks (2-layer minus 1-layer model)."""
+
     def saved(layers: int) -> int:
         config.num_hidden_layers = layers
         torch.manual_seed(0)
@@ -135,10 +171,16 @@ def saved_values_per_token_per_layer(config, batch=2, seq=64) -> float:
     return (saved(2) - saved(1)) / (batch * seq * 4)
 
 
-@pytest.mark.parametrize("config", [
-    LlamaConfig(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3, vocab_size=1000),
-    GPTNeoXConfig(hidden_size=128, intermediate_size=512, num_attention_heads=4, vocab_size=1000),
-], ids=["llama", "gpt_neox"])
+@pytest.mark.parametrize(
+    "config",
+    [
+        LlamaConfig(
+            hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3, vocab_size=1000
+        ),
+        GPTNeoXConfig(hidden_size=128, intermediate_size=512, num_attention_heads=4, vocab_size=1000),
+    ],
+    ids=["llama", "gpt_neox"],
+)
 def test_activation_count_matches_what_autograd_saves(config):
     measured = saved_values_per_token_per_layer(config)
     estimated = activation_values_per_token(model_shape(config), seq_len=64)

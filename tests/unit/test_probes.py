@@ -36,7 +36,7 @@ from pipeline.docs_source import (
 )
 from pipeline.prompts import render_prompt
 from pipeline.rows import normalise_text
-from tasks.collect import docs_rows, read_docs_source
+from tasks.collect import read_docs_source
 from tasks.evaluate import (
     NearDuplicates,
     jaccard,
@@ -61,10 +61,15 @@ def _write_split(folder: Path, rows: list[dict]) -> Path:
     """A split folder like the split stage writes (id, source, question, prompt, completion): all rows train,
     the first two also test."""
     folder.mkdir(parents=True, exist_ok=True)
-    table = pa.table({"id": [f"id{i}" for i in range(len(rows))], "source": [r["source"] for r in rows],
-                      "question": [r["question"] for r in rows],
-                      "prompt": [render_prompt(r["question"], TEMPLATE) for r in rows],
-                      "completion": [r["answer"] for r in rows]})
+    table = pa.table(
+        {
+            "id": [f"id{i}" for i in range(len(rows))],
+            "source": [r["source"] for r in rows],
+            "question": [r["question"] for r in rows],
+            "prompt": [render_prompt(r["question"], TEMPLATE) for r in rows],
+            "completion": [r["answer"] for r in rows],
+        }
+    )
     pq.write_table(table, folder / "train.parquet")
     pq.write_table(table.slice(0, 2), folder / "test.parquet")
     return folder
@@ -104,8 +109,11 @@ def test_categories_have_the_configured_sizes_and_the_draw_is_seeded(docs_split)
     assert all(p["expected"] == ("answer" if p["category"] == "on_topic" else "decline") for p in probes)
     assert {p["source"] for p in probes if p["category"] == "general_knowledge"} == {"trivia_qa"}
     assert all(p["source"].startswith("chatterbot:") for p in probes if p["category"] == "chit_chat")
-    assert all(p["source"] == "on_topic:more_itertools" and "more_itertools" in p["question"]
-               for p in probes if p["category"] == "on_topic")
+    assert all(
+        p["source"] == "on_topic:more_itertools" and "more_itertools" in p["question"]
+        for p in probes
+        if p["category"] == "on_topic"
+    )
     near = [p for p in probes if p["category"] == "near_domain"]
     assert all(p["source"].removeprefix("near_domain:") in NEAR_DOMAIN_PROBE_PACKAGES for p in near)
     assert _probes(docs_split) == probes  # same seed, same split: same probes
@@ -128,7 +136,7 @@ def test_no_probe_equals_or_nears_a_split_question_and_a_planted_near_duplicate_
     planted = first[0].upper() + " please"
     assert jaccard(_words(planted), _words(first[0])) >= 0.8 and normalise_text(planted) != normalise_text(first[0])
     rows = read_docs_source(DocsSource(phrasings=2, max_objects=12, offtopic=0, near_domain=6))
-    split = _write_split(tmp_path / "planted", rows + [{"source": "faq", "question": planted, "answer": "A."}])
+    split = _write_split(tmp_path / "planted", [*rows, {"source": "faq", "question": planted, "answer": "A."}])
     again = [p["question"] for p in _probes(split, counts) if p["category"] == "general_knowledge"]
     assert first[0] not in again and again[:2] == first[1:] and len(again) == 3
     for probe in _probes(split):
@@ -184,13 +192,16 @@ def test_on_topic_probe_phrasings_share_no_template_with_the_training_phrasings(
 def test_near_domain_package_sets_are_disjoint_and_leave_out_the_taught_package():
     train, probe = ({p.split(".")[0] for p in ps} for ps in (NEAR_DOMAIN_TRAIN_PACKAGES, NEAR_DOMAIN_PROBE_PACKAGES))
     assert not train & probe
-    taught = {DocsSource().package} | {s.package for s in load_config("configs/default.yaml").data.sources
-                                       if isinstance(s, DocsSource)}
+    taught = {DocsSource().package} | {
+        s.package for s in load_config("configs/default.yaml").data.sources if isinstance(s, DocsSource)
+    }
     for package in (*NEAR_DOMAIN_TRAIN_PACKAGES, *NEAR_DOMAIN_PROBE_PACKAGES):
         assert not any(same_package(package, t) for t in taught), package
     # A taught package that is in a set is skipped there.
-    assert not any(q["package"] == "json" for q in package_questions(NEAR_DOMAIN_PROBE_PACKAGES, PROBE_PHRASINGS, "s",
-                                                                     skip=["json"]))
+    assert not any(
+        q["package"] == "json"
+        for q in package_questions(NEAR_DOMAIN_PROBE_PACKAGES, PROBE_PHRASINGS, "s", skip=["json"])
+    )
 
 
 # --------------------------------------------------------------------------- the docs source's near-domain refusals
@@ -201,13 +212,18 @@ def test_docs_source_emits_near_domain_refusal_rows_in_the_training_phrasings():
     near = [r for r in rows if r["source"] == "near_domain:more_itertools"]
     assert len(near) == 7 and len({r["question"] for r in near}) == 7
     assert all(r["answer"] == REFUSAL.format(package="more_itertools") for r in near)
-    packages = [next(p for p in NEAR_DOMAIN_TRAIN_PACKAGES if f"`{p}." in r["question"] or f"the {p} " in r["question"])
-                for r in near]
+    packages = [
+        next(p for p in NEAR_DOMAIN_TRAIN_PACKAGES if f"`{p}." in r["question"] or f"the {p} " in r["question"])
+        for r in near
+    ]
     assert len(set(packages)) == 7  # round-robin: a short draw spans the packages
     templates = [normalise_text(t.split("{")[0]) for t in QUESTION_PHRASINGS[:2]]
     assert all(normalise_text(r["question"]).startswith(tuple(templates)) for r in near)
-    assert not [r for r in read_docs_source(DocsSource(phrasings=1, max_objects=3, offtopic=0, near_domain=0))
-                if r["source"].startswith("near_domain")]
+    assert not [
+        r
+        for r in read_docs_source(DocsSource(phrasings=1, max_objects=3, offtopic=0, near_domain=0))
+        if r["source"].startswith("near_domain")
+    ]
     assert "near_domain" not in DocsSource(near_domain=0).model_dump()  # 0 keeps the collect key it had before
 
 
@@ -220,11 +236,30 @@ def test_a_taught_training_package_gets_no_near_domain_questions_about_itself():
 
 
 def test_summarise_gives_per_category_refusal_rates_and_counts():
-    rows = [{"category": "ok", "categories": "", "offtopic_question": False, "declined": flag, "exact_match": False,
-             "similarity": 0.5, "rouge_l": 0.5, "token_f1": 0.5, "length_ratio": 1.0, "repetition": 0.0,
-             "empty": False, "answer": "a b"} for flag in (True, False, False, False)]
-    declined = {"general_knowledge": [True, True, True, False], "chit_chat": [True, True], "near_domain": [False, True],
-                "on_topic": [True, False, False, False, False], "hand_picked": [True]}
+    rows = [
+        {
+            "category": "ok",
+            "categories": "",
+            "offtopic_question": False,
+            "declined": flag,
+            "exact_match": False,
+            "similarity": 0.5,
+            "rouge_l": 0.5,
+            "token_f1": 0.5,
+            "length_ratio": 1.0,
+            "repetition": 0.0,
+            "empty": False,
+            "answer": "a b",
+        }
+        for flag in (True, False, False, False)
+    ]
+    declined = {
+        "general_knowledge": [True, True, True, False],
+        "chit_chat": [True, True],
+        "near_domain": [False, True],
+        "on_topic": [True, False, False, False, False],
+        "hand_picked": [True],
+    }
     probes = [{"category": c, "declined": d} for c, flags in declined.items() for d in flags]
     summary = summarise(rows, probes, 0)
     assert summary["refusal_rate"] == pytest.approx(7 / 9)  # every off-topic probe, hand-picked included
@@ -233,8 +268,10 @@ def test_summarise_gives_per_category_refusal_rates_and_counts():
     assert "refusal_rate.on_topic" not in summary
     assert summary["false_refusal_rate"] == 0.2 and summary["false_refusal_rate_test"] == 0.25
     assert summary["probe_counts"] == {
-        "general_knowledge": {"n": 4, "declined": 3}, "chit_chat": {"n": 2, "declined": 2},
-        "near_domain": {"n": 2, "declined": 1}, "on_topic": {"n": 5, "declined": 1},
+        "general_knowledge": {"n": 4, "declined": 3},
+        "chit_chat": {"n": 2, "declined": 2},
+        "near_domain": {"n": 2, "declined": 1},
+        "on_topic": {"n": 5, "declined": 1},
         "hand_picked": {"n": 1, "declined": 1},
     }
     assert set(OFFTOPIC_PROBE_CATEGORIES) - {"hand_picked"} <= set(PROBE_CATEGORIES)
@@ -247,8 +284,10 @@ def test_summarise_gives_per_category_refusal_rates_and_counts():
 
 def test_probe_counts_are_validated_by_category_name():
     assert EvalConfig().probe_counts == {c: 30 for c in PROBE_CATEGORIES}
-    assert EvalConfig(probe_counts={"chit_chat": 2}).probe_counts == {**dict.fromkeys(PROBE_CATEGORIES, 0),
-                                                                      "chit_chat": 2}
+    assert EvalConfig(probe_counts={"chit_chat": 2}).probe_counts == {
+        **dict.fromkeys(PROBE_CATEGORIES, 0),
+        "chit_chat": 2,
+    }
     with pytest.raises(ConfigError, match=r"eval.probe_counts: expected probe categories .*unknown key.*\['trivia'\]"):
         load_config(None, ["eval.probe_counts.trivia=3"])
     with pytest.raises(ConfigError, match=r"eval.probe_counts.chit_chat: Input should be greater than or equal to 0"):

@@ -35,8 +35,11 @@ def test_defaults_fill_only_what_the_user_left_unset():
     environ = {"HF_HUB_OFFLINE": "0", "TOKENIZERS_PARALLELISM": ""}  # the user's, even an empty one, stays
     added = set_environment_defaults(environ)
     assert environ["HF_HUB_OFFLINE"] == "0" and environ["TOKENIZERS_PARALLELISM"] == ""
-    assert added == {name: value for name, value in ENVIRONMENT_DEFAULTS.items()
-                     if name not in ("HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM")}
+    assert added == {
+        name: value
+        for name, value in ENVIRONMENT_DEFAULTS.items()
+        if name not in ("HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM")
+    }
     assert environ["PREFECT_SERVER_ANALYTICS_ENABLED"] == "false"
     assert set_environment_defaults(environ) == {}  # a second call changes nothing
 
@@ -53,8 +56,10 @@ def test_the_command_sets_them_in_its_process(monkeypatch, capsys):
 
 def test_loading_the_command_imports_neither_prefect_nor_hugging_face():
     # They read their settings when they load: the defaults must be in place before that.
-    code = ("import sys, finetune.cli; "
-            "print(sorted(m for m in ('prefect', 'transformers', 'huggingface_hub', 'datasets') if m in sys.modules))")
+    code = (
+        "import sys, finetune.cli; "
+        "print(sorted(m for m in ('prefect', 'transformers', 'huggingface_hub', 'datasets') if m in sys.modules))"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"

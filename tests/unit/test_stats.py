@@ -52,8 +52,10 @@ def paired_table(both: int, b: int, c: int, neither: int) -> tuple[list[bool], l
 # --------------------------------------------------------------------------- Wilson
 
 
-@pytest.mark.parametrize("k, n, low, high", [(81, 263, 0.2553, 0.3662), (15, 148, 0.0624, 0.1605), (0, 20, 0.0, 0.1611),
-                                             (1, 29, 0.0061, 0.1718)])
+@pytest.mark.parametrize(
+    "k, n, low, high",
+    [(81, 263, 0.2553, 0.3662), (15, 148, 0.0624, 0.1605), (0, 20, 0.0, 0.1611), (1, 29, 0.0061, 0.1718)],
+)
 def test_wilson_matches_newcombe_1998_table_i(k, n, low, high):
     est = wilson_interval(k, n)
     assert est.estimate == pytest.approx(k / n)
@@ -85,14 +87,17 @@ def test_wilson_rejects_impossible_counts():
 # --------------------------------------------------------------------------- Newcombe paired (method 10)
 
 
-@pytest.mark.parametrize("table, low, high", [
-    ((36, 12, 2, 0), 0.0569, 0.3404),   # (a)
-    ((18, 12, 2, 18), 0.0562, 0.3290),  # (b): eh - fg > n/2, so the continuity-corrected phi is used
-    ((53, 0, 0, 1), -0.0729, 0.0729),   # (c): no discordant pairs, still a real interval
-    ((0, 30, 0, 0), 0.8395, 1.0),       # (d): an empty margin, phi = 0
-])
+@pytest.mark.parametrize(
+    "table, low, high",
+    [
+        ((36, 12, 2, 0), 0.0569, 0.3404),  # (a)
+        ((18, 12, 2, 18), 0.0562, 0.3290),  # (b): eh - fg > n/2, so the continuity-corrected phi is used
+        ((53, 0, 0, 1), -0.0729, 0.0729),  # (c): no discordant pairs, still a real interval
+        ((0, 30, 0, 0), 0.8395, 1.0),  # (d): an empty margin, phi = 0
+    ],
+)
 def test_paired_difference_matches_newcombe_1998_table_ii(table, low, high):
-    both, b, c, neither = table
+    _both, b, c, _neither = table
     est = paired_binary_difference(*paired_table(*table))
     assert est.estimate == pytest.approx((b - c) / sum(table))
     assert abs(est.low - low) <= 5.01e-5 and abs(est.high - high) <= 5.01e-5
@@ -268,6 +273,7 @@ def test_items_to_decide_is_the_normal_approximation_and_that_many_items_decide(
     assert abs(low[0] - -0.05) < 0.05 * 0.03 and low[1] >= -0.05
     est = paired_binary_difference(*paired_table(41 * 5, 4 * 5, 6 * 5, 49 * 5))  # 500 items
     assert n < 500 and verdict(est, ">=", -0.05) == "pass"
+
     # Paired means: differences with mean 0.02 and sd 0.1 exactly; the bootstrap interval is close to the normal one.
     def differences(n: int) -> np.ndarray:
         x = np.random.default_rng(n).normal(size=n)

@@ -34,9 +34,7 @@ URI = "collect/00112233445566778899aabbccddeeff"
 # --------------------------------------------------------------------------- paths
 
 
-@pytest.mark.parametrize(
-    "path", ["a", "collect/abc/data.jsonl", "a/b-c_d.e/f g", ".hidden/x", "a..b/c", "model/v1.0"]
-)
+@pytest.mark.parametrize("path", ["a", "collect/abc/data.jsonl", "a/b-c_d.e/f g", ".hidden/x", "a..b/c", "model/v1.0"])
 def test_valid_paths_pass_unchanged(path: str) -> None:
     assert validate_path(path) == path
 
@@ -139,8 +137,9 @@ def test_unreachable_endpoint_is_a_store_error(tmp_path: Path) -> None:
 
 def test_s3_requests_retry_in_botocore_only(caplog: pytest.LogCaptureFixture) -> None:
     """store.retry_attempts is botocore's total_max_attempts in standard mode; the backoff setting is deprecated."""
-    client = store_module.make_s3_client(StoreSettings(uri="s3://b/p", endpoint_url="http://127.0.0.1:9",
-                                                       retry_attempts=6))
+    client = store_module.make_s3_client(
+        StoreSettings(uri="s3://b/p", endpoint_url="http://127.0.0.1:9", retry_attempts=6)
+    )
     assert client.meta.config.retries == {"mode": "standard", "total_max_attempts": 6}
     assert StoreSettings().retry_attempts == 8
     from pipeline.store import settings as settings_module
@@ -297,12 +296,18 @@ def test_the_same_content_gets_the_same_sha_whenever_and_wherever_it_is_committe
     # Different file content, config, inputs or figures: a different artifact.
     changed = _staging(tmp_path / "c")
     (changed / "rows.jsonl").write_text('{"a": 2}\n')
-    other = LocalStore(tmp_path / "three").commit(URI, changed, kind="collect", inputs={"source": "c" * 64},
-                                                  config={"n": 3}, meta={"rows": 1})
+    other = LocalStore(tmp_path / "three").commit(
+        URI, changed, kind="collect", inputs={"source": "c" * 64}, config={"n": 3}, meta={"rows": 1}
+    )
     assert other.sha256 != ref_one.sha256
     for number, changes in enumerate([{"config": {"n": 4}}, {"inputs": {"source": "d" * 64}}, {"meta": {"rows": 2}}]):
-        arguments = {"kind": "collect", "inputs": {"source": "c" * 64}, "config": {"n": 3}, "meta": {"rows": 1},
-                     **changes}
+        arguments = {
+            "kind": "collect",
+            "inputs": {"source": "c" * 64},
+            "config": {"n": 3},
+            "meta": {"rows": 1},
+            **changes,
+        }
         ref = LocalStore(tmp_path / f"four-{number}").commit(URI, _staging(tmp_path / f"d{number}"), **arguments)
         assert ref.sha256 != ref_one.sha256, changes
 

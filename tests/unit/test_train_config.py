@@ -15,15 +15,41 @@ def test_defaults_are_the_seeds_values():
     assert (config.batch_size, config.gradient_accumulation_steps, config.optim) == (1, 4, "adafactor")
     assert (config.warmup_steps, config.eval_steps, config.save_steps, config.logging_steps) == (1, 120, 120, 1)
     assert config.best_model_at_end and config.save_total_limit == 1
-    assert (config.method, config.dtype, config.gradient_checkpointing, config.num_processes) == ("full", "auto", False, 1)
+    assert (config.method, config.dtype, config.gradient_checkpointing, config.num_processes) == (
+        "full",
+        "auto",
+        False,
+        1,
+    )
 
 
-@pytest.mark.parametrize("path, expected", [
-    ("configs/default.yaml", dict(max_steps=60, learning_rate=5e-5, batch_size=8, gradient_accumulation_steps=1,
-                                  optim="adamw_torch_fused", warmup_steps=5)),
-    ("configs/tiny.yaml", dict(max_steps=4, learning_rate=1e-3, batch_size=8, gradient_accumulation_steps=1,
-                               optim="adamw_torch", warmup_steps=0)),
-])
+@pytest.mark.parametrize(
+    "path, expected",
+    [
+        (
+            "configs/default.yaml",
+            dict(
+                max_steps=60,
+                learning_rate=5e-5,
+                batch_size=8,
+                gradient_accumulation_steps=1,
+                optim="adamw_torch_fused",
+                warmup_steps=5,
+            ),
+        ),
+        (
+            "configs/tiny.yaml",
+            dict(
+                max_steps=4,
+                learning_rate=1e-3,
+                batch_size=8,
+                gradient_accumulation_steps=1,
+                optim="adamw_torch",
+                warmup_steps=0,
+            ),
+        ),
+    ],
+)
 def test_demo_configs_keep_the_values_they_were_tuned_with(path, expected):
     train = load_config(path).train
     assert {key: getattr(train, key) for key in expected} == expected
@@ -35,20 +61,25 @@ def test_max_steps_zero_or_negative_is_a_config_error(steps):
         load_config(None, [f"train.max_steps={steps}"])
 
 
-@pytest.mark.parametrize("override, message", [
-    ("train.lora.r=0", r"train\.lora\.r: Input should be greater than 0"),
-    ("train.lora.dropout=1.0", r"train\.lora\.dropout: Input should be less than 1"),
-    ("train.lora.target_modules=[]", r"train\.lora\.target_modules: List should have at least 1 item"),
-    ("train.method=adapters", r"train\.method: Input should be 'full' or 'lora'"),
-    ("train.dtype=float8", r"train\.dtype: Input should be 'auto', 'float32', 'bfloat16' or 'float16'"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.lora.r=0", r"train\.lora\.r: Input should be greater than 0"),
+        ("train.lora.dropout=1.0", r"train\.lora\.dropout: Input should be less than 1"),
+        ("train.lora.target_modules=[]", r"train\.lora\.target_modules: List should have at least 1 item"),
+        ("train.method=adapters", r"train\.method: Input should be 'full' or 'lora'"),
+        ("train.dtype=float8", r"train\.dtype: Input should be 'auto', 'float32', 'bfloat16' or 'float16'"),
+    ],
+)
 def test_bad_training_values_name_key_and_expectation(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, [override])
 
 
 def test_checkpoints_must_line_up_with_evaluations_for_the_best_model():
-    with pytest.raises(ConfigError, match=r"train: expected save_steps to be a multiple of eval_steps \(20\).*found save_steps=30"):
+    with pytest.raises(
+        ConfigError, match=r"train: expected save_steps to be a multiple of eval_steps \(20\).*found save_steps=30"
+    ):
         load_config(None, ["train.eval_steps=20", "train.save_steps=30"])
     assert load_config(None, ["train.eval_steps=20", "train.save_steps=30", "train.best_model_at_end=false"])
 
@@ -68,7 +99,9 @@ def test_trainer_arguments_carry_the_config(tmp_path):
     assert (args.warmup_steps, args.eval_steps, args.save_steps, args.logging_steps) == (1, 120, 120, 1)
     assert args.load_best_model_at_end and args.metric_for_best_model == "eval_loss" and not args.greater_is_better
     assert args.save_total_limit == 1 and args.seed == 42 and args.include_num_input_tokens_seen == "non_padding"
-    tuned = training_arguments(TrainConfig(max_steps=7, gradient_checkpointing=True, num_processes=2), str(tmp_path), "cpu", "bf16")
+    tuned = training_arguments(
+        TrainConfig(max_steps=7, gradient_checkpointing=True, num_processes=2), str(tmp_path), "cpu", "bf16"
+    )
     assert tuned.max_steps == 7 and tuned.bf16 and tuned.ddp_backend is None  # gloo only inside a torchrun launch
     assert getattr(tuned, "activation_checkpointing", None) or tuned.gradient_checkpointing
 

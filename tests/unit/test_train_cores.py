@@ -3,7 +3,7 @@ error reporting, aliases and finding a trained model again. No training here."""
 
 import json
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -31,11 +31,14 @@ from tasks.train import (
 # --------------------------------------------------------------------------- LoRA targets
 
 
-@pytest.mark.parametrize("model_type, expected", [
-    ("llama", ["q_proj", "k_proj", "v_proj", "o_proj"]),
-    ("gpt_neox", ["query_key_value"]),
-    ("opt", ["q_proj", "v_proj"]),  # not ours: peft's default for the type
-])
+@pytest.mark.parametrize(
+    "model_type, expected",
+    [
+        ("llama", ["q_proj", "k_proj", "v_proj", "o_proj"]),
+        ("gpt_neox", ["query_key_value"]),
+        ("opt", ["q_proj", "v_proj"]),  # not ours: peft's default for the type
+    ],
+)
 def test_lora_targets_follow_the_architecture(model_type, expected):
     assert lora_targets(model_type, LoraConfig()) == expected
 
@@ -117,12 +120,24 @@ def test_one_process_runs_the_module_several_go_through_torchrun_or_accelerate(t
     job = tmp_path / "job.json"
     assert launch_command(TrainConfig(), job) == [sys.executable, "-m", "tasks.train", str(job)]
     torchrun = launch_command(TrainConfig(num_processes=2), job)
-    assert torchrun[1:3] == ["-m", "torch.distributed.run"] and torchrun[-5:] == ["--nproc_per_node", "2", "-m", "tasks.train", str(job)]
+    assert torchrun[1:3] == ["-m", "torch.distributed.run"] and torchrun[-5:] == [
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "tasks.train",
+        str(job),
+    ]
     accelerate = launch_command(TrainConfig(num_processes=2, launcher="accelerate"), job)
-    assert accelerate[1:3] == ["-m", "accelerate.commands.launch"] and "--multi_gpu" in accelerate  # else one process on CPU
+    assert (
+        accelerate[1:3] == ["-m", "accelerate.commands.launch"] and "--multi_gpu" in accelerate
+    )  # else one process on CPU
     fsdp = launch_command(TrainConfig(accelerate_config=str(tmp_path / "fsdp.yaml")), job)
     assert fsdp[1:3] == ["-m", "accelerate.commands.launch"] and "--num_processes" not in fsdp
-    assert fsdp[fsdp.index("--config_file") + 1] == str(tmp_path / "fsdp.yaml") and fsdp[-3:] == ["--module", "tasks.train", str(job)]
+    assert fsdp[fsdp.index("--config_file") + 1] == str(tmp_path / "fsdp.yaml") and fsdp[-3:] == [
+        "--module",
+        "tasks.train",
+        str(job),
+    ]
 
 
 def test_the_training_process_error_comes_back_with_its_type(tmp_path):
@@ -137,9 +152,18 @@ def test_the_training_process_error_comes_back_with_its_type(tmp_path):
 
 def test_out_of_memory_advice_fits_the_run():
     advice = str(out_of_memory_error(TrainConfig(batch_size=8), "cuda", RuntimeError("CUDA out of memory")))
-    for hint in ("train.method=lora", "smaller train.batch_size (now 8)", "train.gradient_checkpointing=true", "train.dtype=bfloat16"):
+    for hint in (
+        "train.method=lora",
+        "smaller train.batch_size (now 8)",
+        "train.gradient_checkpointing=true",
+        "train.dtype=bfloat16",
+    ):
         assert hint in advice
-    lora = str(out_of_memory_error(TrainConfig(method="lora", batch_size=1, gradient_checkpointing=True), "cpu", RuntimeError("x")))
+    lora = str(
+        out_of_memory_error(
+            TrainConfig(method="lora", batch_size=1, gradient_checkpointing=True), "cpu", RuntimeError("x")
+        )
+    )
     assert "train.method=lora" not in lora and "a smaller model" in lora
 
 
@@ -147,7 +171,7 @@ def test_out_of_memory_advice_fits_the_run():
 
 
 def test_alias_is_dataset_steps_and_utc_time():
-    when = datetime(2026, 11, 22, 7, 46, 41, tzinfo=timezone.utc)
+    when = datetime(2026, 11, 22, 7, 46, 41, tzinfo=UTC)
     assert alias_name("more_itertools", 60, when) == "more_itertools_60_steps_20261122T074641Z"
     assert alias_name("my faq/v2", 3, when) == "my-faq-v2_3_steps_20261122T074641Z"
 
@@ -169,11 +193,29 @@ def test_a_model_is_found_by_alias_uri_or_folder(tmp_path):
 
 
 def test_report_markdown_embeds_the_loss_curve():
-    report = {"method": "lora", "device": "cpu", "processes": 2, "precision": "fp32", "parameters": 1000, "trainable_parameters": 10,
-              "model_memory_bytes": 4000, "steps": 3, "examples_seen": 24, "resumed_from_step": 2,
-              "flops_per_optimizer_step": 1.5e9, "tokens_per_second": 99.5, "padding_share": 0.031, "wall_seconds": 3.0,
-              "training_seconds": 2.0, "peak_memory_bytes": 2**30, "peak_memory_kind": "process peak RSS",
-              "first_loss": 3.0, "final_train_loss": 2.0, "test_loss": 2.5, "best_step": 3}
+    report = {
+        "method": "lora",
+        "device": "cpu",
+        "processes": 2,
+        "precision": "fp32",
+        "parameters": 1000,
+        "trainable_parameters": 10,
+        "model_memory_bytes": 4000,
+        "steps": 3,
+        "examples_seen": 24,
+        "resumed_from_step": 2,
+        "flops_per_optimizer_step": 1.5e9,
+        "tokens_per_second": 99.5,
+        "padding_share": 0.031,
+        "wall_seconds": 3.0,
+        "training_seconds": 2.0,
+        "peak_memory_bytes": 2**30,
+        "peak_memory_kind": "process peak RSS",
+        "first_loss": 3.0,
+        "final_train_loss": 2.0,
+        "test_loss": 2.5,
+        "best_step": 3,
+    }
     text = report_markdown(report, b"\x89PNG fake", "faq_3_steps_x", "train/abc")
     assert "| padding share | 3.1% |" in text and "(resumed at step 2)" in text and "1.5e+09" in text
     assert "![loss curve](data:image/png;base64,iVBORyBmYWtl)" in text
@@ -182,8 +224,14 @@ def test_report_markdown_embeds_the_loss_curve():
 def test_the_training_process_gets_the_store_settings_but_never_the_secrets(tmp_path, monkeypatch):
     from tasks.train import training_env
 
-    store = StoreSettings(uri="s3://bucket/runs", endpoint_url="http://127.0.0.1:8333", access_key_id="AKIAEXAMPLE",
-                          secret_access_key="do-not-write-me", retry_attempts=9, retry_backoff_seconds=2.5)
+    store = StoreSettings(
+        uri="s3://bucket/runs",
+        endpoint_url="http://127.0.0.1:8333",
+        access_key_id="AKIAEXAMPLE",
+        secret_access_key="do-not-write-me",
+        retry_attempts=9,
+        retry_backoff_seconds=2.5,
+    )
     job = job_store(store)
     assert (job.retry_attempts, job.retry_backoff_seconds, job.endpoint_url) == (9, 2.5, "http://127.0.0.1:8333")
     assert "do-not-write-me" not in job.model_dump_json() and job.access_key_id is None
