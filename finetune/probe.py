@@ -2,7 +2,7 @@
 
 `finetune plan --probe` runs it after the memory plan (pipeline/planner.py): the measured peak memory
 against the estimate, non-padding tokens per second and the time one epoch would take. It lives above
-the stages because it runs one (tasks/train.py's `fine_tune`) in a child process,
+the stages because it runs one (`fine_tune` in tasks/train/process.py) in a child process,
 `python -m finetune.probe <probe.json>`.
 """
 
@@ -54,7 +54,7 @@ def pipeline_dtype(precision: str) -> str:
 def probe_training(model: str, setup: TrainingSetup, steps: int = 3, timeout: float = 1800.0) -> ProbeResult:
     """Train `model` (a spec) for `steps` steps of `setup` on this machine; out: measured peak memory and tokens/s.
 
-    Runs the pipeline's own training (tasks/train.py's fine_tune) in a child process on
+    Runs the pipeline's own training (`fine_tune` in tasks/train/process.py) in a child process on
     fixed-length random rows, so every batch is `batch_size` x `seq_len` tokens. The
     peak is CUDA's peak allocation on a GPU; on a CPU it is the process's peak resident
     set during training minus its resident set before the model was loaded (Python,

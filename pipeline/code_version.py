@@ -6,7 +6,9 @@ does not use (`pipeline/planner.py`, `flows/sweep.py`) reuses what is stored. Th
 statically: every `import` and `from ... import` statement anywhere in a file (inside functions too, and
 relative ones), resolved to a file of the project's own packages; other imports (the standard library,
 installed packages) are not followed. Importing `a.b.c` runs `a/__init__.py` and `a/b/__init__.py` too, so
-those count as well. Results are cached per process: a module's source is read once.
+those count as well. A stage defined in a package (`tasks/collect/stage.py`) counts every file of its package
+(`tasks/collect/`), imported or not, `__main__.py` included (`python -m tasks.train` runs it). Results are cached
+per process: a module's source is read once.
 """
 
 from __future__ import annotations
@@ -85,11 +87,30 @@ def _file_imports(path: Path, root: Path) -> frozenset[Path]:
     return frozenset(found)
 
 
+def package_files(path: Path, root: Path = ROOT) -> list[Path]:
+    """Every file of the stage package the module at `path` belongs to, sorted; [] for a module that is in none.
+
+    A stage package is a package right below a project package: 'tasks/collect/readers.py' gives every '*.py'
+    under 'tasks/collect/' ('__main__.py' too), 'tasks/split.py' (a module of 'tasks' itself) gives [].
+    """
+    path, root = path.resolve(), root.resolve()
+    parts = module_name(path, root).split(".")
+    if not path.is_relative_to(root) or len(parts) < 2 or parts[0] not in PROJECT_PACKAGES:
+        return []
+    folder = root.joinpath(*parts[:2])
+    if not (folder / "__init__.py").is_file():
+        return []
+    return sorted(p.resolve() for p in folder.rglob("*.py") if "__pycache__" not in p.parts)
+
+
 def code_files(path: Path, root: Path = ROOT) -> list[Path]:
-    """The file at `path` and every project file it imports, transitively, sorted; its own parent packages too."""
+    """The file at `path` and every project file it imports, transitively, sorted; its own parent packages too.
+
+    For a module of a stage package (`package_files`), every file of that package and what those import.
+    """
     start = path.resolve()
     root = root.resolve()
-    seen: set[Path] = {start}
+    seen: set[Path] = {start, *package_files(start, root)}
     seen.update(p.resolve() for p in (module_file(n, root) for n in _with_parents(module_name(start, root))) if p)
     todo = list(seen)
     while todo:

@@ -1,8 +1,8 @@
 """The documentation source's shared vocabulary: how questions about a package are phrased and declined.
 
-The docs source (tasks/collect.py) turns an installed package's docstrings into question/answer pairs
+The docs source (tasks/collect/docs.py) turns an installed package's docstrings into question/answer pairs
 in QUESTION_PHRASINGS and trains refusals (REFUSAL) on off-topic and near-domain questions; the
-evaluation (tasks/evaluate.py) probes with PROBE_PHRASINGS and NEAR_DOMAIN_PROBE_PACKAGES, disjoint
+evaluation (tasks/evaluate/probes.py) probes with PROBE_PHRASINGS and NEAR_DOMAIN_PROBE_PACKAGES, disjoint
 from what training uses, so a probe tests the behaviour rather than a memorised wording. Both read a
 package's documented objects the same way (`documented_objects`, `package_questions`).
 """
@@ -28,7 +28,7 @@ REFUSAL = "I'm sorry, I can only answer questions about the {package} Python pac
 """What the docs source trains as the answer to an off-topic or near-domain question ({package}: the taught one)."""
 
 
-# How users ask in the evaluation's on_topic and near_domain probes (tasks/evaluate.py): no template
+# How users ask in the evaluation's on_topic and near_domain probes (tasks/evaluate/probes.py): no template
 # (and no rendering, token Jaccard < 0.8) in common with QUESTION_PHRASINGS, so an on-topic probe
 # tests the package, not a memorised wording (tests/unit/test_probes.py checks both).
 PROBE_PHRASINGS = (

@@ -43,7 +43,7 @@ position's logits. `reserve` (default 10%) of the device stays free for the CUDA
 caching allocator and fragmentation.
 
 Time: `finetune.probe.probe_training` trains the model for a few steps on this machine
-through the pipeline's own training code (tasks/train.py) on fixed-length random rows and
+through the pipeline's own training code (tasks/train/) on fixed-length random rows and
 reports the measured peak memory and non-padding tokens per second; it lives with the
 entry points, above the stages it runs, so this module stays below them.
 """

@@ -1,7 +1,7 @@
 """The row model every data stage shares: what a row is, how it is identified, compared and stored.
 
 A row is a dict: `{"id", "question", "answer", "source"}` (plus `input`, `messages`, `role` when they
-carry something) or, for plain text, `{"id", "text", "source"}` (see tasks/collect.py). Here: the stable
+carry something) or, for plain text, `{"id", "text", "source"}` (see tasks/collect/). Here: the stable
 row id, the row constructors, the normalised question that near-duplicate and leakage checks compare
 (`question_key`), the log of dropped rows and the data budget checked after collect and after tokenize,
 the JSON Lines files the data stages write and read, and `DataError`, the error every data stage raises

@@ -1,1 +1,1 @@
-"""The pipeline's stages, one module each: a pure core plus one thin Prefect task."""
+"""The pipeline's stages, one module (for a large stage, a package) each: pure cores plus one thin Prefect task."""

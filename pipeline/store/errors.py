@@ -3,7 +3,7 @@
 `classify_s3_error` says what an exception from boto3, botocore or s3transfer means (not found,
 access denied, endpoint unavailable, ...); `s3_store_error` turns it into the store's error with a
 message naming the endpoint, the bucket and what to check. The S3 store and the S3 data source
-(tasks/collect.py) both go through these two, so a failure means the same everywhere. Messages never
+(tasks/collect/sources.py) both go through these two, so a failure means the same everywhere. Messages never
 hold a credential: they are built from error codes, statuses and botocore's own texts, which do not
 contain one either.
 """

@@ -10,7 +10,7 @@ In: StoreSettings. Out: a boto3 S3 client that
   final exception how many attempts were made, for the store's error message (`errors.attempts_made`);
 * keeps its credentials out of every log record of boto3, botocore, s3transfer and urllib3.
 
-Used by the S3 store (s3.py) and the S3 data source (tasks/collect.py).
+Used by the S3 store (s3.py) and the S3 data source (tasks/collect/sources.py).
 """
 
 from __future__ import annotations

@@ -1,0 +1,173 @@
+"""The evaluate stage body: one model answers the test questions and the probes, every answer scored, written out.
+
+`evaluate_model` is the core (a model folder and a split in, an `EvalResult` out); `evaluate` is the stage task
+(name "evaluate").
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.assets import resolve_model
+from pipeline.config import EvalConfig, ModelConfig, TemplateConfig
+from pipeline.models import check_tokenizer_files, load_model, load_tokenizer, pick_device, trained_model_folder
+from pipeline.prompts import render_prompt
+from pipeline.stage import Artifact, stage_task
+from tasks.evaluate.generation import generate_answers
+from tasks.evaluate.probes import probe_candidates, select_probes
+from tasks.evaluate.questions import read_test_rows, row_question, seen_questions, taught_packages
+from tasks.evaluate.scoring import RefusalDetector, load_encoder, refusal_references, score_answers
+from tasks.evaluate.summary import summarise
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalResult:
+    """What one evaluation produces: per-question rows, probe rows and the summary."""
+
+    rows: list[dict[str, Any]]
+    probes: list[dict[str, Any]]
+    summary: dict[str, Any]
+
+
+def evaluate_model(
+    folder: str, split_dir: Path, config: EvalConfig, template: TemplateConfig, trust_remote_code: bool = False
+) -> EvalResult:
+    """Generate and score answers to the test questions and the probes with the model in `folder`.
+
+    Checks that can fail (empty split, missing tokenizer) run before the model loads.
+    """
+    test_rows, excluded = read_test_rows(split_dir / "test.parquet", config.limit)
+    check_tokenizer_files(folder)
+    seen, taught = seen_questions(split_dir, template), taught_packages(split_dir)
+    if config.probe_counts.get("on_topic") and not taught:
+        log.warning("eval: no docs source in the split, so no on_topic probes and no false_refusal_rate")
+    probes = select_probes(probe_candidates(config, taught, seen), config.probe_counts, config.probe_questions, seen)
+    tokenizer = load_tokenizer(folder, padding_side="left", trust_remote_code=trust_remote_code)
+    model = load_model(folder, device=pick_device(), trust_remote_code=trust_remote_code)
+    # The tokenizer renders the chat template, when that is the template in use.
+    prompts = [row["prompt"] for row in test_rows] + [
+        render_prompt(p["question"], template, tokenizer=tokenizer) for p in probes
+    ]
+    started = time.perf_counter()
+    answers = generate_answers(
+        model,
+        tokenizer,
+        prompts,
+        max_new_tokens=config.max_new_tokens,
+        batch_size=config.batch_size,
+        repetition_penalty=config.repetition_penalty,
+    )
+    seconds = time.perf_counter() - started
+    del model  # free it before the embedding model loads
+    targets = [row["completion"] for row in test_rows]
+    encoder = load_encoder()
+    detector = RefusalDetector(encoder, refusal_references(_split_targets(split_dir)), config.refusal_similarity)
+    questions = [row_question(row, template) for row in test_rows]
+    rows = score_answers(questions, targets, answers[: len(test_rows)], config, detector)
+    for row, test_row in zip(rows, test_rows):
+        row.update(id=test_row["id"], prompt=test_row["prompt"])
+    probe_answers = answers[len(test_rows) :]
+    declined, refusal_sim = detector(probe_answers)
+    probe_rows = [
+        {**p, "answer": a, "declined": d, "refusal_similarity": s}
+        for p, a, d, s in zip(probes, probe_answers, declined, refusal_sim)
+    ]
+    summary = summarise(rows, probe_rows, excluded["empty_target"], excluded["no_prompt"])
+    summary.update(generation_seconds=round(seconds, 3), answers_per_second=round(len(prompts) / max(seconds, 1e-9), 3))
+    return EvalResult(rows, probe_rows, summary)
+
+
+def _split_targets(split_dir: Path) -> list[str]:
+    """Every target answer in the split (train and test), where the refusal sentences come from."""
+    targets: list[str] = []
+    for name in ("train.parquet", "test.parquet"):
+        if (split_dir / name).is_file():
+            targets += pq.read_table(split_dir / name, columns=["completion"]).column("completion").to_pylist()
+    return targets
+
+
+ANSWER_COLUMNS = (
+    "id",
+    "question",
+    "target",
+    "answer",
+    "category",
+    "categories",
+    "exact_match",
+    "similarity",
+    "rouge_l",
+    "token_f1",
+    "length_ratio",
+    "repetition",
+    "empty",
+    "declined",
+    "refusal_similarity",
+    "offtopic_question",
+    "prompt",
+)
+
+
+def write_outputs(result: EvalResult, folder: Path) -> None:
+    """answers.parquet, answers.csv, probes.parquet and summary.json into `folder`."""
+    rows = [{name: row[name] for name in ANSWER_COLUMNS} for row in result.rows]
+    pq.write_table(pa.Table.from_pylist(rows), folder / "answers.parquet")
+    with (folder / "answers.csv").open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(ANSWER_COLUMNS))
+        writer.writeheader()
+        writer.writerows(rows)
+    probe_schema = pa.schema(
+        [
+            ("question", pa.string()),
+            ("category", pa.string()),
+            ("expected", pa.string()),
+            ("source", pa.string()),
+            ("answer", pa.string()),
+            ("declined", pa.bool_()),
+            ("refusal_similarity", pa.float64()),
+        ]
+    )
+    pq.write_table(pa.Table.from_pylist(result.probes, schema=probe_schema), folder / "probes.parquet")
+    (folder / "summary.json").write_text(json.dumps(result.summary, indent=2), encoding="utf-8")
+
+
+@stage_task("evaluate")
+def evaluate(
+    split_data: Path,
+    config: EvalConfig,
+    model: ModelConfig,
+    tuned: Artifact | None,
+    template: TemplateConfig,
+    out: Path,
+) -> dict[str, Any]:
+    """Evaluate the fine-tuned model (or the base model when `tuned` is None) on the test split and the probes.
+
+    Out: answers.parquet/.csv, probes.parquet and summary.json in `out`; returns the key figures.
+    """
+    folder = trained_model_folder(tuned.path) if tuned is not None else resolve_model(model.name)
+    result = evaluate_model(folder, split_data, config, template, model.trust_remote_code)
+    # A name and a store location, not this machine's cache path: the summary travels.
+    result.summary["model"] = "fine-tuned" if tuned is not None else model.name
+    result.summary["model_ref"] = tuned.ref.uri if tuned is not None else model.name
+    write_outputs(result, out)
+    figures = (
+        "n",
+        "excluded_empty_target",
+        "excluded_no_prompt",
+        "exact_match",
+        "similarity_mean",
+        "rouge_l",
+        "refusal_rate",
+    )
+    meta = {key: result.summary[key] for key in figures if key in result.summary}
+    return {**meta, "model": result.summary["model"]}
