@@ -24,7 +24,7 @@ models, methods, learning rates; flows/sweep.py) and prints the table: exit 0 wh
 sweep produced figures (gates may fail at some points: that is what a sweep measures).
 
 `plan` estimates memory for inference and training from the model's config alone (no
-weights loaded; pipeline/planner.py), says whether it fits `--device-memory` and what to
+weights loaded; pipeline/planner/), says whether it fits `--device-memory` and what to
 change if not; `--probe` trains a few steps here for tokens/s and the time per epoch
 (finetune/probe.py).
 

@@ -1,6 +1,6 @@
 """Time on this machine: train a model for a few steps through the pipeline's own training code and measure it.
 
-`finetune plan --probe` runs it after the memory plan (pipeline/planner.py): the measured peak memory
+`finetune plan --probe` runs it after the memory plan (pipeline/planner/): the measured peak memory
 against the estimate, non-padding tokens per second and the time one epoch would take. It lives above
 the stages because it runs one (`fine_tune` in tasks/train/process.py) in a child process,
 `python -m finetune.probe <probe.json>`.

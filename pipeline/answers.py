@@ -1,7 +1,7 @@
 """How answers are compared and categorised, shared by the stage that scores them and the stage that gates on them.
 
 `normalise_answer` is the form exact match and token F1 compare (tasks/evaluate/scoring.py) and the form the
-ranking pairs two versions' questions on (tasks/gate.py); `CATEGORIES` are the error categories an
+ranking pairs two versions' questions on (tasks/gate/ranking.py); `CATEGORIES` are the error categories an
 evaluated answer falls into, in priority order, which the gate turns into `<category>_rate` metrics.
 """
 

@@ -2,7 +2,7 @@
 
 A stage's content key covers this hash (`pipeline.stage.stage_task`), so editing a stage's code, or a
 `pipeline.*`/`tasks.*` module it uses, reruns that stage and every stage after it, while editing a module it
-does not use (`pipeline/planner.py`, `flows/sweep.py`) reuses what is stored. The import graph is read
+does not use (`pipeline/planner/`, `flows/sweep.py`) reuses what is stored. The import graph is read
 statically: every `import` and `from ... import` statement anywhere in a file (inside functions too, and
 relative ones), resolved to a file of the project's own packages; other imports (the standard library,
 installed packages) are not followed. Importing `a.b.c` runs `a/__init__.py` and `a/b/__init__.py` too, so

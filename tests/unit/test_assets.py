@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 
 from pipeline import assets
+from pipeline.assets import cache as asset_cache
+from pipeline.assets import models as asset_models
 
 
 @pytest.fixture(autouse=True)
@@ -61,7 +63,7 @@ def test_default_cache_dir_follows_env(monkeypatch: pytest.MonkeyPatch, tmp_path
 
 def test_every_alias_has_a_builder() -> None:
     assert assets.DEFAULT_MODEL in assets.MODEL_ALIASES
-    assert set(assets._ALIAS_BUILDERS) == set(assets.MODEL_ALIASES)
+    assert set(asset_models._ALIAS_BUILDERS) == set(assets.MODEL_ALIASES)
 
 
 # ------------------------------------------------------------------ tiny-neox
@@ -110,7 +112,7 @@ def test_tiny_neox_is_deterministic_and_cached(tiny_neox: str, tmp_path: Path, m
     def must_not_build(*_: object) -> None:
         raise AssertionError("rebuilt a cached model")
 
-    monkeypatch.setattr(assets, "_build_tiny_neox", must_not_build)
+    monkeypatch.setattr(asset_models, "_build_tiny_neox", must_not_build)  # where resolve_model finds it
     assert assets.resolve_model("tiny-neox", tmp_path / "other-cache") == other
 
 
@@ -210,11 +212,11 @@ def test_failed_build_leaves_nothing(tmp_path: Path) -> None:
         raise OSError("disk full")
 
     with pytest.raises(OSError, match="disk full"):
-        assets._build_once(final, broken, "thing")
+        asset_cache._build_once(final, broken, "thing")
     assert not final.exists()
     assert [p.name for p in final.parent.iterdir()] == [".thing-abc.lock"], "no temporary folder left"
 
-    assert assets._build_once(final, lambda out: (out / "ok").write_text("1"), "thing") == final
+    assert asset_cache._build_once(final, lambda out: (out / "ok").write_text("1"), "thing") == final
     assert (final / "ok").read_text() == "1"
 
 
@@ -229,7 +231,7 @@ def test_concurrent_builders_build_once(tmp_path: Path) -> None:
 
     results: list[Path] = []
     workers = [
-        threading.Thread(target=lambda: results.append(assets._build_once(final, slow_build, "thing")))
+        threading.Thread(target=lambda: results.append(asset_cache._build_once(final, slow_build, "thing")))
         for _ in range(3)
     ]
     for worker in workers:

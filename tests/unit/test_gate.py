@@ -481,9 +481,22 @@ def _eval_verdict(outcome: str) -> dict[str, Any]:
 
 def _settle(verdicts: list[dict], can_grow: bool, on_inconclusive: str) -> str:
     """What the gate stage does with a round's verdicts."""
-    if round_status(verdicts, can_grow) != "grow":
-        finalise_decisions(verdicts, on_inconclusive)
-    return round_status(verdicts, can_grow)
+    if round_status(verdicts, can_grow, on_inconclusive) != "grow":
+        finalise_decisions(verdicts, on_inconclusive, can_grow)
+    return round_status(verdicts, can_grow, on_inconclusive)
+
+
+def test_a_benchmark_gate_that_could_grow_is_not_failed_by_the_policy_when_another_gate_ends_the_round():
+    # An inconclusive evaluation gate (fixed items) with policy 'fail' ends the round at look 1; the ARC gate was
+    # merely inconclusive on 200 questions, so it must not count as failed (refine would change data for it).
+    verdicts = [_benchmark_verdict("inconclusive"), _eval_verdict("inconclusive")]
+    assert _settle(verdicts, can_grow=True, on_inconclusive="fail") == "fail"
+    assert verdicts[1]["decision"] == "fail" and verdicts[1]["decided_by"] == "gates_on_inconclusive"
+    assert verdicts[0]["decision"] == "pending" and not verdicts[0]["passed"]
+    from tasks.refine import plan_changes
+
+    planned = plan_changes(verdicts, load_config("configs/tiny.yaml").data, load_config("configs/tiny.yaml").refine)
+    assert all(change["gate"] != verdicts[0]["gate"] for change in planned), planned
 
 
 @pytest.mark.parametrize("on_inconclusive", ["fail", "pass"])
