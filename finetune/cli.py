@@ -225,7 +225,7 @@ def ask(config: PipelineConfig, model: str, question: str, max_new_tokens: int |
     answer = generate_answers(
         model_object,
         tokenizer,
-        [render_prompt(question, config.template)],
+        [render_prompt(question, config.template, tokenizer=tokenizer)],  # `chat` renders with the tokenizer
         max_new_tokens=max_new_tokens or config.eval.max_new_tokens,
         batch_size=1,
     )[0]

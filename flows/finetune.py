@@ -104,7 +104,9 @@ def run_round(cfg: PipelineConfig, log: StageLog, earlier_evals: list[Ref], over
     tokenized = log.run(tokenize, "tokenize", templated=templated, config=cfg.tokenize, model=cfg.model, store=store)
     log.run(validate, "validate", collected=collected, tokenized=tokenized, config=cfg.data, store=store)
     split_data = log.run(split, "split", tokenized=tokenized, config=cfg.split, store=store)
-    tuned = log.run(train, "train", split_data=split_data, config=cfg.train, model=cfg.model, store=store)
+    tuned = log.run(
+        train, "train", split_data=split_data, config=cfg.train, model=cfg.model, template=cfg.template, store=store
+    )
     base_eval = log.run(
         evaluate,
         "evaluate (base)",

@@ -5,7 +5,9 @@ model. Out, in the store under `train/<key>/`:
 
 * `model/`: Hugging Face folder (safetensors, config, generation config, tokenizer),
   loadable with `AutoModelForCausalLM.from_pretrained`; with LoRA the adapter merged
-  into the base weights (unless `train.lora.merge` is false);
+  into the base weights (unless `train.lora.merge` is false). The tokenizer carries the
+  run's prompt template as its chat template and the generation config stops at the EOS
+  training appended (`carry_template`), in `adapter/` too;
 * `adapter/` (LoRA only): the adapter alone, naming its base model spec, so several
   adapters per base model can be kept and loaded with peft;
 * `report.json` (parameters, memory, FLOPs per step, non-padding tokens/s, padding
@@ -59,7 +61,7 @@ from transformers import (
 )
 
 from pipeline.assets import model_load_kwargs, resolve_model
-from pipeline.config import ModelConfig, StoreConfig, TrainConfig
+from pipeline.config import ModelConfig, StoreConfig, TemplateConfig, TrainConfig
 from pipeline.lora import LoraTargetError, adaptable_module_names, check_lora_targets, lora_targets
 from pipeline.models import (
     ADAPTER_SUBDIR,
@@ -72,6 +74,7 @@ from pipeline.models import (
     training_precision,
     write_alias,
 )
+from pipeline.prompts import chat_template_for
 from pipeline.refs import Ref
 from pipeline.stage import StageRun, run_logger, stage_task
 from pipeline.store import ArtifactStore, StoreSettings, open_store
@@ -461,6 +464,7 @@ class TrainJob(BaseModel):
     out_dir: str
     work_dir: str
     config: TrainConfig
+    template: TemplateConfig = TemplateConfig()
     store: StoreSettings | None = None
     checkpoint_prefix: str | None = None
 
@@ -531,6 +535,7 @@ def fine_tune(job: TrainJob) -> dict | None:
         resumed_from=checkpoint_step(resume.name) if resume else None,
         mean_train_loss=result.training_loss,
     )
+    carry_template(trainer.model, tokenizer, job.template)
     export_model(trainer.model, tokenizer, config, job.base_spec, out_dir)  # after the report: merging unloads LoRA
     (out_dir / REPORT_FILE).write_text(json.dumps(report, indent=2), encoding="utf-8")
     plot_loss(report["loss_history"], report["eval_history"], report["best_step"], out_dir / LOSS_PLOT_FILE)
@@ -557,15 +562,33 @@ def _summed_over_processes(*counts: int) -> tuple[int, ...]:
     return tuple(int(value) for value in total.tolist())
 
 
+def carry_template(model: PreTrainedModel, tokenizer: Any, template: TemplateConfig) -> None:
+    """Make the saved model prompt itself as it was trained: the run's template and stop token travel with it.
+
+    The tokenizer gets the chat template that renders a user message exactly as training rendered a question
+    (`pipeline.prompts.chat_template_for`; `chat` keeps the tokenizer's own, with the system prompt), so
+    `apply_chat_template`, `transformers serve`, vLLM and other chat front ends build the trained prompt. The
+    generation config stops at the EOS token training appended after every answer (and pads with the
+    tokenizer's pad token), whatever the base model's config named.
+    """
+    chat_template = chat_template_for(template, tokenizer)
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
+    generation = model.generation_config
+    generation.eos_token_id = tokenizer.eos_token_id
+    generation.pad_token_id = tokenizer.pad_token_id
+
+
 def export_model(model: PreTrainedModel, tokenizer: Any, config: TrainConfig, base_spec: str, out_dir: Path) -> None:
     """Save the trained model: `model/` (full weights), and with LoRA `adapter/` too (merged into `model/` unless
-    merge is off).
+    merge is off). Each folder holds the tokenizer (with its chat template) and the generation config.
 
     The adapter names `base_spec` (an alias or hub id) as its base, not this machine's cache folder.
     """
     if config.method == "lora":
         model.save_pretrained(out_dir / ADAPTER_SUBDIR)
         tokenizer.save_pretrained(out_dir / ADAPTER_SUBDIR)
+        model.generation_config.save_pretrained(out_dir / ADAPTER_SUBDIR)  # peft saves the adapter weights only
         # Written after saving: peft reads the base's files while saving, and the spec is no folder here.
         adapter_config = out_dir / ADAPTER_SUBDIR / "adapter_config.json"
         adapter_config.write_text(
@@ -889,12 +912,14 @@ def train(
     split_data: Path,
     config: TrainConfig,
     model: ModelConfig,
+    template: TemplateConfig,
     store: StoreConfig,
     out: Path,
     stage: StageRun | None = None,
 ) -> dict[str, Any]:
     """Fine-tune the base model on the train split in a training process, into `out`; returns the figures.
 
+    `template` is the run's prompt template: the saved model carries it as its chat template (`carry_template`).
     `store` gives the training process its credentials; `stage` (the task passes it) keeps checkpoints in
     the store under the stage's key, so a killed run resumes, and shows the report in the Prefect UI.
     Without it training starts from scratch and writes nothing but `out`.
@@ -911,6 +936,7 @@ def train(
             out_dir=str(out),
             work_dir=work,
             config=config,
+            template=template,
             store=job_store(store) if stage is not None else None,
             checkpoint_prefix=checkpoint_prefix(stage.key) if stage is not None else None,
         )
@@ -918,7 +944,11 @@ def train(
     alias = alias_name(config.dataset_name or "data", report["steps"], datetime.now(UTC))
     report["alias"] = alias
     (out / REPORT_FILE).write_text(json.dumps(report, indent=2), encoding="utf-8")
-    resolved = {"train": config.model_dump(mode="json"), "model": model.model_dump(mode="json")}
+    resolved = {
+        "train": config.model_dump(mode="json"),
+        "model": model.model_dump(mode="json"),
+        "template": template.model_dump(mode="json"),
+    }
     (out / "train_config.json").write_text(json.dumps(resolved, indent=2), encoding="utf-8")
     if stage is not None:
         from prefect.artifacts import create_markdown_artifact
