@@ -11,7 +11,8 @@ The loop: when a gate fails and `refine.max_rounds` allows another round, the
 refine stage (tasks/refine.py) turns the failing gates into config overrides for
 data preparation; the next round runs with them added. Stages whose inputs the
 change does not touch (the base model's benchmark, say) come back `Cached`. A
-passing round ends the run `Completed` and moves the store's `latest-passing`
+passing round ends the run `Completed`, writes the model's card next to it in the
+store (`cards/<train key>/README.md`, `pipeline/card.py`) and moves the store's `latest-passing`
 pointer to its model; when rounds run out the run fails with `GatesFailed`.
 """
 
@@ -28,6 +29,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 
 from pipeline.assets import arc_data_dir
+from pipeline.card import card_facts, render_card, write_card
 from pipeline.config import PipelineConfig, StoreConfig, load_config
 from pipeline.models import LATEST_PASSING
 from pipeline.refs import Ref
@@ -73,6 +75,7 @@ class StageLog:
                 "state": state.name,
                 "seconds": round(time.perf_counter() - started, 1),
                 "uri": ref.uri,
+                "sha256": ref.sha256,
                 "meta": ref.meta,
             }
         )
@@ -224,7 +227,9 @@ def finetune(config_path: str | None = "configs/default.yaml", overrides: list[s
     if not final.passed:
         failed = [v["gate"] for v in summary["verdicts"] if not v["passed"]]
         raise GatesFailed(f"gates failed after {len(rounds)} round(s): {'; '.join(failed)}", summary)
-    summary["latest_passing"] = mark_latest_passing(cfg.store, final, config_path, [*overrides, *refinements])
+    card = publish_model_card(cfg, log, final, config_path, [*overrides, *refinements])
+    summary["card"] = card
+    summary["latest_passing"] = mark_latest_passing(cfg.store, final, config_path, [*overrides, *refinements], card)
     return summary
 
 
@@ -262,8 +267,34 @@ def publish_history(history: list[dict[str, Any]]) -> None:
     )
 
 
+def publish_model_card(
+    cfg: PipelineConfig, log: StageLog, passing: Round, config_path: str | None, overrides: list[str]
+) -> str:
+    """Write the passing model's card next to it in the store (`cards/<train key>/README.md`, `card.json`) and
+    show it in the Prefect UI; returns the card's store path.
+
+    Every figure comes from the passing round's artifacts (`pipeline.card`); the model artifact itself stays as it
+    was committed.
+    """
+    store = open_store(cfg.store)
+    facts = card_facts(
+        store,
+        [entry for entry in log.entries if entry["round"] == passing.number],
+        cfg,
+        config_path=config_path,
+        overrides=overrides,
+        flow_run_id=str(flow_run.get_id() or ""),
+        round_number=passing.number,
+    )
+    path = write_card(store, facts)
+    create_markdown_artifact(
+        markdown=render_card(facts), key="model-card", description=f"Model card of {facts['alias']}"
+    )
+    return path
+
+
 def mark_latest_passing(
-    store_config: StoreConfig, passing: Round, config_path: str | None, overrides: list[str]
+    store_config: StoreConfig, passing: Round, config_path: str | None, overrides: list[str], card: str | None = None
 ) -> str:
     """Point the store's `latest-passing` pointer at `passing`'s model; returns the pointer's location.
 
@@ -279,6 +310,7 @@ def mark_latest_passing(
         "config_path": config_path,
         "overrides": overrides,
         "flow_run_id": str(flow_run.get_id() or ""),
+        "card": card,
         "marked_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     store = open_store(store_config)
