@@ -2,6 +2,9 @@
 carries a chat template that gives the trained prompt's token ids, and a generation config that stops at the EOS
 training appended.
 
+`finetune export` keeps all of it: the exported folder (merged, or `--adapter-only`) loads offline, prompts the
+same and computes the same logits as the pipeline's own loading of the trained folder.
+
 Real training on tiny-neox (2 optimizer steps) through the training process's core (`fine_tune`), one run per
 template kind: `qa` (full), `alpaca` (LoRA, merged), `custom` (LoRA, adapter only) and `chat` (a copy of tiny-neox
 given a chat template, a system prompt, and a generation config naming another EOS). The expected ids are the
@@ -17,12 +20,21 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+import torch
 from jinja2.exceptions import TemplateError
-from transformers import AutoTokenizer, GenerationConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
+from finetune.cli import main
 from pipeline.assets import resolve_model
 from pipeline.config import TemplateConfig, TokenizeConfig, TrainConfig
-from pipeline.models import ADAPTER_SUBDIR, IGNORE_INDEX, MODEL_SUBDIR, load_tokenizer
+from pipeline.models import (
+    ADAPTER_SUBDIR,
+    IGNORE_INDEX,
+    MODEL_SUBDIR,
+    load_model,
+    load_tokenizer,
+    trained_model_folder,
+)
 from pipeline.prompts import CHAT_TEMPLATE_SUPPORTS
 from tasks.template import template_rows
 from tasks.tokenize import tokenize_rows
@@ -188,3 +200,40 @@ def test_the_generation_config_stops_at_the_eos_training_appended(trained):
         assert generation.pad_token_id == tokenizer.pad_token_id
         if kind == "chat":
             assert generation.eos_token_id != OTHER_EOS
+
+
+def _prompts_as_trained(folder: Path, rows: list[dict]) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    for row in rows:
+        prompt_ids = [i for i, label in zip(row["input_ids"], row["labels"]) if label == IGNORE_INDEX]
+        encoded = tokenizer.apply_chat_template(
+            [{"role": "user", "content": row["question"]}], add_generation_prompt=True, tokenize=True
+        )
+        assert _ids(encoded) == prompt_ids, f"{folder.name}: {row['question']!r}"
+
+
+def test_export_round_trips_with_its_template(trained, tmp_path, capsys):
+    _, _, rows, out = trained
+    options = ["--config", "configs/tiny.yaml", "--set", f"store.uri={tmp_path / 'store'}"]
+    assert main(["export", str(out), "--to", str(tmp_path / "merged"), *options]) == 0
+    merged = tmp_path / "merged"
+    assert (merged / "model.safetensors").is_file() and not (merged / "adapter_config.json").exists()
+    _prompts_as_trained(merged, rows)
+    ids = torch.tensor([rows[0]["input_ids"]])
+    with torch.no_grad():
+        reference = load_model(trained_model_folder(out), device="cpu")(ids).logits
+        exported = AutoModelForCausalLM.from_pretrained(merged, local_files_only=True)(ids).logits
+    assert torch.allclose(reference, exported, atol=1e-5)
+
+    only = ["export", str(out), "--to", str(tmp_path / "adapter"), "--adapter-only", *options]
+    if not (out / ADAPTER_SUBDIR).is_dir():
+        assert main(only) == 2 and "expected a LoRA adapter, found none" in capsys.readouterr().err
+        return
+    assert main(only) == 0
+    adapter = tmp_path / "adapter"
+    assert {"adapter_config.json", "adapter_model.safetensors", "generation_config.json"} <= {
+        p.name for p in adapter.iterdir()
+    }
+    _prompts_as_trained(adapter, rows)
+    with torch.no_grad():
+        assert torch.allclose(reference, load_model(str(adapter), device="cpu")(ids).logits, atol=1e-5)
