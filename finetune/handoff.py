@@ -16,7 +16,8 @@ and has no link back to the store or to this project. `--adapter-only` writes th
 layout, the same tokenizer, generation config and card); it needs its base model to load.
 
 Serve: the model is exported to a temporary folder and served by `transformers serve` (the
-`transformers[serving]` extra) pinned to it, on 127.0.0.1; the model id clients send is the folder's name
+`transformers[serving]` extra) pinned to it, on 127.0.0.1 (`serve_main`: a conversation the chat template
+refuses gets HTTP 400 with the template's message); the model id clients send is the folder's name
 (the alias for a stored model). The server answers `/v1/chat/completions`, `/v1/completions`, `/v1/models`
 and `/health`; it runs in a child process that this command stops (and the folder is removed) on Ctrl-C or
 SIGTERM. Weights run in the dtype `finetune ask` uses (float32 on CPU, bfloat16 on a CUDA GPU that has it),
@@ -26,6 +27,7 @@ so a greedy request (`temperature: 0`) gets `ask`'s answer.
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import shutil
 import signal
@@ -55,6 +57,7 @@ from pipeline.models import (
 )
 from pipeline.store import ArtifactStore
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
 DTYPES = ("bf16", "fp16", "fp32")
 _TORCH_DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 SERVE_STARTUP_TIMEOUT_S = 300.0
@@ -210,6 +213,8 @@ def _write_adapter(adapter: Path, out: Path, dtype: str | None) -> None:
 def check_port(host: str, port: int) -> None:
     """Raise ExportError when nothing can listen on `host`:`port` (another server holds it)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        # As uvicorn binds: connections of an earlier server still closing (TIME_WAIT) do not count, a listener does.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((host, port))
         except OSError as exc:
@@ -227,14 +232,16 @@ def _healthy(url: str) -> bool:
         return False
 
 
-def serve_command(name: str, host: str, port: int) -> list[str]:
-    """`transformers serve` pinned to the folder `name` (relative to its working directory)."""
+def serve_command(name: str, host: str, port: int, trust_remote_code: bool = False) -> list[str]:
+    """The server process: `transformers serve` pinned to the folder `name` (relative to its working directory),
+    through `serve_main`."""
     dtype = str(inference_dtype(pick_device())).removeprefix("torch.")
-    return [
+    # -P: the working directory (which holds the model folder, named as anything) does not shadow modules.
+    command = [
         sys.executable,
+        "-P",
         "-m",
-        "transformers.cli.transformers",
-        "serve",
+        "finetune.handoff",
         name,
         "--host",
         host,
@@ -242,9 +249,52 @@ def serve_command(name: str, host: str, port: int) -> list[str]:
         str(port),
         "--dtype",
         dtype,
-        "--log-level",
-        "warning",
     ]
+    return command + (["--trust-remote-code"] if trust_remote_code else [])
+
+
+def serve_main(argv: list[str] | None = None) -> None:
+    """The server process (`python -m finetune.handoff NAME --host H --port P --dtype D`): `transformers serve`
+    pinned to NAME, whose app also answers a request its chat template refuses (a system message or several turns
+    for a model trained on single questions) with HTTP 400 and the template's message, instead of a bare 500.
+    """
+    import argparse
+
+    from fastapi import Request
+    from fastapi.responses import JSONResponse
+    from jinja2.exceptions import TemplateError
+    from transformers.cli import serve as transformers_serve
+    from transformers.cli.serving import server
+    from transformers.utils import logging as transformers_logging
+
+    parser = argparse.ArgumentParser(prog="python -m finetune.handoff")
+    parser.add_argument("name")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--trust-remote-code", action="store_true")
+    args = parser.parse_args(argv)
+    build_server = server.build_server
+
+    def build_server_refusing_bad_conversations(*a, **k):
+        app = build_server(*a, **k)
+
+        @app.exception_handler(TemplateError)
+        async def _refused(_request: Request, exc: TemplateError) -> JSONResponse:
+            return JSONResponse({"error": {"message": str(exc), "type": "invalid_request_error"}}, status_code=400)
+
+        return app
+
+    server.build_server = build_server_refusing_bad_conversations  # Serve imports it when it is constructed
+    transformers_logging.disable_progress_bar()
+    transformers_serve.Serve(
+        force_model=args.name,
+        host=args.host,
+        port=args.port,
+        dtype=args.dtype,
+        trust_remote_code=args.trust_remote_code,
+        log_level="warning",
+    )
 
 
 def serve(
@@ -268,9 +318,13 @@ def serve(
 
     with tempfile.TemporaryDirectory(prefix="finetune-serve-") as root:
         export(source, Path(root) / source.name, trust_remote_code=trust_remote_code)
-        command = serve_command(source.name, host, port) + (["--trust-remote-code"] if trust_remote_code else [])
+        command = serve_command(source.name, host, port, trust_remote_code)
         previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
-        process = subprocess.Popen(command, cwd=root)
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
+        }
+        process = subprocess.Popen(command, cwd=root, env=env)
         try:
             ready, deadline = False, time.monotonic() + SERVE_STARTUP_TIMEOUT_S
             while process.poll() is None and stop["signal"] is None:
@@ -300,3 +354,7 @@ def serve(
                     process.wait(timeout=SERVE_STOP_TIMEOUT_S)
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+
+
+if __name__ == "__main__":
+    serve_main()
