@@ -12,8 +12,10 @@ refine stage (tasks/refine.py) turns the failing gates into config overrides for
 data preparation; the next round runs with them added. Stages whose inputs the
 change does not touch (the base model's benchmark, say) come back `Cached`. A
 passing round ends the run `Completed`, writes the model's card next to it in the
-store (`cards/<train key>/README.md`, `pipeline/card.py`) and moves the store's `latest-passing`
-pointer to its model; when rounds run out the run fails with `GatesFailed`.
+store (`cards/<train key>/README.md`, `pipeline/card.py`), moves the store's
+`latest-passing` pointer to its model and emits the Prefect event
+`finetune.model.promoted` (automations react to it); when rounds run out the run
+fails with `GatesFailed`.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from prefect import flow
@@ -230,6 +233,7 @@ def finetune(config_path: str | None = "configs/default.yaml", overrides: list[s
     card = publish_model_card(cfg, log, final, config_path, [*overrides, *refinements])
     summary["card"] = card
     summary["latest_passing"] = mark_latest_passing(cfg.store, final, config_path, [*overrides, *refinements], card)
+    announce_promotion(cfg.store, final, card)
     return summary
 
 
@@ -316,6 +320,47 @@ def mark_latest_passing(
     store = open_store(store_config)
     store.put_bytes(LATEST_PASSING, json.dumps(pointer, indent=2).encode("utf-8"))
     return store.location(LATEST_PASSING)
+
+
+PROMOTED_EVENT = "finetune.model.promoted"
+"""The Prefect event a passing run emits once `latest-passing` points at its model (deployments/ reacts to it)."""
+GATE_FIGURES = ("gate", "metric", "estimate", "low", "high", "n", "confidence", "method", "verdict", "passed")
+
+
+def announce_promotion(store_config: StoreConfig, passing: Round, card: str | None) -> None:
+    """Emit `finetune.model.promoted`: resource = the model's location (a folder or s3:// uri), payload = its alias,
+    where it is (store, uris, sha256, card) and the gate figures (estimate, interval, n, verdict per gate).
+
+    Automations react to it (deployments/: a smoke test of the promoted model). The store's credentials are never
+    part of it. Outside a Prefect API (events switched off) nothing is sent.
+    """
+    from prefect.events import emit_event
+
+    store = open_store(store_config)
+    root = store.uri if "://" in store.uri else str(Path(store.uri).resolve())
+    model_uri = f"{passing.tuned.uri}/model"
+    alias = str(passing.tuned.meta.get("alias", ""))
+    emit_event(
+        event=PROMOTED_EVENT,
+        resource={
+            "prefect.resource.id": store.location(model_uri),
+            "prefect.resource.name": alias,
+            "finetune.store": root,
+            "finetune.model-uri": model_uri,
+        },
+        payload={
+            "alias": alias,
+            "store": root,
+            "model_uri": model_uri,
+            "train_uri": passing.tuned.uri,
+            "train_sha256": passing.tuned.sha256,
+            "gate_uri": passing.gate.uri,
+            "card": card,
+            "round": passing.number,
+            "gates": [{k: v.get(k) for k in GATE_FIGURES} for v in passing.gate.meta["verdicts"]],
+            "metrics": passing.gate.meta["fine_tuned"],
+        },
+    )
 
 
 SUMMARY_EVAL_METRICS = ("eval.similarity_mean", "eval.exact_match", "eval.rouge_l", "eval.refusal_rate", "eval.ok_rate")
