@@ -17,7 +17,7 @@ export TOKENIZERS_PARALLELISM ?= false
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 
-.PHONY: install assets run lint test test-unit server serve worker clean
+.PHONY: install assets run lint test test-unit server serve worker clean serve-model
 
 install: $(VENV)/.installed
 
@@ -53,6 +53,13 @@ test-unit: install
 
 clean:
 	rm -rf artifacts .pytest_cache .ruff_cache
+
+# An OpenAI-compatible server (transformers serve) for a trained model on 127.0.0.1: the last one that passed every
+# gate by default. MODEL: an alias, latest-passing, train/<key> or a folder (finetune/handoff.py).
+MODEL ?= latest-passing
+SERVE_PORT ?= 8000
+serve-model: install
+	$(BIN)/finetune serve $(MODEL) --port $(SERVE_PORT) --config $(CONFIG) $(foreach s,$(SET),--set $(s))
 
 # ---- Deployments (deployments/README.md). One terminal each: `make server`, then `make serve`
 # (both deployments from one process, no work pool) or `make worker` (work pool + worker).

@@ -1,7 +1,11 @@
-"""Serve the `finetune` flow's two deployments from this one process; no work pool or worker needed.
+"""Serve the `finetune` flow's two deployments (and the promotion smoke test) from this one process; no work pool
+or worker needed.
 
     nightly  runs configs/default.yaml every day at 02:00 UTC (cron "0 2 * * *")
     adhoc    no schedule; runs when triggered (UI, CLI, REST API, Python)
+
+and `smoke-test-promoted-model/on-promotion` (flows/promotion.py), whose trigger is an automation: every
+`finetune.model.promoted` event (a passing run moved latest-passing) runs it on the promoted model.
 
 Usage (from any directory: the script moves to the repository root, where flow runs
 start, so relative paths such as `configs/tiny.yaml` and `./artifacts` resolve there):
@@ -33,9 +37,11 @@ if str(REPO_ROOT) not in sys.path:  # `python deployments/serve.py` puts deploym
 
 from prefect import serve  # noqa: E402
 from prefect.deployments.runner import RunnerDeployment  # noqa: E402
+from prefect.events.schemas.deployment_triggers import DeploymentEventTrigger  # noqa: E402
 from prefect.schedules import Cron  # noqa: E402
 
-from flows.finetune import finetune  # noqa: E402
+from flows.finetune import PROMOTED_EVENT, finetune  # noqa: E402
+from flows.promotion import smoke_test_promoted  # noqa: E402
 
 NIGHTLY_CRON = "0 2 * * *"
 NIGHTLY_TIMEZONE = "UTC"
@@ -56,7 +62,29 @@ def build_deployments() -> list[RunnerDeployment]:
         description="On demand: pass config_path and overrides (dotted key=value strings).",
         tags=["finetune", "adhoc"],
     )
-    return [nightly, adhoc]
+    return [nightly, adhoc, on_promotion_deployment()]
+
+
+ON_PROMOTION_PARAMETERS = {"model": "{{ event.payload.alias }}", "store_uri": "{{ event.payload.store }}"}
+"""The smoke test's parameters, rendered from the `finetune.model.promoted` event that triggers it."""
+
+
+def on_promotion_deployment() -> RunnerDeployment:
+    """`smoke-test-promoted-model/on-promotion`: its trigger is an automation that runs it for every
+    `finetune.model.promoted` event, on the promoted model (the event's alias) in the event's store."""
+    return smoke_test_promoted.to_deployment(
+        name="on-promotion",
+        description="Answers a few questions with each newly promoted model (the finetune.model.promoted event).",
+        tags=["finetune", "promotion"],
+        triggers=[
+            DeploymentEventTrigger(
+                name="smoke-test-on-promotion",
+                description="Run the smoke test whenever a fine-tuned model passes every gate and is promoted.",
+                expect={PROMOTED_EVENT},
+                parameters=ON_PROMOTION_PARAMETERS,
+            )
+        ],
+    )
 
 
 def main() -> None:

@@ -5,6 +5,8 @@
     finetune ask MODEL "question" [--config ...] [--set ...] [--max-new-tokens 64]
     finetune sweep [--config ...] [--set sweep.fractions=[0.1,0.5,1.0] ...]
     finetune plan MODEL [--method full|lora] [--device-memory 16GB] [--batch-size N] [--seq-len L] [--probe]
+    finetune export MODEL --to DIR [--dtype bf16|fp16|fp32] [--merge | --adapter-only] [--config ...] [--set ...]
+    finetune serve [MODEL] [--port 8000] [--host 127.0.0.1] [--config ...] [--set ...]
 
 `run` validates the config first (exit code 2 with every problem listed), then
 runs the Prefect flow and prints the summary table: exit 0 when every gate passed,
@@ -18,6 +20,12 @@ environment, never into the flow run's parameters (which the Prefect UI shows).
 `ask` answers one question with a trained model: MODEL is a readable alias
 (`more_itertools_60_steps_20261122T074641Z`), a train artifact's uri (`train/<key>`),
 a local folder or a base-model spec; the config's template and store apply.
+
+`export` writes a model (MODEL as for `ask`, or `latest-passing`) as a self-contained folder: safetensors,
+the tokenizer with the training template as its chat template, the generation config, the model card;
+`serve` serves one (default `latest-passing`) with an OpenAI-compatible API through `transformers serve` on
+127.0.0.1 (finetune/handoff.py). Both exit 2 for an unknown model, a folder without safetensors weights, a
+folder in the way or a port in use.
 
 `sweep` runs the pipeline once per point of the config's `sweep` grid (data shares,
 models, methods, learning rates; flows/sweep.py) and prints the table: exit 0 when the
@@ -105,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     ask_command.add_argument(
         "--max-new-tokens", type=_positive_int, default=None, help="answer length cap (default eval.max_new_tokens)"
     )
+    add_handoff_parsers(commands)
     sweep_command = commands.add_parser("sweep", help="run the pipeline over the config's sweep grid")
     sweep_command.add_argument("--config", default="configs/default.yaml", help="YAML config file")
     sweep_command.add_argument(
@@ -117,6 +126,72 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_plan_parser(commands)
     return parser
+
+
+def _add_config_options(command: argparse.ArgumentParser, what: str) -> None:
+    command.add_argument("--config", default="configs/default.yaml", help=f"YAML config file ({what})")
+    command.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value (repeatable)",
+    )
+
+
+def add_handoff_parsers(commands: Any) -> None:
+    """The `export` and `serve` sub-commands' arguments (finetune/handoff.py, imported only when they run)."""
+    export_command = commands.add_parser("export", help="write a trained model as a self-contained folder")
+    export_command.add_argument("model", help="alias, latest-passing, train/<key>, local folder or base-model spec")
+    export_command.add_argument("--to", required=True, metavar="DIR", help="a new (or empty) folder")
+    export_command.add_argument(
+        "--dtype", choices=("bf16", "fp16", "fp32"), default=None, help="cast the weights (default: as saved)"
+    )
+    mode = export_command.add_mutually_exclusive_group()
+    mode.add_argument("--merge", action="store_true", help="full weights, a LoRA adapter merged in (the default)")
+    mode.add_argument("--adapter-only", action="store_true", help="the LoRA adapter alone (needs its base model)")
+    _add_config_options(export_command, "store, trust_remote_code")
+    serve_command = commands.add_parser(
+        "serve", help="serve a model with an OpenAI-compatible API (transformers serve)"
+    )
+    serve_command.add_argument(
+        "model", nargs="?", default="latest-passing", help="as for export (default: latest-passing)"
+    )
+    serve_command.add_argument("--port", type=_port, default=8000)
+    serve_command.add_argument("--host", default="127.0.0.1", help="listen address (default: 127.0.0.1, this machine)")
+    _add_config_options(serve_command, "store, trust_remote_code")
+
+
+def _port(text: str) -> int:
+    """argparse type: a TCP port, 1-65535."""
+    value = _positive_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"expected a port from 1 to 65535, found {value}")
+    return value
+
+
+def handoff(config: PipelineConfig, args: argparse.Namespace) -> int:
+    """`export` or `serve` the model `args.model`; return the exit code (2: unknown model, no weights, bad
+    folder or port, no adapter)."""
+    from finetune.handoff import ExportError, export, model_source, serve
+    from pipeline.assets import UnknownModelError
+    from pipeline.store import open_store
+
+    trust = config.model.trust_remote_code
+    try:
+        source = model_source(args.model, open_store(config.store))
+        if args.command == "serve":
+            return serve(source, host=args.host, port=args.port, trust_remote_code=trust)
+        folder = export(source, args.to, dtype=args.dtype, adapter_only=args.adapter_only, trust_remote_code=trust)
+    except UnknownModelError as exc:  # ModelFolderError included
+        print(f"model error:\n{exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except ExportError as exc:
+        print(f"{args.command} error:\n{exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"Exported {source.name} to {folder}")
+    return EXIT_OK
 
 
 def add_plan_parser(commands: Any) -> None:
@@ -225,7 +300,7 @@ def ask(config: PipelineConfig, model: str, question: str, max_new_tokens: int |
     answer = generate_answers(
         model_object,
         tokenizer,
-        [render_prompt(question, config.template)],
+        [render_prompt(question, config.template, tokenizer=tokenizer)],  # `chat` renders with the tokenizer
         max_new_tokens=max_new_tokens or config.eval.max_new_tokens,
         batch_size=1,
     )[0]
@@ -383,6 +458,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_OK
     if args.command == "ask":
         return ask(config, args.model, args.question, args.max_new_tokens)
+    if args.command in ("export", "serve"):
+        return handoff(config, args)
     if args.command == "sweep":
         return sweep(config, args.config, secrets_to_environment(args.overrides))
     from pipeline.assets import UnknownModelError

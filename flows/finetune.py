@@ -11,8 +11,11 @@ The loop: when a gate fails and `refine.max_rounds` allows another round, the
 refine stage (tasks/refine.py) turns the failing gates into config overrides for
 data preparation; the next round runs with them added. Stages whose inputs the
 change does not touch (the base model's benchmark, say) come back `Cached`. A
-passing round ends the run `Completed` and moves the store's `latest-passing`
-pointer to its model; when rounds run out the run fails with `GatesFailed`.
+passing round ends the run `Completed`, writes the model's card next to it in the
+store (`cards/<train key>/README.md`, `pipeline/card.py`), moves the store's
+`latest-passing` pointer to its model and emits the Prefect event
+`finetune.model.promoted` (automations react to it); when rounds run out the run
+fails with `GatesFailed`.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from prefect import flow
@@ -28,6 +32,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 
 from pipeline.assets import arc_data_dir
+from pipeline.card import card_facts, render_card, write_card
 from pipeline.config import PipelineConfig, StoreConfig, load_config
 from pipeline.models import LATEST_PASSING
 from pipeline.refs import Ref
@@ -73,6 +78,7 @@ class StageLog:
                 "state": state.name,
                 "seconds": round(time.perf_counter() - started, 1),
                 "uri": ref.uri,
+                "sha256": ref.sha256,
                 "meta": ref.meta,
             }
         )
@@ -104,7 +110,9 @@ def run_round(cfg: PipelineConfig, log: StageLog, earlier_evals: list[Ref], over
     tokenized = log.run(tokenize, "tokenize", templated=templated, config=cfg.tokenize, model=cfg.model, store=store)
     log.run(validate, "validate", collected=collected, tokenized=tokenized, config=cfg.data, store=store)
     split_data = log.run(split, "split", tokenized=tokenized, config=cfg.split, store=store)
-    tuned = log.run(train, "train", split_data=split_data, config=cfg.train, model=cfg.model, store=store)
+    tuned = log.run(
+        train, "train", split_data=split_data, config=cfg.train, model=cfg.model, template=cfg.template, store=store
+    )
     base_eval = log.run(
         evaluate,
         "evaluate (base)",
@@ -222,7 +230,10 @@ def finetune(config_path: str | None = "configs/default.yaml", overrides: list[s
     if not final.passed:
         failed = [v["gate"] for v in summary["verdicts"] if not v["passed"]]
         raise GatesFailed(f"gates failed after {len(rounds)} round(s): {'; '.join(failed)}", summary)
-    summary["latest_passing"] = mark_latest_passing(cfg.store, final, config_path, [*overrides, *refinements])
+    card = publish_model_card(cfg, log, final, config_path, [*overrides, *refinements])
+    summary["card"] = card
+    summary["latest_passing"] = mark_latest_passing(cfg.store, final, config_path, [*overrides, *refinements], card)
+    announce_promotion(cfg.store, final, card)
     return summary
 
 
@@ -260,8 +271,34 @@ def publish_history(history: list[dict[str, Any]]) -> None:
     )
 
 
+def publish_model_card(
+    cfg: PipelineConfig, log: StageLog, passing: Round, config_path: str | None, overrides: list[str]
+) -> str:
+    """Write the passing model's card next to it in the store (`cards/<train key>/README.md`, `card.json`) and
+    show it in the Prefect UI; returns the card's store path.
+
+    Every figure comes from the passing round's artifacts (`pipeline.card`); the model artifact itself stays as it
+    was committed.
+    """
+    store = open_store(cfg.store)
+    facts = card_facts(
+        store,
+        [entry for entry in log.entries if entry["round"] == passing.number],
+        cfg,
+        config_path=config_path,
+        overrides=overrides,
+        flow_run_id=str(flow_run.get_id() or ""),
+        round_number=passing.number,
+    )
+    path = write_card(store, facts)
+    create_markdown_artifact(
+        markdown=render_card(facts), key="model-card", description=f"Model card of {facts['alias']}"
+    )
+    return path
+
+
 def mark_latest_passing(
-    store_config: StoreConfig, passing: Round, config_path: str | None, overrides: list[str]
+    store_config: StoreConfig, passing: Round, config_path: str | None, overrides: list[str], card: str | None = None
 ) -> str:
     """Point the store's `latest-passing` pointer at `passing`'s model; returns the pointer's location.
 
@@ -277,11 +314,53 @@ def mark_latest_passing(
         "config_path": config_path,
         "overrides": overrides,
         "flow_run_id": str(flow_run.get_id() or ""),
+        "card": card,
         "marked_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     store = open_store(store_config)
     store.put_bytes(LATEST_PASSING, json.dumps(pointer, indent=2).encode("utf-8"))
     return store.location(LATEST_PASSING)
+
+
+PROMOTED_EVENT = "finetune.model.promoted"
+"""The Prefect event a passing run emits once `latest-passing` points at its model (deployments/ reacts to it)."""
+GATE_FIGURES = ("gate", "metric", "estimate", "low", "high", "n", "confidence", "method", "verdict", "passed")
+
+
+def announce_promotion(store_config: StoreConfig, passing: Round, card: str | None) -> None:
+    """Emit `finetune.model.promoted`: resource = the model's location (a folder or s3:// uri), payload = its alias,
+    where it is (store, uris, sha256, card) and the gate figures (estimate, interval, n, verdict per gate).
+
+    Automations react to it (deployments/: a smoke test of the promoted model). The store's credentials are never
+    part of it. Outside a Prefect API (events switched off) nothing is sent.
+    """
+    from prefect.events import emit_event
+
+    store = open_store(store_config)
+    root = store.uri if "://" in store.uri else str(Path(store.uri).resolve())
+    model_uri = f"{passing.tuned.uri}/model"
+    alias = str(passing.tuned.meta.get("alias", ""))
+    emit_event(
+        event=PROMOTED_EVENT,
+        resource={
+            "prefect.resource.id": store.location(model_uri),
+            "prefect.resource.name": alias,
+            "finetune.store": root,
+            "finetune.model-uri": model_uri,
+        },
+        payload={
+            "alias": alias,
+            "store": root,
+            "model_uri": model_uri,
+            "train_uri": passing.tuned.uri,
+            "train_sha256": passing.tuned.sha256,
+            "gate_uri": passing.gate.uri,
+            "card": card,
+            "round": passing.number,
+            "gates": [{k: v.get(k) for k in GATE_FIGURES} for v in passing.gate.meta["verdicts"]],
+            "metrics": passing.gate.meta["fine_tuned"],
+        },
+    )
 
 
 SUMMARY_EVAL_METRICS = ("eval.similarity_mean", "eval.exact_match", "eval.rouge_l", "eval.refusal_rate", "eval.ok_rate")

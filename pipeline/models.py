@@ -303,6 +303,23 @@ def list_aliases(store: ArtifactStore) -> list[str]:
     return sorted(name.removesuffix(".json") for name in names if name.endswith(".json"))
 
 
+def stored_model_ref(spec: str, store: ArtifactStore) -> Ref | None:
+    """The train artifact's Ref when `spec` names a model in the store, as `find_model` reads it; else None.
+
+    In: what a person typed: a Ref uri ('train/<key>', '.../model', '.../adapter'), 'latest-passing' or a
+    readable alias. A local folder or a base-model spec is not in the store: None.
+    """
+    if Path(spec).expanduser().is_dir():
+        return None
+    if _REF_URI.match(spec):
+        return store.open_ref("/".join(spec.strip("/").split("/")[:2]))
+    if spec == LATEST_PASSING_NAME and store.exists(LATEST_PASSING):
+        return store.open_ref(json.loads(store.get_bytes(LATEST_PASSING))["train_uri"])
+    if _ALIAS_NAME.match(spec) and store.exists(f"{ALIASES_PREFIX}/{spec}.json"):
+        return read_alias(store, spec)
+    return None
+
+
 def find_model(spec: str, store: ArtifactStore) -> str:
     """A loadable folder for whatever a person typed to name a model.
 

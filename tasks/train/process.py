@@ -17,8 +17,9 @@ from pydantic import BaseModel, ConfigDict
 from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, PreTrainedModel, Trainer, set_seed
 
 from pipeline.assets import model_load_kwargs
-from pipeline.config import TrainConfig
+from pipeline.config import TemplateConfig, TrainConfig
 from pipeline.models import ADAPTER_SUBDIR, IGNORE_INDEX, MODEL_SUBDIR, load_tokenizer, pick_device, training_precision
+from pipeline.prompts import chat_template_for
 from pipeline.store import StoreSettings, open_store
 from tasks.train.checkpoints import StoreCheckpoints, checkpoint_step, restore_checkpoints
 from tasks.train.errors import ERROR_FILE, EXIT_KNOWN_ERROR, KNOWN_ERRORS, is_out_of_memory, out_of_memory_error
@@ -49,6 +50,7 @@ class TrainJob(BaseModel):
     out_dir: str
     work_dir: str
     config: TrainConfig
+    template: TemplateConfig = TemplateConfig()
     store: StoreSettings | None = None
     checkpoint_prefix: str | None = None
 
@@ -119,6 +121,7 @@ def fine_tune(job: TrainJob) -> dict | None:
         resumed_from=checkpoint_step(resume.name) if resume else None,
         mean_train_loss=result.training_loss,
     )
+    carry_template(trainer.model, tokenizer, job.template)
     export_model(trainer.model, tokenizer, config, job.base_spec, out_dir)  # after the report: merging unloads LoRA
     (out_dir / REPORT_FILE).write_text(json.dumps(report, indent=2), encoding="utf-8")
     plot_loss(report["loss_history"], report["eval_history"], report["best_step"], out_dir / LOSS_PLOT_FILE)
@@ -145,15 +148,33 @@ def _summed_over_processes(*counts: int) -> tuple[int, ...]:
     return tuple(int(value) for value in total.tolist())
 
 
+def carry_template(model: PreTrainedModel, tokenizer: Any, template: TemplateConfig) -> None:
+    """Make the saved model prompt itself as it was trained: the run's template and stop token travel with it.
+
+    The tokenizer gets the chat template that renders a user message exactly as training rendered a question
+    (`pipeline.prompts.chat_template_for`; `chat` keeps the tokenizer's own, with the system prompt), so
+    `apply_chat_template`, `transformers serve`, vLLM and other chat front ends build the trained prompt. The
+    generation config stops at the EOS token training appended after every answer (and pads with the
+    tokenizer's pad token), whatever the base model's config named.
+    """
+    chat_template = chat_template_for(template, tokenizer)
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
+    generation = model.generation_config
+    generation.eos_token_id = tokenizer.eos_token_id
+    generation.pad_token_id = tokenizer.pad_token_id
+
+
 def export_model(model: PreTrainedModel, tokenizer: Any, config: TrainConfig, base_spec: str, out_dir: Path) -> None:
     """Save the trained model: `model/` (full weights), and with LoRA `adapter/` too (merged into `model/` unless
-    merge is off).
+    merge is off). Each folder holds the tokenizer (with its chat template) and the generation config.
 
     The adapter names `base_spec` (an alias or hub id) as its base, not this machine's cache folder.
     """
     if config.method == "lora":
         model.save_pretrained(out_dir / ADAPTER_SUBDIR)
         tokenizer.save_pretrained(out_dir / ADAPTER_SUBDIR)
+        model.generation_config.save_pretrained(out_dir / ADAPTER_SUBDIR)  # peft saves the adapter weights only
         # Written after saving: peft reads the base's files while saving, and the spec is no folder here.
         adapter_config = out_dir / ADAPTER_SUBDIR / "adapter_config.json"
         adapter_config.write_text(

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.assets import resolve_model
-from pipeline.config import ModelConfig, StoreConfig, TrainConfig
+from pipeline.config import ModelConfig, StoreConfig, TemplateConfig, TrainConfig
 from pipeline.lora import check_lora_targets, lora_targets
 from pipeline.models import alias_name, pick_device, training_precision, write_alias
 from pipeline.refs import Ref
@@ -45,12 +45,14 @@ def train(
     split_data: Path,
     config: TrainConfig,
     model: ModelConfig,
+    template: TemplateConfig,
     store: StoreConfig,
     out: Path,
     stage: StageRun | None = None,
 ) -> dict[str, Any]:
     """Fine-tune the base model on the train split in a training process, into `out`; returns the figures.
 
+    `template` is the run's prompt template: the saved model carries it as its chat template (`carry_template`).
     `store` gives the training process its credentials; `stage` (the task passes it) keeps checkpoints in
     the store under the stage's key, so a killed run resumes, and shows the report in the Prefect UI.
     Without it training starts from scratch and writes nothing but `out`.
@@ -67,6 +69,7 @@ def train(
             out_dir=str(out),
             work_dir=work,
             config=config,
+            template=template,
             store=job_store(store) if stage is not None else None,
             checkpoint_prefix=checkpoint_prefix(stage.key) if stage is not None else None,
         )
@@ -74,7 +77,11 @@ def train(
     alias = alias_name(config.dataset_name or "data", report["steps"], datetime.now(UTC))
     report["alias"] = alias
     (out / REPORT_FILE).write_text(json.dumps(report, indent=2), encoding="utf-8")
-    resolved = {"train": config.model_dump(mode="json"), "model": model.model_dump(mode="json")}
+    resolved = {
+        "train": config.model_dump(mode="json"),
+        "model": model.model_dump(mode="json"),
+        "template": template.model_dump(mode="json"),
+    }
     (out / "train_config.json").write_text(json.dumps(resolved, indent=2), encoding="utf-8")
     if stage is not None:
         from prefect.artifacts import create_markdown_artifact

@@ -1,4 +1,5 @@
-"""Fixtures for the integration tests: a real SeaweedFS S3 server, and stores over both backends.
+"""Fixtures for the integration tests: a real SeaweedFS S3 server, stores over both backends, and a real Prefect
+server (`prefect_server`, one per test module that asks for it; tests/integration/prefect_helpers.py).
 
 The server is one `weed mini` process per test session (it starts in about a second),
 bound to 127.0.0.1 with a free port for everything it listens on, its data, logs and
@@ -20,6 +21,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import pytest
+from prefect_helpers import PrefectServer, running_prefect_server
 from pydantic import SecretStr
 
 from pipeline.store import ArtifactStore, StoreSettings, open_store
@@ -223,3 +225,9 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> ArtifactStore:
         return open_store(StoreSettings(uri=str(tmp_path / "store")))
     # Only the s3 case asks for the server, so local-only runs never start it.
     return open_store(request.getfixturevalue("s3_settings"))
+
+
+@pytest.fixture(scope="module")
+def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectServer]:
+    """A real `prefect server start` on a free port of 127.0.0.1 for one test module (prefect_helpers.py)."""
+    yield from running_prefect_server(tmp_path_factory)

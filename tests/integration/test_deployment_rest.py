@@ -1,21 +1,15 @@
 """The deployments against a REAL Prefect server: a served `adhoc` run triggered over the REST API, and
 `deployments/prefect.yaml` registered with the `prefect deploy` CLI.
 
-One `prefect server start` per module (its own PREFECT_HOME, SQLite database and port, in a temp
-folder). The run test serves `adhoc` as `deployments/serve.py` defines it, from a child process
-started in the repository root (so `configs/tiny.yaml` resolves), creates a flow run with
+One `prefect server start` per module (the `prefect_server` fixture, tests/integration/prefect_helpers.py).
+The run test serves `adhoc` as `deployments/serve.py` defines it, from a child process started in the repository root (so `configs/tiny.yaml` resolves), creates a flow run with
 `POST /api/deployments/{id}/create_flow_run`, and polls `GET /api/flow_runs/{id}` until it ends.
 Every process is started in its own session and its whole group is killed if it does not stop.
 """
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import json
-import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +18,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from prefect_helpers import FINAL_STATES, PrefectServer, flow_run_logs, start, stop, tail, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -31,14 +26,11 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 SERVE_SCRIPT = REPO_ROOT / "deployments" / "serve.py"
 PREFECT_FILE = REPO_ROOT / "deployments" / "prefect.yaml"
 
-# Generous: 2 cores, possibly shared with other jobs. Measured unloaded: server ~18 s, serve
-# registration ~15 s (importing the flow pulls in torch and transformers), tiny run ~60 s.
-SERVER_STARTUP_TIMEOUT_S = 180.0
+# Generous: 2 cores, possibly shared with other jobs. Measured unloaded: serve registration ~15 s
+# (importing the flow pulls in torch and transformers), tiny run ~60 s. The server: prefect_helpers.py.
 SERVE_STARTUP_TIMEOUT_S = 180.0
 RUN_TIMEOUT_S = 480.0
 CLI_TIMEOUT_S = 240.0
-STOP_TIMEOUT_S = 20.0
-FINAL_STATES = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
 # Serves only `adhoc`, built by the shipped deployments/serve.py (serving `nightly` too would let
 # a test that happens to run at 02:00 UTC start a full default-config run).
@@ -50,150 +42,26 @@ serve(*[d for d in deployments if d.name == "adhoc"])
 """
 
 
-@dataclasses.dataclass(frozen=True)
-class PrefectServer:
-    """A running Prefect server: its API URL, its PREFECT_HOME and where its output goes."""
-
-    api_url: str
-    home: Path
-    log_path: Path
-
-    def env(self, **extra: str) -> dict[str, str]:
-        """An environment for a client process: this server, no Prefect settings inherited from ours."""
-        return _clean_env(PREFECT_HOME=str(self.home), PREFECT_API_URL=self.api_url, **extra)
-
-
-def _clean_env(**settings: str) -> dict[str, str]:
-    """os.environ without PREFECT_* (a test harness may have set some), plus `settings`."""
-    env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
-    env.update(
-        {
-            "HF_HUB_OFFLINE": "1",
-            "HF_DATASETS_OFFLINE": "1",
-            "TOKENIZERS_PARALLELISM": "false",
-            "PYTHONUNBUFFERED": "1",
-            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        }
-    )
-    env.update(settings)
-    return env
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _tail(path: Path, lines: int = 60) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no output)"
-
-
-def _start(command: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen:
-    """Start `command` in the repository root, in a new session (so its children can be killed with it)."""
-    with open(log_path, "wb") as log_file:
-        return subprocess.Popen(
-            command, cwd=REPO_ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
-        )
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """SIGTERM the process (server and runner shut down cleanly on it), then SIGKILL its whole process group."""
-    if proc.poll() is None:
-        try:
-            proc.terminate()
-            proc.wait(timeout=STOP_TIMEOUT_S)
-        except (subprocess.TimeoutExpired, ProcessLookupError):
-            pass
-    # children (uvicorn, flow-run processes) share the group even when the leader has exited
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    if proc.poll() is None:
-        proc.wait(timeout=STOP_TIMEOUT_S)
-
-
-def _wait_for(what: str, check, timeout_s: float, proc: subprocess.Popen, log_path: Path):
-    """Poll `check()` until it returns something truthy; fail with the log tail on timeout or exit."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            result = check()
-        except httpx.HTTPError:
-            result = None
-        if result:
-            return result
-        if proc.poll() is not None:
-            pytest.fail(f"{what}: the process exited with {proc.returncode}; output tail:\n{_tail(log_path)}")
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what}: not within {timeout_s:.0f} s; output tail:\n{_tail(log_path)}")
-        time.sleep(1.0)
-
-
-@pytest.fixture(scope="module")
-def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectServer]:
-    """`prefect server start` on a free port of 127.0.0.1, home and database in a temp folder."""
-    base = tmp_path_factory.mktemp("prefect-server")
-    home = base / "home"
-    home.mkdir()
-    port = _free_port()
-    server = PrefectServer(api_url=f"http://127.0.0.1:{port}/api", home=home, log_path=base / "server.log")
-    env = _clean_env(PREFECT_HOME=str(home), PREFECT_UI_ENABLED="false")
-    started = time.monotonic()
-    proc = _start(
-        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        env,
-        server.log_path,
-    )
-    try:
-        _wait_for(
-            "Prefect server health",
-            lambda: httpx.get(f"{server.api_url}/health", timeout=5).json() is True,
-            SERVER_STARTUP_TIMEOUT_S,
-            proc,
-            server.log_path,
-        )
-        print(f"\nPrefect server up at {server.api_url} in {time.monotonic() - started:.1f} s")
-        yield server
-    finally:
-        _stop(proc)
-
-
 @pytest.fixture
 def served_adhoc(prefect_server: PrefectServer, tmp_path: Path) -> Iterator[dict]:
     """The `adhoc` deployment served from a child process; yields the deployment as the API returns it."""
     log_path = tmp_path / "serve.log"
     env = prefect_server.env(PREFECT_RUNNER_POLL_FREQUENCY="2")  # pick the run up within 2 s, not 10
     started = time.monotonic()
-    proc = _start([sys.executable, "-c", SERVE_ADHOC], env, log_path)
+    proc = start([sys.executable, "-c", SERVE_ADHOC], env, log_path)
 
     def registered():
         response = httpx.get(f"{prefect_server.api_url}/deployments/name/finetune/adhoc", timeout=10)
         return response.json() if response.status_code == 200 else None
 
     try:
-        deployment = _wait_for("serving finetune/adhoc", registered, SERVE_STARTUP_TIMEOUT_S, proc, log_path)
+        deployment = wait_for("serving finetune/adhoc", registered, SERVE_STARTUP_TIMEOUT_S, proc, log_path)
         print(f"finetune/adhoc served in {time.monotonic() - started:.1f} s")
         yield {**deployment, "_log_path": log_path, "_proc": proc}
     finally:
         # SIGTERM, not SIGINT: the runner handles both, but SIGINT is ignored by processes started from a
         # non-interactive shell's background job (and so by their children), which would cost the whole timeout.
-        _stop(proc)
-
-
-def _flow_run_logs(api_url: str, flow_run_id: str, limit: int = 80) -> str:
-    """The flow run's last log lines from the API, for a failure message."""
-    try:
-        response = httpx.post(
-            f"{api_url}/logs/filter",
-            timeout=10,
-            json={"logs": {"flow_run_id": {"any_": [flow_run_id]}}, "sort": "TIMESTAMP_DESC", "limit": limit},
-        )
-        return "\n".join(f"{log['level']:>2} {log['message']}" for log in reversed(response.json()))
-    except (httpx.HTTPError, ValueError, KeyError) as error:
-        return f"(logs unavailable: {error!r})"
+        stop(proc)
 
 
 def test_adhoc_run_triggered_over_rest_completes(prefect_server: PrefectServer, served_adhoc: dict, tmp_path: Path):
@@ -224,16 +92,16 @@ def test_adhoc_run_triggered_over_rest_completes(prefect_server: PrefectServer, 
         if proc.poll() is not None:
             pytest.fail(
                 f"the serving process exited with {proc.returncode} while the run was {state}; "
-                f"output tail:\n{_tail(serve_log)}"
+                f"output tail:\n{tail(serve_log)}"
             )
         if time.monotonic() > deadline:
-            pytest.fail(f"flow run still {state} after {RUN_TIMEOUT_S:.0f} s; serve output tail:\n{_tail(serve_log)}")
+            pytest.fail(f"flow run still {state} after {RUN_TIMEOUT_S:.0f} s; serve output tail:\n{tail(serve_log)}")
         time.sleep(2.0)
     print(f"flow run {flow_run['name']} {state} {time.monotonic() - started:.1f} s after it was created")
 
     assert state == "COMPLETED", (
         f"flow run ended {state}: {flow_run['state'].get('message')}\n"
-        f"--- flow run logs ---\n{_flow_run_logs(api, flow_run_id)}\n--- serve output ---\n{_tail(serve_log)}"
+        f"--- flow run logs ---\n{flow_run_logs(api, flow_run_id)}\n--- serve output ---\n{tail(serve_log)}"
     )
     assert flow_run["deployment_id"] == deployment["id"]
     assert flow_run["parameters"] == parameters
@@ -250,7 +118,8 @@ def test_adhoc_run_triggered_over_rest_completes(prefect_server: PrefectServer, 
 
 
 def test_prefect_yaml_registers_both_deployments(prefect_server: PrefectServer, tmp_path: Path):
-    """`make worker`'s registration: create the process pool, `prefect deploy --all` from the yaml."""
+    """`make worker`'s registration: create the process pool, `prefect deploy --all` from the yaml (nightly, adhoc,
+    and the promotion smoke test with its automation)."""
     env = prefect_server.env()
     env.pop("FINETUNE_REPO", None)  # the pull step must keep its placeholder for the worker to fill in
     commands = [
@@ -287,3 +156,18 @@ def test_prefect_yaml_registers_both_deployments(prefect_server: PrefectServer, 
     assert adhoc["schedules"] == []
     pool = httpx.get(f"{api}/work_pools/finetune-pool", timeout=10).raise_for_status().json()
     assert pool["type"] == "process"
+    # The promotion smoke test: its trigger became an automation that runs it on each promoted model.
+    smoke = httpx.get(f"{api}/deployments/name/smoke-test-promoted-model/on-promotion", timeout=10)
+    smoke = smoke.raise_for_status().json()
+    assert smoke["entrypoint"] == "flows/promotion.py:smoke_test_promoted"
+    assert smoke["work_pool_name"] == "finetune-pool"
+    related = httpx.get(f"{api}/automations/related-to/prefect.deployment.{smoke['id']}", timeout=10).json()
+    (automation,) = related
+    assert automation["trigger"]["expect"] == ["finetune.model.promoted"]
+    assert [(a["type"], a["deployment_id"], a["parameters"]) for a in automation["actions"]] == [
+        (
+            "run-deployment",
+            smoke["id"],
+            {"model": "{{ event.payload.alias }}", "store_uri": "{{ event.payload.store }}"},
+        )
+    ]
