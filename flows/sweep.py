@@ -43,8 +43,16 @@ from pipeline.store import ArtifactStore, CorruptArtifact, open_store, sha256_by
 VERSION = "1"
 SWEEPS_PREFIX = "sweeps"
 TABLE_JSON, TABLE_CSV, PLOT_FILE = "table.json", "table.csv", "learning_curve.png"
-# Stages that only depend on the data and the base model: Cached after the first point of a model.
-SHARED_STAGES = ("collect", "template", "tokenize", "validate", "split", "evaluate (base)", "benchmark (base)")
+# Stages that only depend on the data and the base model: Cached after the first point of a model. The base
+# model's benchmark runs as one stage per question slice ("benchmark (base, arc_easy 0-200)"): a prefix here.
+SHARED_STAGES = ("collect", "template", "tokenize", "validate", "split", "evaluate (base)", "benchmark (base, ")
+
+
+def is_shared_stage(label: str) -> bool:
+    """Whether a stage label (as the flow's summary names it) is one of SHARED_STAGES or a slice of one."""
+    return any(label == shared or (shared.endswith(", ") and label.startswith(shared)) for shared in SHARED_STAGES)
+
+
 # train_loss: the mean over the run as the Trainer reports it (the last step's loss can come from a short final
 # batch); training_seconds: the optimizer steps when the model was trained (also for a point whose train stage
 # came back Cached); wall_seconds: the point's whole subflow in this sweep.

@@ -16,6 +16,9 @@ the exported folder as its `README.md`.
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -379,11 +382,19 @@ def render_card(facts: dict[str, Any]) -> str:
 
 
 def write_card(store: ArtifactStore, facts: dict[str, Any]) -> str:
-    """Store the card (`README.md`) and its facts (`card.json`) under `cards/<train key>/`; out: the card's path.
+    """Commit the card (`README.md`) and its facts (`card.json`) as the artifact `cards/<train key>`; out: the
+    card's path.
 
-    The facts go first, the card last: a reader that finds the card finds its facts.
+    Like every stage output it is committed with a manifest written last, so a half-written card never shows.
+    A model's card is written once: a later run that passes with the same model keeps the first card (a
+    committed artifact is never overwritten), whose lineage names the run that first promoted it.
     """
     prefix = card_prefix(facts["train_uri"])
-    store.put_bytes(f"{prefix}/{FACTS_FILE}", json.dumps(facts, indent=2, ensure_ascii=False).encode("utf-8"))
-    store.put_bytes(f"{prefix}/{CARD_FILE}", render_card(facts).encode("utf-8"))
+    staging = Path(tempfile.mkdtemp(prefix="finetune-card-"))
+    try:
+        (staging / FACTS_FILE).write_text(json.dumps(facts, indent=2, ensure_ascii=False), encoding="utf-8")
+        (staging / CARD_FILE).write_text(render_card(facts), encoding="utf-8")
+        store.commit(prefix, staging, kind="card", inputs={}, config={}, meta={"alias": facts.get("alias")})
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return f"{prefix}/{CARD_FILE}"

@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, Trainer
 
 from finetune.cli import main
 from pipeline.assets import resolve_model
-from pipeline.config import ModelConfig, StoreConfig, TrainConfig
+from pipeline.config import ModelConfig, StoreConfig, TemplateConfig, TrainConfig
 from pipeline.models import list_aliases, load_model, load_tokenizer, read_alias
 from pipeline.store import StoreSettings, open_store
 from tasks.train import (
@@ -210,7 +210,9 @@ def test_two_processes_with_dataloader_workers_inside_a_prefect_task(prefect_har
     @flow
     def one_training():
         task = train.with_options(result_storage=result_storage_for(store))
-        return task(split_data=split, config=config, model=ModelConfig(name="tiny-neox"), store=store)
+        return task(
+            split_data=split, config=config, model=ModelConfig(name="tiny-neox"), template=TemplateConfig(), store=store
+        )
 
     ref = one_training()
     folder = open_store(store).fetch(ref)

@@ -78,6 +78,10 @@ def _integration_helpers() -> Any:
         return sys.modules[spec.name]
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # its dataclass looks itself up there
+    # It imports its neighbour prefect_helpers.py, which pytest puts on sys.path only when it collects
+    # tests/integration itself (not when the reliability tier runs alone).
+    if str(path.parent) not in sys.path:
+        sys.path.insert(0, str(path.parent))
     spec.loader.exec_module(module)  # type: ignore[union-attr]
     return module
 

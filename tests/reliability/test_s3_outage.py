@@ -112,7 +112,10 @@ def test_the_server_dying_mid_commit_leaves_no_artifact_and_names_the_endpoint(
     assert settings.secret_access_key.get_secret_value() not in message
     waits = logs.retries()
     # botocore retried the upload twice (3 attempts in all), waiting a random share of 50 ms, then of 100 ms.
-    assert len(waits) >= 2 and all(wait <= 0.1 for wait in waits), waits
+    # The best-effort clean-up of this attempt's files comes after, and botocore retries those requests too
+    # (on a busy machine a stopping server can answer them with a throttling error: longer waits), so only the
+    # upload's two waits are bounded here.
+    assert len(waits) >= 2 and all(wait <= 0.1 for wait in waits[:2]), waits
     assert ("PutObject", 1, 3) in logs.failed_attempts() and ("PutObject", 2, 3) in logs.failed_attempts()
 
     weed_server.start()
