@@ -26,7 +26,10 @@ def test_two_runs_at_once_on_one_store_both_finish_with_one_set_of_artifacts(con
     root = concurrent_runs.store
     store = LocalStore(root)
     committed = checks.assert_every_manifest_verifies(store)
-    assert sorted(committed) == sorted({e["uri"] for e in a["stages"]}), "an extra (duplicate or orphan) artifact"
+    # Every stage's artifact, plus the passing model's card (one per model, committed like a stage's output).
+    assert a["card"] == b["card"], "the runs wrote different cards"
+    expected = {e["uri"] for e in a["stages"]} | {a["card"].rsplit("/", 1)[0]}
+    assert sorted(committed) == sorted(expected), "an extra (duplicate or orphan) artifact"
     assert all(checks.artifact_uris(store).values()), "an artifact folder without a manifest"
     assert checks.leftover_temp_files(root) == []
     assert not store.list("checkpoints")
