@@ -61,7 +61,10 @@ pytestmark = [
 
 def _seaweed_helpers():
     """tests/integration/conftest.py's helpers (binary, ports, stop), loaded as a plain module."""
-    spec = importlib.util.spec_from_file_location("_seaweed_helpers", REPO / "tests" / "integration" / "conftest.py")
+    folder = REPO / "tests" / "integration"
+    spec = importlib.util.spec_from_file_location("_seaweed_helpers", folder / "conftest.py")
+    if str(folder) not in sys.path:  # it imports its neighbour prefect_helpers.py
+        sys.path.insert(0, str(folder))
     module = importlib.util.module_from_spec(spec)
     sys.modules.setdefault(spec.name, module)  # its dataclass looks itself up there
     spec.loader.exec_module(sys.modules[spec.name])
