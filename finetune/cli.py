@@ -89,54 +89,31 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     for name, text in (("run", "run the whole pipeline"), ("validate", "check a config and print it resolved")):
         command = commands.add_parser(name, help=text)
-        command.add_argument("--config", default="configs/default.yaml", help="YAML config file")
-        command.add_argument(
-            "--set",
-            dest="overrides",
-            action="append",
-            default=[],
-            metavar="KEY=VALUE",
-            help="override a config value, e.g. train.max_steps=20 (repeatable)",
-        )
+        _add_config_options(command, "", "e.g. train.max_steps=20 ")
     ask_command = commands.add_parser("ask", help="answer a question with a trained model")
     ask_command.add_argument("model", help="alias, train/<key>, local folder or base-model spec")
     ask_command.add_argument("question", help="the question, without any template")
-    ask_command.add_argument("--config", default="configs/default.yaml", help="YAML config file (template, store)")
-    ask_command.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value (repeatable)",
-    )
+    _add_config_options(ask_command, " (template, store)")
     ask_command.add_argument(
         "--max-new-tokens", type=_positive_int, default=None, help="answer length cap (default eval.max_new_tokens)"
     )
     add_handoff_parsers(commands)
     sweep_command = commands.add_parser("sweep", help="run the pipeline over the config's sweep grid")
-    sweep_command.add_argument("--config", default="configs/default.yaml", help="YAML config file")
-    sweep_command.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. sweep.fractions=[0.1,0.5,1.0] (repeatable)",
-    )
+    _add_config_options(sweep_command, "", "e.g. sweep.fractions=[0.1,0.5,1.0] ")
     add_plan_parser(commands)
     return parser
 
 
-def _add_config_options(command: argparse.ArgumentParser, what: str) -> None:
-    command.add_argument("--config", default="configs/default.yaml", help=f"YAML config file ({what})")
+def _add_config_options(command: argparse.ArgumentParser, config_note: str, example: str = "") -> None:
+    """`--config FILE` and repeatable `--set KEY=VALUE` on a sub-command; the notes go into their help texts."""
+    command.add_argument("--config", default="configs/default.yaml", help=f"YAML config file{config_note}")
     command.add_argument(
         "--set",
         dest="overrides",
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override a config value (repeatable)",
+        help=f"override a config value, {example}(repeatable)" if example else "override a config value (repeatable)",
     )
 
 
@@ -151,7 +128,7 @@ def add_handoff_parsers(commands: Any) -> None:
     mode = export_command.add_mutually_exclusive_group()
     mode.add_argument("--merge", action="store_true", help="full weights, a LoRA adapter merged in (the default)")
     mode.add_argument("--adapter-only", action="store_true", help="the LoRA adapter alone (needs its base model)")
-    _add_config_options(export_command, "store, trust_remote_code")
+    _add_config_options(export_command, " (store, trust_remote_code)")
     serve_command = commands.add_parser(
         "serve", help="serve a model with an OpenAI-compatible API (transformers serve)"
     )
@@ -160,7 +137,7 @@ def add_handoff_parsers(commands: Any) -> None:
     )
     serve_command.add_argument("--port", type=_port, default=8000)
     serve_command.add_argument("--host", default="127.0.0.1", help="listen address (default: 127.0.0.1, this machine)")
-    _add_config_options(serve_command, "store, trust_remote_code")
+    _add_config_options(serve_command, " (store, trust_remote_code)")
 
 
 def _port(text: str) -> int:
