@@ -30,9 +30,10 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import DataConfig, DocsSource, JsonlSource, RefineConfig
+from pipeline.docs_source import QUESTION_PHRASINGS
 from pipeline.stage import stage_task
 
-MAX_PHRASINGS = 6
+MAX_PHRASINGS = len(QUESTION_PHRASINGS)
 
 
 def augment_phrasings(data: DataConfig) -> tuple[list[str], str]:

@@ -189,6 +189,12 @@ def test_on_topic_probe_phrasings_share_no_template_with_the_training_phrasings(
                 assert jaccard(_words(asked), _words(trained)) < 0.8, (asked, trained)
 
 
+def test_the_phrasings_setting_admits_exactly_the_phrasings_there_are():
+    DocsSource(phrasings=len(QUESTION_PHRASINGS))
+    with pytest.raises(ValueError):
+        DocsSource(phrasings=len(QUESTION_PHRASINGS) + 1)
+
+
 def test_near_domain_package_sets_are_disjoint_and_leave_out_the_taught_package():
     train, probe = ({p.split(".")[0] for p in ps} for ps in (NEAR_DOMAIN_TRAIN_PACKAGES, NEAR_DOMAIN_PROBE_PACKAGES))
     assert not train & probe
@@ -213,7 +219,9 @@ def test_docs_source_emits_near_domain_refusal_rows_in_the_training_phrasings():
     assert len(near) == 7 and len({r["question"] for r in near}) == 7
     assert all(r["answer"] == REFUSAL.format(package="more_itertools") for r in near)
     packages = [
-        next(p for p in NEAR_DOMAIN_TRAIN_PACKAGES if f"`{p}." in r["question"] or f"the {p} " in r["question"])
+        next(
+            p for p in NEAR_DOMAIN_TRAIN_PACKAGES if any(f in r["question"] for f in (f"`{p}.", f"the {p} ", f" {p};"))
+        )
         for r in near
     ]
     assert len(set(packages)) == 7  # round-robin: a short draw spans the packages
