@@ -22,6 +22,7 @@ from pipeline.config import (
     DataConfig,
     DocsSource,
     EvalConfig,
+    RefineConfig,
     TemplateConfig,
     load_config,
 )
@@ -46,7 +47,7 @@ from tasks.evaluate import (
     summarise,
     taught_packages,
 )
-from tasks.refine import CHANGES, changes_for
+from tasks.refine import CHANGES, changes_for, plan_changes
 
 TEMPLATE = TemplateConfig()
 COUNTS = {"general_knowledge": 3, "chit_chat": 2, "near_domain": 4, "on_topic": 2}
@@ -314,4 +315,22 @@ def test_a_near_domain_failure_asks_for_more_near_domain_refusals():
     assert changes_for("eval.unknown", DEFAULT_REFINE_ACTIONS) == []
     data = DataConfig(sources=[DocsSource(near_domain=40), DocsSource(package="json", near_domain=0)])
     overrides, why = CHANGES["more_near_domain_refusals"](data)
-    assert overrides == ["data.sources.0.near_domain=80", "data.sources.1.near_domain=30"] and why
+    assert overrides == ["data.sources.0.near_domain=70", "data.sources.1.near_domain=30"] and why
+    assert CHANGES["more_near_domain_refusals"](DataConfig(sources=[DocsSource(near_domain=150)]))[0] == [
+        "data.sources.0.near_domain=225"
+    ]
+
+
+def test_false_refusals_ask_for_fewer_near_domain_refusals_unless_the_near_domain_gate_asked_for_more():
+    data = DataConfig(sources=[DocsSource(near_domain=150, phrasings=3), DocsSource(package="json", near_domain=5)])
+    assert CHANGES["fewer_near_domain_refusals"](data)[0] == ["data.sources.0.near_domain=112"]
+    false_refusals = {"gate": "false", "metric": "eval.false_refusal_rate", "decision": "fail"}
+    near_domain = {"gate": "near", "metric": "eval.refusal_rate.near_domain", "decision": "fail"}
+    alone = plan_changes([false_refusals], data, RefineConfig())
+    assert [c["change"] for c in alone] == ["fewer_near_domain_refusals", "augment_phrasings"]
+    both = plan_changes([near_domain, false_refusals], data, RefineConfig())
+    # The two gates pull near_domain both ways: the first gate's change keeps the key, the phrasings still change.
+    assert [(c["gate"], c["change"]) for c in both] == [
+        ("near", "more_near_domain_refusals"),
+        ("false", "augment_phrasings"),
+    ]
