@@ -37,8 +37,9 @@ ENV HF_HUB_OFFLINE=1 \
 
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 
-# Python images have python3 with venv; the CUDA images (Ubuntu) get it from apt. The user has a fixed numeric id:
-# the Kubernetes template's runAsNonRoot can only check a numeric USER.
+# Python images have python3 with venv; the CUDA images (Ubuntu) get it from apt, unpinned (DL3008): the versions
+# differ between base images, and the base image's tag is what pins them. The user has a fixed numeric id: the
+# Kubernetes template's runAsNonRoot can only check a numeric USER.
 # hadolint ignore=DL3008
 RUN if ! python3 -c "import ensurepip, venv" 2>/dev/null; then \
         apt-get update \
@@ -53,7 +54,8 @@ RUN if ! python3 -c "import ensurepip, venv" 2>/dev/null; then \
 
 WORKDIR /app
 
-# `make install`, step by step. torch first and exactly (the CPU or CUDA wheel, by TORCH_INDEX_URL).
+# `make install`, step by step. torch first and exactly (the CPU or CUDA wheel, by TORCH_INDEX_URL). pip itself is
+# upgraded unpinned (DL3013), as the Makefile does.
 # hadolint ignore=DL3013
 RUN pip install --quiet --upgrade pip \
     && pip install --quiet --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
