@@ -195,7 +195,7 @@ def add_plan_parser(commands: Any) -> None:
         choices=PRECISIONS,
         default="float32",
         help="float32; mixed (16-bit compute over float32 weights, train.dtype=bfloat16); "
-        "bfloat16/float16 (16-bit weights)",
+        "bfloat16/float16 (16-bit weights, model.dtype=bfloat16/float16)",
     )
     plan_command.add_argument("--gradient-checkpointing", action="store_true")
     plan_command.add_argument("--lora-r", type=_positive_int, default=8)

@@ -198,7 +198,7 @@ def check_training_device(model: ModelConfig, train: TrainConfig, device: str) -
         if importlib.util.find_spec(QLORA_PACKAGE) is None:
             missing.append(
                 f"train.method: qlora needs the {QLORA_PACKAGE} package, found it not installed; "
-                "pip install 'finetune-pipeline[qlora]' (or bitsandbytes) on a CUDA machine"
+                "pip install -e '.[qlora]' (bitsandbytes>=0.46.1) on a CUDA machine"
             )
     unsupported = []
     if model.dtype == "float16" and device != "cuda":

@@ -73,7 +73,7 @@ class TrainConfig(Section):
         "full",
         description="'full': every weight trains; 'lora': adapters only (see train.lora); 'qlora': LoRA over "
         "4-bit (NF4, double-quantised) base weights through bitsandbytes, computing in model.dtype. qlora needs a "
-        "CUDA GPU and the qlora extra (pip install 'finetune-pipeline[qlora]'); it is refused before any work "
+        "CUDA GPU and the qlora extra (pip install -e '.[qlora]'); it is refused before any work "
         "where either is missing.",
     )
     lora: LoraConfig = Field(default_factory=LoraConfig)

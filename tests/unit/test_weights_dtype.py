@@ -26,7 +26,10 @@ def test_the_default_dtype_leaves_the_model_section_and_its_keys_unchanged():
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["model.dtype=float16"], r"model\.dtype=float16 with train\.method=full: .*expected train\.method lora or qlora"),
+        (
+            ["model.dtype=float16"],
+            r"model\.dtype=float16 with train\.method=full: .*expected train\.method lora or qlora",
+        ),
         (
             ["model.dtype=bfloat16", "train.dtype=float16"],
             r"train\.dtype=float16 over model\.dtype=bfloat16 weights: expected train\.dtype auto, float32 or bfloat16",
@@ -61,7 +64,7 @@ def test_qlora_names_both_requirements_this_machine_lacks():
     message = str(error.value)
     assert "train.method: qlora needs a CUDA GPU (bitsandbytes' 4-bit kernels), found device 'cpu'" in message
     assert "needs the bitsandbytes package, found it not installed" in message
-    assert "pip install 'finetune-pipeline[qlora]'" in message
+    assert "pip install -e '.[qlora]' (bitsandbytes>=0.46.1)" in message
     # On a CUDA machine without the package only the package is missing.
     with pytest.raises(MissingRequirement) as on_gpu:
         check_training_device(ModelConfig(dtype="bfloat16"), TrainConfig(method="qlora"), "cuda")
