@@ -95,8 +95,9 @@ def test_tiny_model_lora_over_bfloat16_weights(tiny_split, tmp_path):
 
 
 def test_default_model_full_fine_tuning_in_bfloat16(tmp_path):
-    # SmolLM2-135M: 3 steps of 4 short rows (about 30 tokens each). A learning rate of 3e-4 moves bfloat16
-    # weights (an AdamW step of about lr per weight must exceed half a bfloat16 step, ~0.4% of the weight).
+    # SmolLM2-135M: 3 steps of 4 short rows (about 30 tokens each), evaluated once at the end. A learning rate of
+    # 3e-4 moves bfloat16 weights (an AdamW step of about lr per weight must exceed half a bfloat16 step, ~0.4% of
+    # the weight).
     (tmp_path / "split").mkdir()
     split = split_for("smollm2-135m-instruct", tmp_path / "split", 12, 4)
     report = train_in_bfloat16(
@@ -106,15 +107,15 @@ def test_default_model_full_fine_tuning_in_bfloat16(tmp_path):
         "train.max_steps=3",
         "train.batch_size=4",
         "train.learning_rate=3e-4",
-        "train.eval_steps=1",
+        "train.eval_steps=3",
         "train.save_steps=3",
     )
     assert report["weights_dtype"] == "bfloat16" and report["parameters"] > 100e6
-    assert_loss_fell(report)
+    assert report["final_train_loss"] < report["first_loss"] and report["test_loss"] < report["first_loss"], report
     saved = tmp_path / "run" / "out" / "model"
     assert_saved_in_bfloat16(saved)
-    base = AutoModelForCausalLM.from_pretrained(resolve_model("smollm2-135m-instruct"), dtype=torch.bfloat16)
-    tuned = AutoModelForCausalLM.from_pretrained(saved, dtype="auto")
+    base = load_file(Path(resolve_model("smollm2-135m-instruct")) / "model.safetensors")
+    tuned = load_file(saved / "model.safetensors")
     name = "model.layers.0.self_attn.q_proj.weight"
-    moved = (base.state_dict()[name] != tuned.state_dict()[name]).float().mean().item()
-    assert moved > 0.5, f"only {moved:.1%} of {name} changed: updates rounded away in bfloat16"
+    moved = (base[name].to(torch.bfloat16) != tuned[name]).float().mean().item()
+    assert moved > 0.25, f"only {moved:.1%} of {name} changed: updates rounded away in bfloat16"
