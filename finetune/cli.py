@@ -195,7 +195,7 @@ def add_plan_parser(commands: Any) -> None:
         choices=PRECISIONS,
         default="float32",
         help="float32; mixed (16-bit compute over float32 weights, train.dtype=bfloat16); "
-        "bfloat16/float16 (16-bit weights)",
+        "bfloat16/float16 (16-bit weights, model.dtype=bfloat16/float16)",
     )
     plan_command.add_argument("--gradient-checkpointing", action="store_true")
     plan_command.add_argument("--lora-r", type=_positive_int, default=8)
@@ -440,12 +440,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "sweep":
         return sweep(config, args.config, secrets_to_environment(args.overrides))
     from pipeline.assets import UnknownModelError
-    from pipeline.models import check_model_spec
+    from pipeline.models import UnsupportedPrecision, check_model_spec, check_training_device, pick_device
 
     try:  # before the flow starts: nothing is written to the store for a model that cannot load
         check_model_spec(config.model.name)
     except UnknownModelError as exc:
         print(f"config error:\n{args.config}: model.name: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:  # QLoRA without CUDA or bitsandbytes, float16 on a CPU: refused before collect spends any time
+        check_training_device(config.model, config.train, pick_device())
+    except UnsupportedPrecision as exc:
+        print(f"config error:\n{args.config}: {exc}", file=sys.stderr)
         return EXIT_USAGE
     return run(args.config, secrets_to_environment(args.overrides))
 

@@ -42,13 +42,12 @@ def pipeline_optimizer(optimizer: str) -> str:
     return names[optimizer]
 
 
-def pipeline_dtype(precision: str) -> str:
-    """The pipeline's train.dtype for a planner precision; PlannerError for 16-bit weights (training keeps fp32)."""
-    if precision == "float32":
-        return "float32"
+def pipeline_dtypes(precision: str) -> tuple[str, str]:
+    """(model.dtype, train.dtype) of the pipeline for a planner precision: float32 weights without or with bf16
+    autocast ('float32', 'mixed'), or 16-bit weights ('bfloat16', 'float16', autocast following them)."""
     if precision == "mixed":
-        return "bfloat16"
-    raise PlannerError(f"probe: the pipeline trains float32 weights (precision float32 or mixed), found {precision!r}")
+        return "float32", "bfloat16"
+    return precision, "auto" if precision != "float32" else "float32"
 
 
 def probe_training(model: str, setup: TrainingSetup, steps: int = 3, timeout: float = 1800.0) -> ProbeResult:
@@ -66,13 +65,14 @@ def probe_training(model: str, setup: TrainingSetup, steps: int = 3, timeout: fl
     from pipeline.config import TrainConfig
 
     targets = list(setup.lora_targets) if setup.lora_targets else None
+    weights, autocast = pipeline_dtypes(setup.precision)
     config = TrainConfig(
         method=setup.method,
         max_steps=steps,
         batch_size=setup.batch_size,
         gradient_accumulation_steps=1,
         optim=pipeline_optimizer(setup.optimizer),
-        dtype=pipeline_dtype(setup.precision),
+        dtype=autocast,
         warmup_steps=0,
         eval_steps=10**6,
         save_steps=10**6,
@@ -83,7 +83,13 @@ def probe_training(model: str, setup: TrainingSetup, steps: int = 3, timeout: fl
         lora={"r": setup.lora_r, "target_modules": targets},
     )
     with tempfile.TemporaryDirectory(prefix="finetune-probe-") as work:
-        job = {"model": model, "seq_len": setup.seq_len, "work": work, "config": config.model_dump(mode="json")}
+        job = {
+            "model": model,
+            "seq_len": setup.seq_len,
+            "work": work,
+            "weights": weights,
+            "config": config.model_dump(mode="json"),
+        }
         job_path = Path(work) / "probe.json"
         job_path.write_text(json.dumps(job), encoding="utf-8")
         env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=PROBE_MALLOC_MMAP_THRESHOLD)
@@ -153,6 +159,7 @@ def _run_probe(job_path: Path) -> None:
         TrainJob(
             base_folder=folder,
             base_spec=job["model"],
+            weights=job["weights"],
             split_dir=str(split),
             out_dir=str(work / "out"),
             work_dir=str(work / "train"),

@@ -45,7 +45,7 @@ class SweepConfig(Section):
     models: list[str] = Field(
         default_factory=list, description="Base models (aliases, hub ids, folders); empty: model.name."
     )
-    methods: list[Literal["full", "lora"]] = Field(
+    methods: list[Literal["full", "lora", "qlora"]] = Field(
         default_factory=list, description="Training methods; empty: train.method."
     )
     learning_rates: list[float] = Field(
@@ -153,6 +153,24 @@ class PipelineConfig(Section):
             raise ValueError(
                 f"sweep.metric {self.sweep.metric!r} names task {parts[1]!r}, "
                 f"expected one of benchmark.tasks {self.benchmark.tasks}"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _weights_and_training_agree(self) -> PipelineConfig:
+        # Checks of the config alone; what the machine must have (CUDA, bitsandbytes) is checked before a run starts
+        # (pipeline.precision.check_training_device), since a config may be validated on another machine.
+        weights, method, autocast = self.model.dtype, self.train.method, self.train.dtype
+        if weights == "float16" and method == "full":
+            raise ValueError(
+                "model.dtype=float16 with train.method=full: float16 training needs loss scaling, which needs "
+                "float32 trainable weights (torch refuses to unscale float16 gradients); expected "
+                "train.method lora or qlora, or model.dtype bfloat16"
+            )
+        if weights != "float32" and autocast not in ("auto", "float32", weights):
+            raise ValueError(
+                f"train.dtype={autocast} over model.dtype={weights} weights: expected train.dtype auto, float32 "
+                f"or {weights}"
             )
         return self
 

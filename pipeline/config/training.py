@@ -19,6 +19,19 @@ class ModelConfig(Section):
     trust_remote_code: bool = Field(
         False, description="Run code shipped with a hub model. Off unless you trust its author."
     )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32",
+        # Left out of the dump (and so of every content key) at float32, so adding this knob did not change the
+        # key of any existing run's config.
+        exclude_if=lambda value: value == "float32",
+        description="The dtype the weights load and train in. float32: full precision (train.dtype may add 16-bit "
+        "autocast on top). bfloat16/float16: half the weight memory; full fine-tuning then keeps gradients and "
+        "optimizer state in 16-bit too (AdamW's moments take the weights' dtype; Adafactor keeps float32 state), "
+        "and an update below about 1/256 of a weight is rounded away, so full 16-bit runs want a larger learning "
+        "rate; LoRA and QLoRA adapters train in float32 over the 16-bit base. The saved model is in this dtype. "
+        "float16 needs a CUDA GPU and LoRA/QLoRA (its loss scaling needs float32 trainable weights); with "
+        "train.method=qlora this is the compute dtype of the 4-bit layers (bfloat16 recommended).",
+    )
 
 
 class LoraConfig(Section):
@@ -56,8 +69,12 @@ class TrainConfig(Section):
     sets its own, faster values for the CPU demo.
     """
 
-    method: Literal["full", "lora"] = Field(
-        "full", description="'full': every weight trains; 'lora': adapters only (see train.lora)."
+    method: Literal["full", "lora", "qlora"] = Field(
+        "full",
+        description="'full': every weight trains; 'lora': adapters only (see train.lora); 'qlora': LoRA over "
+        "4-bit (NF4, double-quantised) base weights through bitsandbytes, computing in model.dtype. qlora needs a "
+        "CUDA GPU and the qlora extra (pip install -e '.[qlora]'); it is refused before any work "
+        "where either is missing.",
     )
     lora: LoraConfig = Field(default_factory=LoraConfig)
     epochs: float = Field(1.0, gt=0, description="Passes over the train split; ignored when max_steps is set.")
@@ -88,8 +105,9 @@ class TrainConfig(Section):
     seed: int = Field(42, description="Seed for initialisation-free randomness: data order, dropout, LoRA init.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto",
-        description="Training precision (mixed precision over float32 weights). 'auto': bfloat16 on a CUDA GPU "
-        "that supports it, else float32. float16 needs CUDA.",
+        description="Autocast precision of the forward and backward passes (over the weights in model.dtype). "
+        "'auto': model.dtype when that is 16-bit; else bfloat16 on a CUDA GPU that supports it, float32 elsewhere. "
+        "float16 needs CUDA. With 16-bit weights only 'auto', float32 or the weights' own dtype are accepted.",
     )
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in the backward pass: less memory, about 30% slower."

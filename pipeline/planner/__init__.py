@@ -13,7 +13,8 @@ sequence tokens, L = layers, h = hidden size, I = MLP intermediate size, a = hea
 s = sequence length, V = vocabulary):
 
 * weights: P x 4 (float32 and mixed precision keep float32 weights; mixed adds the
-  16-bit copies autocast makes, 2 more bytes per parameter) or P x 2 (16-bit weights);
+  16-bit copies autocast makes, 2 more bytes per parameter) or P x 2 (16-bit weights, the
+  pipeline's `model.dtype=bfloat16`; precision 'mixed' is `train.dtype=bfloat16` over float32);
 * gradients: T x the weight bytes (float32 for mixed precision);
 * optimizer state: AdamW two moments (8 bytes per trainable parameter in float32, 4 when
   the weights themselves are 16-bit, because torch keeps the moments in the parameter's

@@ -55,7 +55,7 @@ CHANGES: tuple[Change, ...] = (
     Change("LoRA", "train.method=lora", lambda s: s.method == "full", lambda s: replace(s, method="lora")),
     Change(
         "bf16 weights (load and train the model in 16-bit)",
-        "not a pipeline setting: load the model with dtype=bfloat16",
+        "model.dtype=bfloat16",
         lambda s: s.precision in ("float32", "mixed"),
         lambda s: replace(s, precision="bfloat16"),
     ),
@@ -194,7 +194,8 @@ def format_plan(plan: Plan) -> str:
             lines += [
                 "",
                 "no combination of these changes fits: use a smaller model, a larger device, several devices "
-                "(FSDP/DeepSpeed through train.accelerate_config) or 4-bit weights (QLoRA)",
+                "(FSDP/DeepSpeed through train.accelerate_config) or 4-bit base weights "
+                "(train.method=qlora with model.dtype=bfloat16, on a CUDA GPU with the qlora extra)",
             ]
     return "\n".join(lines)
 

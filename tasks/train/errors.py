@@ -10,7 +10,7 @@ import torch
 
 from pipeline.config import TrainConfig
 from pipeline.lora import LoraTargetError
-from pipeline.models import UnsupportedPrecision
+from pipeline.models import MissingRequirement, UnsupportedPrecision
 
 ERROR_FILE = "error.json"
 
@@ -28,13 +28,22 @@ class TrainingOutOfMemory(TrainingError):
 
 # Errors the training process reports by name (in error.json) so the task re-raises the same type.
 KNOWN_ERRORS: dict[str, type[Exception]] = {
-    cls.__name__: cls for cls in (TrainingOutOfMemory, LoraTargetError, UnsupportedPrecision, TrainingError)
+    cls.__name__: cls
+    for cls in (TrainingOutOfMemory, LoraTargetError, MissingRequirement, UnsupportedPrecision, TrainingError)
 }
 
 
-def out_of_memory_error(config: TrainConfig, device: str, cause: BaseException) -> TrainingOutOfMemory:
-    """The TrainingOutOfMemory for a run with `config` on `device`, with what to change."""
+def out_of_memory_error(
+    config: TrainConfig, device: str, cause: BaseException, weights: str = "float32"
+) -> TrainingOutOfMemory:
+    """The TrainingOutOfMemory for a run with `config` over `weights` (model.dtype) on `device`, with what to
+    change."""
     hints = []
+    if weights == "float32":
+        hints.append(
+            "model.dtype=bfloat16 (16-bit weights: half the memory for weights, and for full fine-tuning "
+            "for gradients and AdamW's moments too)"
+        )
     if config.method == "full":
         hints.append(
             "train.method=lora (only small adapters train: no gradients or optimizer state for the base weights)"

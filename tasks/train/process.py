@@ -7,10 +7,11 @@ and `accelerate launch` target); `fine_tune` is the core.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -18,7 +19,16 @@ from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, PreTraine
 
 from pipeline.assets import model_load_kwargs
 from pipeline.config import TemplateConfig, TrainConfig
-from pipeline.models import ADAPTER_SUBDIR, IGNORE_INDEX, MODEL_SUBDIR, load_tokenizer, pick_device, training_precision
+from pipeline.models import (
+    ADAPTER_SUBDIR,
+    IGNORE_INDEX,
+    MODEL_SUBDIR,
+    WEIGHT_DTYPES,
+    four_bit_config,
+    load_tokenizer,
+    pick_device,
+    training_precision,
+)
 from pipeline.prompts import chat_template_for
 from pipeline.store import StoreSettings, open_store
 from tasks.train.checkpoints import StoreCheckpoints, checkpoint_step, restore_checkpoints
@@ -46,6 +56,8 @@ class TrainJob(BaseModel):
     base_folder: str
     base_spec: str
     trust_remote_code: bool = False
+    weights: Literal["float32", "bfloat16", "float16"] = "float32"
+    """model.dtype: what the base weights load, train and are saved in."""
     split_dir: str
     out_dir: str
     work_dir: str
@@ -64,15 +76,15 @@ def fine_tune(job: TrainJob) -> dict | None:
     """
     config, out_dir = job.config, Path(job.out_dir)
     device = pick_device()
-    precision = training_precision(config.dtype, device)
+    precision = training_precision(config.dtype, device, job.weights)
     args = training_arguments(config, str(Path(job.work_dir) / "checkpoints"), device, precision)
     set_seed(config.seed)  # before LoRA's random initialisation
     tokenizer = load_tokenizer(job.base_folder, trust_remote_code=job.trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(
-        job.base_folder, dtype=torch.float32, **model_load_kwargs(job.trust_remote_code)
-    )
+    model = load_base_model(job)
     model_bytes = model.get_memory_footprint()
-    if config.method == "lora":
+    if config.method in ("lora", "qlora"):
+        # peft keeps the adapters in float32 over 16-bit or 4-bit base weights (autocast_adapter_dtype), so the
+        # optimizer updates float32 values; autocast (`precision`) runs their matmuls in 16-bit.
         model = apply_lora(model, config)
     store = open_store(job.store) if job.store is not None and job.checkpoint_prefix else None
     resume = None
@@ -98,7 +110,7 @@ def fine_tune(job: TrainJob) -> dict | None:
         result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     except RuntimeError as exc:  # torch.OutOfMemoryError is one too
         if is_out_of_memory(exc):
-            raise out_of_memory_error(config, device, exc) from exc
+            raise out_of_memory_error(config, device, exc, job.weights) from exc
         raise
     wall = time.perf_counter() - started
     peak = peak_memory(peak_was_reset)
@@ -121,11 +133,39 @@ def fine_tune(job: TrainJob) -> dict | None:
         resumed_from=checkpoint_step(resume.name) if resume else None,
         mean_train_loss=result.training_loss,
     )
+    report["weights_dtype"] = job.weights
     carry_template(trainer.model, tokenizer, job.template)
-    export_model(trainer.model, tokenizer, config, job.base_spec, out_dir)  # after the report: merging unloads LoRA
+    export_model(trainer.model, tokenizer, job, out_dir)  # after the report: merging unloads LoRA
     (out_dir / REPORT_FILE).write_text(json.dumps(report, indent=2), encoding="utf-8")
     plot_loss(report["loss_history"], report["eval_history"], report["best_step"], out_dir / LOSS_PLOT_FILE)
     return report
+
+
+def load_base_model(job: TrainJob) -> PreTrainedModel:
+    """The base model as training needs it: weights in `job.weights` (model.dtype), or with train.method=qlora
+    4-bit NF4 linear layers (bitsandbytes) computing in that dtype, placed on this process's GPU.
+
+    16-bit weights are loaded as such, never upcast: the point is half the memory. With full fine-tuning the
+    gradients and AdamW's moments follow the weights' dtype (torch allocates them like the parameters).
+    """
+    kwargs = model_load_kwargs(job.trust_remote_code)
+    if job.config.method == "qlora":
+        # 4-bit layers run only on the GPU that holds them: the whole model goes to this process's GPU (LOCAL_RANK
+        # under torchrun), as the Trainer expects of a quantized model.
+        kwargs |= {"quantization_config": four_bit_config(job.weights), "device_map": {"": local_gpu()}}
+    model = AutoModelForCausalLM.from_pretrained(job.base_folder, dtype=WEIGHT_DTYPES[job.weights], **kwargs)
+    if job.config.method == "qlora":
+        from peft import prepare_model_for_kbit_training
+
+        # Norms and embeddings to float32 for stable training, as QLoRA does; activation checkpointing is left to
+        # the Trainer's arguments (train.gradient_checkpointing, non-reentrant).
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    return model
+
+
+def local_gpu() -> int:
+    """This process's GPU index: LOCAL_RANK under torchrun or accelerate launch, else 0."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
 
 
 def final_eval_loss(trainer: Trainer, config: TrainConfig) -> float:
@@ -165,13 +205,17 @@ def carry_template(model: PreTrainedModel, tokenizer: Any, template: TemplateCon
     generation.pad_token_id = tokenizer.pad_token_id
 
 
-def export_model(model: PreTrainedModel, tokenizer: Any, config: TrainConfig, base_spec: str, out_dir: Path) -> None:
-    """Save the trained model: `model/` (full weights), and with LoRA `adapter/` too (merged into `model/` unless
-    merge is off). Each folder holds the tokenizer (with its chat template) and the generation config.
+def export_model(model: PreTrainedModel, tokenizer: Any, job: TrainJob, out_dir: Path) -> None:
+    """Save the trained model: `model/` (full weights in model.dtype), and with LoRA or QLoRA `adapter/` too
+    (merged into `model/` unless merge is off). Each folder holds the tokenizer (with its chat template) and the
+    generation config.
 
-    The adapter names `base_spec` (an alias or hub id) as its base, not this machine's cache folder.
+    The adapter names `job.base_spec` (an alias or hub id) as its base, not this machine's cache folder. A QLoRA
+    adapter is merged into the base loaded again in model.dtype, not into the 4-bit weights it trained over
+    (merging into NF4 would round the update away again and save a model that needs bitsandbytes to load).
     """
-    if config.method == "lora":
+    config, base_spec = job.config, job.base_spec
+    if config.method in ("lora", "qlora"):
         model.save_pretrained(out_dir / ADAPTER_SUBDIR)
         tokenizer.save_pretrained(out_dir / ADAPTER_SUBDIR)
         model.generation_config.save_pretrained(out_dir / ADAPTER_SUBDIR)  # peft saves the adapter weights only
@@ -186,9 +230,22 @@ def export_model(model: PreTrainedModel, tokenizer: Any, config: TrainConfig, ba
         )
         if not config.lora.merge:
             return
+        model = merged_over_full_base(model, job, out_dir / ADAPTER_SUBDIR) if config.method == "qlora" else model
         model = model.merge_and_unload()
     model.save_pretrained(out_dir / MODEL_SUBDIR)
     tokenizer.save_pretrained(out_dir / MODEL_SUBDIR)
+
+
+def merged_over_full_base(trained: Any, job: TrainJob, adapter_dir: Path) -> Any:
+    """The saved QLoRA adapter on the base model loaded again unquantized in model.dtype, on the CPU (a peft model,
+    ready to merge; the GPU still holds the 4-bit training copy). The generation config the run set travels along."""
+    from peft import PeftModel
+
+    base = AutoModelForCausalLM.from_pretrained(
+        job.base_folder, dtype=WEIGHT_DTYPES[job.weights], **model_load_kwargs(job.trust_remote_code)
+    )
+    base.generation_config = trained.generation_config
+    return PeftModel.from_pretrained(base, adapter_dir)
 
 
 def reset_peak_memory() -> bool:

@@ -47,7 +47,7 @@ def build_report(
         "parameters": sum(p.numel() for p in model.parameters()),
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "model_memory_bytes": model_bytes,
-        "lora": config.lora.model_dump(mode="json") if config.method == "lora" else None,
+        "lora": config.lora.model_dump(mode="json") if config.method in ("lora", "qlora") else None,
         "steps": steps,
         "epochs": round(state.epoch or 0.0, 3),
         "train_rows": len(trainer.train_dataset),

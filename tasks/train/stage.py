@@ -15,7 +15,7 @@ from typing import Any
 from pipeline.assets import resolve_model
 from pipeline.config import ModelConfig, StoreConfig, TemplateConfig, TrainConfig
 from pipeline.lora import check_lora_targets, lora_targets
-from pipeline.models import alias_name, pick_device, training_precision, write_alias
+from pipeline.models import alias_name, check_training_device, pick_device, write_alias
 from pipeline.refs import Ref
 from pipeline.stage import StageRun, run_logger, stage_task
 from tasks.train.checkpoints import checkpoint_prefix
@@ -25,11 +25,12 @@ from tasks.train.report import LOSS_PLOT_FILE, REPORT_FILE, report_markdown
 from tasks.train.trainer import model_structure
 
 
-def check_before_launch(base_folder: str, config: TrainConfig, trust_remote_code: bool) -> None:
-    """Fail before any training time is spent: precision the device lacks, LoRA targets the model lacks."""
-    training_precision(config.dtype, pick_device())
-    if config.method == "lora":
-        model_type, names = model_structure(base_folder, trust_remote_code)
+def check_before_launch(base_folder: str, config: TrainConfig, model: ModelConfig) -> None:
+    """Fail before any training time is spent: a dtype or requirement (QLoRA: CUDA, bitsandbytes) this machine
+    lacks, LoRA targets the model lacks."""
+    check_training_device(model, config, pick_device())
+    if config.method in ("lora", "qlora"):
+        model_type, names = model_structure(base_folder, model.trust_remote_code)
         check_lora_targets(lora_targets(model_type, config.lora), names, model_type)
 
 
@@ -59,12 +60,13 @@ def train(
     """
     log = run_logger()
     base_folder = resolve_model(model.name)
-    check_before_launch(base_folder, config, model.trust_remote_code)
+    check_before_launch(base_folder, config, model)
     with tempfile.TemporaryDirectory(prefix="finetune-train-") as work:
         job = TrainJob(
             base_folder=base_folder,
             base_spec=model.name,
             trust_remote_code=model.trust_remote_code,
+            weights=model.dtype,
             split_dir=str(split_data),
             out_dir=str(out),
             work_dir=work,

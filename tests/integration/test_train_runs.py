@@ -10,10 +10,10 @@ import subprocess
 import time
 from pathlib import Path
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from qa_rows import qa_table
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, Trainer
 
@@ -35,32 +35,14 @@ from tasks.train import (
 
 pytestmark = pytest.mark.integration
 
-WORDS = [
-    "chunk", "window", "batch", "iterate", "flatten", "group", "pair", "split",
-    "merge", "zip", "cycle", "repeat", "take", "drop", "first", "last",
-]  # fmt: skip
-
-
-def _table(tokenizer, n: int, rng: random.Random) -> pa.Table:
-    """`n` templated question/answer rows, tokenized as the tokenize stage does (answer + EOS, prompt masked)."""
-    columns: dict[str, list] = {"input_ids": [], "labels": []}
-    for _ in range(n):
-        question = " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 10)))
-        answer = " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 16)))
-        prompt = tokenizer(f"### Question:\n{question}\n\n### Answer:\n", add_special_tokens=False)["input_ids"]
-        completion = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        columns["input_ids"].append(prompt + completion)
-        columns["labels"].append([-100] * len(prompt) + completion)
-    return pa.table(columns)
-
 
 @pytest.fixture(scope="module")
 def split_dir(tmp_path_factory) -> Path:
     """A split artifact's files: 32 train rows, 8 test rows for tiny-neox."""
     folder = tmp_path_factory.mktemp("split")
     tokenizer, rng = load_tokenizer(resolve_model("tiny-neox")), random.Random(0)
-    pq.write_table(_table(tokenizer, 32, rng), folder / "train.parquet")
-    pq.write_table(_table(tokenizer, 8, rng), folder / "test.parquet")
+    pq.write_table(qa_table(tokenizer, 32, rng), folder / "train.parquet")
+    pq.write_table(qa_table(tokenizer, 8, rng), folder / "test.parquet")
     return folder
 
 

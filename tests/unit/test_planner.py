@@ -132,6 +132,33 @@ def test_1b_full_fine_tuning_with_adamw_fits(tinyllama_1b):
 def test_the_advice_names_pipeline_settings(llama_7b):
     text = format_plan(make_plan(llama_7b, TrainingSetup(batch_size=4, seq_len=1024), parse_memory("16GB")))
     assert "DOES NOT FIT" in text and "train.method=lora" in text and "train.gradient_checkpointing=true" in text
+    assert "not a pipeline setting" not in text
+
+
+def test_a_7b_model_on_a_16gb_card_is_told_to_set_model_dtype(llama_7b):
+    # float32 weights alone (27 GB) exceed the card, so every plan that fits loads them in 16-bit: model.dtype.
+    plan = make_plan(llama_7b, TrainingSetup(method="lora", seq_len=512), parse_memory("16GB"))
+    assert not plan.training_fits
+    fewest = plan.fewest_changes
+    assert "model.dtype=bfloat16" in [c.setting for c in fewest.changes]
+    assert fewest.setup.precision == "bfloat16" and fewest.fits
+    alone = {o.changes[0].setting: o for o in plan.single_changes}
+    assert not any(o.fits for setting, o in alone.items() if setting != "model.dtype=bfloat16")
+    assert alone["model.dtype=bfloat16"].estimate.total < plan.training.total / 1.8
+    assert "\n  model.dtype=bfloat16" in format_plan(plan)
+
+
+def test_the_estimate_follows_the_weights_dtype(tinyllama_1b):
+    # The planner's precision is what model.dtype and train.dtype configure (finetune.probe.pipeline_dtypes):
+    # 16-bit weights halve weights and gradients, and AdamW's moments, which torch keeps in the weights' dtype.
+    in_32, in_16 = (
+        estimate_training(tinyllama_1b, TrainingSetup(precision=precision, seq_len=128))
+        for precision in ("float32", "bfloat16")
+    )
+    for part in ("weights", "gradients", "optimizer state"):
+        assert in_16.components[part] * 2 == in_32.components[part], part
+    mixed = estimate_training(tinyllama_1b, TrainingSetup(precision="mixed", seq_len=128))
+    assert mixed.components["weights"] == 1.5 * in_32.components["weights"]  # float32 weights + 16-bit copies
 
 
 def test_lora_checkpointing_and_smaller_batches_shrink_the_estimate(tinyllama_1b):

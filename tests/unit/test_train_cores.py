@@ -159,12 +159,13 @@ def test_out_of_memory_advice_fits_the_run():
         "train.dtype=bfloat16",
     ):
         assert hint in advice
+    assert "model.dtype=bfloat16" in advice
     lora = str(
         out_of_memory_error(
-            TrainConfig(method="lora", batch_size=1, gradient_checkpointing=True), "cpu", RuntimeError("x")
+            TrainConfig(method="lora", batch_size=1, gradient_checkpointing=True), "cpu", RuntimeError("x"), "bfloat16"
         )
     )
-    assert "train.method=lora" not in lora and "a smaller model" in lora
+    assert "train.method=lora" not in lora and "model.dtype" not in lora and "a smaller model" in lora
 
 
 # --------------------------------------------------------------------------- aliases and finding models
