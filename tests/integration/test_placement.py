@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import importlib.util
 import json
 import os
@@ -35,6 +36,7 @@ from typing import Any
 
 import httpx
 import pytest
+import yaml
 from prefect_helpers import (
     FINAL_STATES,
     REPO_ROOT,
@@ -52,9 +54,11 @@ pytestmark = pytest.mark.integration
 TINY = "configs/tiny.yaml"
 BEFORE_TRAIN = ("collect", "template", "tokenize", "validate", "split")
 AFTER_TRAIN = ("evaluate", "benchmark", "gate")
-HEARTBEAT_SECONDS = "2"  # the workers'; the server marks a worker offline after 3 missed (6 s), checked every 1 s
+# The workers' heartbeat; the server marks a worker offline after 3 missed (15 s), checked every second. Shorter
+# risks a false "offline" on 2 busy cores.
+HEARTBEAT_SECONDS = "5"
 RUN_TIMEOUT_S = 420.0
-CLI_TIMEOUT_S = 300.0
+WORKER_STARTUP_TIMEOUT_S = 300.0
 
 
 @dataclasses.dataclass
@@ -189,6 +193,7 @@ class Cluster:
         runs = self.filter("task_runs", {"flow_runs": {"id": {"any_": [flow_run_id]}}})
         return sorted(run["name"].rsplit("-", 1)[0] for run in runs)
 
+    @functools.cached_property
     def s3(self) -> Any:
         import boto3
         from botocore.config import Config
@@ -204,19 +209,35 @@ class Cluster:
 
     def keys(self, under: str) -> list[str]:
         bucket, prefix = self.store_uri.removeprefix("s3://").split("/", 1)
-        pages = self.s3().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{prefix}/{under}")
+        pages = self.s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{prefix}/{under}")
         return [obj["Key"] for page in pages for obj in page.get("Contents", [])]
 
     def read(self, key: str) -> bytes:
         bucket = self.store_uri.removeprefix("s3://").split("/", 1)[0]
-        return self.s3().get_object(Bucket=bucket, Key=key)["Body"].read()
+        return self.s3.get_object(Bucket=bucket, Key=key)["Body"].read()
 
 
-def _deploy(server: PrefectServer, *arguments: str) -> subprocess.Popen:
-    env = server.env()
-    env.pop("FINETUNE_REPO", None)  # the pull step keeps its placeholder for each worker to fill in
-    command = [sys.executable, "-m", "prefect", "--no-prompt", "deploy", *arguments]
-    return subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+def _register(api: str, prefect_file: str, flow_name: str, names: set[str], pool: str) -> None:
+    """Register the named deployments of a shipped prefect.yaml on `pool` over the REST API, as `prefect deploy`
+    would (entrypoint, pull steps, parameters, tags), without its cost: it imports the flow (torch, transformers)
+    to read the parameter schema, minutes on 2 busy cores."""
+    spec = yaml.safe_load((REPO_ROOT / prefect_file).read_text())
+    flow_id = httpx.post(f"{api}/flows/", json={"name": flow_name}, timeout=30).raise_for_status().json()["id"]
+    chosen = [d for d in spec["deployments"] if d["name"] in names]
+    assert {d["name"] for d in chosen} == names, f"{prefect_file} lacks {names}"
+    for deployment in chosen:
+        body = {
+            "name": deployment["name"],
+            "flow_id": flow_id,
+            "entrypoint": deployment["entrypoint"],
+            "work_pool_name": pool,
+            "work_queue_name": "default",
+            "pull_steps": spec["pull"],
+            "parameters": deployment["parameters"],
+            "tags": deployment["tags"],
+            "enforce_parameter_schema": False,
+        }
+        httpx.post(f"{api}/deployments/", json=body, timeout=30).raise_for_status()
 
 
 @pytest.fixture(scope="module")
@@ -242,17 +263,14 @@ def cluster(seaweedfs, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Clu
             wait_for(
                 f"work pool {pool}",
                 lambda p=pool: httpx.get(f"{server.api_url}/work_pools/{p}", timeout=10).status_code == 200,
-                CLI_TIMEOUT_S,
+                WORKER_STARTUP_TIMEOUT_S,
                 worker.proc,
                 worker.log_path,
             )
-        deploys = [
-            _deploy(server, "--all", "--prefect-file", "deployments/stages.yaml"),
-            _deploy(server, "--prefect-file", "deployments/prefect.yaml", "--name", "finetune/adhoc", "--pool", "cpu"),
-        ]
-        for deploy in deploys:
-            output = deploy.communicate(timeout=CLI_TIMEOUT_S)[0].decode(errors="replace")
-            assert deploy.returncode == 0, f"prefect deploy failed:\n{output[-3000:]}"
+        _register(
+            server.api_url, "deployments/stages.yaml", "finetune-stage", {"train", "evaluate", "benchmark"}, "gpu"
+        )
+        _register(server.api_url, "deployments/prefect.yaml", "finetune", {"adhoc"}, "cpu")
         httpx.post(
             f"{server.api_url}/v2/concurrency_limits/", json={"name": "gpu", "limit": 1}, timeout=30
         ).raise_for_status()
