@@ -346,6 +346,13 @@ def test_placed_train_runs_on_the_gpu_pool_and_everything_else_in_the_parent(
     assert child["state_type"] == "COMPLETED" and child["parameters"]["stage"] == "train"
     assert child["deployment_id"] and child["parent_task_run_id"]
     assert cluster.task_names(child["id"]) == ["train"]
+    # What placing the stage cost: the child run from its creation to its end, less the train task's own time.
+    (task,) = cluster.filter("task_runs", {"flow_runs": {"id": {"any_": [child["id"]]}}})
+    lifetime = datetime.fromisoformat(child["end_time"]) - datetime.fromisoformat(child["created"])
+    print(
+        f"\nplaced train stage: flow run {lifetime.total_seconds():.1f} s from creation to end, the train task "
+        f"{task['total_run_time']:.1f} s of it"
+    )
     parent_tasks = set(cluster.task_names(rerun["id"]))
     assert {*BEFORE_TRAIN, *AFTER_TRAIN, "finetune-stage/train"} <= parent_tasks, parent_tasks
     assert "train" not in parent_tasks
@@ -372,6 +379,14 @@ def test_a_cached_rerun_starts_nothing_on_the_gpu_pool(cluster: Cluster, killed_
     assert len(cluster.on_pool("gpu")) == before and not cluster.children(run["id"])
     tasks = cluster.filter("task_runs", {"flow_runs": {"id": {"any_": [run["id"]]}}})
     states = {task["name"].rsplit("-", 1)[0]: task["state"]["name"] for task in tasks}
+    took = {
+        task["name"].rsplit("-", 1)[0]: round(
+            (datetime.fromisoformat(task["end_time"]) - datetime.fromisoformat(task["created"])).total_seconds(), 2
+        )
+        for task in tasks
+        if task["end_time"]
+    }
+    print(f"cached rerun, each task run from creation to end (s): {json.dumps(took)}")
     assert states["train"] == "Cached" and set(states.values()) == {"Cached"}, states
 
 
