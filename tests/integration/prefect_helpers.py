@@ -110,7 +110,9 @@ def wait_for(what: str, check, timeout_s: float, proc: subprocess.Popen, log_pat
         time.sleep(1.0)
 
 
-def running_prefect_server(tmp_path_factory: pytest.TempPathFactory, **settings: str) -> Iterator[PrefectServer]:
+def running_prefect_server(
+    tmp_path_factory: pytest.TempPathFactory, startup_timeout_s: float = SERVER_STARTUP_TIMEOUT_S, **settings: str
+) -> Iterator[PrefectServer]:
     """`prefect server start` on a free port of 127.0.0.1, home and database in a temp folder; `settings` are
     extra PREFECT_* settings for the server process."""
     base = tmp_path_factory.mktemp("prefect-server")
@@ -129,7 +131,7 @@ def running_prefect_server(tmp_path_factory: pytest.TempPathFactory, **settings:
         wait_for(
             "Prefect server health",
             lambda: httpx.get(f"{server.api_url}/health", timeout=5).json() is True,
-            SERVER_STARTUP_TIMEOUT_S,
+            startup_timeout_s,
             proc,
             server.log_path,
         )

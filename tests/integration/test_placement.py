@@ -246,7 +246,8 @@ def cluster(seaweedfs, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Clu
     deployments (deployments/stages.yaml) on gpu, finetune/adhoc (deployments/prefect.yaml) on cpu, the global
     concurrency limit `gpu` of 1 slot, and an empty S3 store."""
     started = time.monotonic()
-    servers = running_prefect_server(tmp_path_factory, PREFECT_SERVER_SERVICES_FOREMAN_LOOP_SECONDS="1")
+    # A longer wait than the other modules': this module's whole setup is one fixture, worth waiting for.
+    servers = running_prefect_server(tmp_path_factory, 600.0, PREFECT_SERVER_SERVICES_FOREMAN_LOOP_SECONDS="1")
     server = next(servers)
     folder = tmp_path_factory.mktemp("placement")
     cluster = Cluster(
