@@ -237,7 +237,12 @@ def _register(api: str, prefect_file: str, flow_name: str, names: set[str], pool
             "tags": deployment["tags"],
             "enforce_parameter_schema": False,
         }
-        httpx.post(f"{api}/deployments/", json=body, timeout=30).raise_for_status()
+        for attempt in range(5):  # a server starved of CPU answers 503 (database timeout) now and then
+            response = httpx.post(f"{api}/deployments/", json=body, timeout=60)
+            if response.status_code != 503 or attempt == 4:
+                break
+            time.sleep(2.0)
+        response.raise_for_status()
 
 
 @pytest.fixture(scope="module")
