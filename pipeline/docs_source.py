@@ -16,11 +16,15 @@ from collections.abc import Iterable, Iterator, Sequence
 
 from pipeline.rows import DataError
 
+# Formal and conversational wordings alternate: with formal wordings only, the fine-tuned model declined
+# conversational questions about its own package ("I'm using more_itertools; how does X work?") as if
+# they were off-topic (README, "The default run, measured"). A docs source uses the first `phrasings`.
 QUESTION_PHRASINGS = (
     "What does `{qualname}` do?",
-    "Explain the {package} {kind} `{name}`.",
+    "I'm working with {package}; what is `{name}` for?",
     "How would I use {qualname}?",
-    "Describe what {name} in {package} is for.",
+    "Explain the {package} {kind} `{name}`.",
+    "Can you tell me what {name} in {package} is for?",
     "In {package}, what is the purpose of `{name}`?",
     "Can you summarise the documentation of {qualname}?",
 )

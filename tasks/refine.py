@@ -15,7 +15,8 @@ The default table (`refine.actions`, configurable):
 | eval.repetition_rate, eval.repetition_mean, eval.too_long_rate, eval.length_ratio_mean | cap_answer_length |
 | eval.refusal_rate, eval.refusal_rate.* (a probe category), eval.not_declined_rate | more_refusals |
 | eval.refusal_rate.near_domain (other software's questions answered) | more_near_domain_refusals |
-| eval.false_refusal_rate, eval.off_topic_rate | augment_phrasings |
+| eval.false_refusal_rate | fewer_near_domain_refusals, augment_phrasings |
+| eval.off_topic_rate | augment_phrasings |
 | benchmark.* (forgetting) | replay_general |
 
 A metric finds its exact entry first, then the longest `<prefix>.*` entry that matches
@@ -30,9 +31,10 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import DataConfig, DocsSource, JsonlSource, RefineConfig
+from pipeline.docs_source import QUESTION_PHRASINGS
 from pipeline.stage import stage_task
 
-MAX_PHRASINGS = 6
+MAX_PHRASINGS = len(QUESTION_PHRASINGS)
 
 
 def augment_phrasings(data: DataConfig) -> tuple[list[str], str]:
@@ -67,13 +69,27 @@ def more_refusals(data: DataConfig) -> tuple[list[str], str]:
 
 
 def more_near_domain_refusals(data: DataConfig) -> tuple[list[str], str]:
-    """Double the near-domain refusal examples (questions about other packages; at least 30 more)."""
+    """Half as many near-domain refusal examples again (questions about other packages; at least 30 more).
+
+    Not twice as many: doubling 150 to 300 took the default model from declining 0.57 of other software's
+    questions and 0.20 of its own to 1.00 and 0.83 (it refuses in proportion to the refusal rows' share).
+    """
     overrides = [
-        f"data.sources.{i}.near_domain={max(s.near_domain * 2, s.near_domain + 30)}"
+        f"data.sources.{i}.near_domain={max(s.near_domain * 3 // 2, s.near_domain + 30)}"
         for i, s in enumerate(data.sources)
         if isinstance(s, DocsSource)
     ]
     return overrides, "more questions about other packages answered with a refusal, so the model tells them apart"
+
+
+def fewer_near_domain_refusals(data: DataConfig) -> tuple[list[str], str]:
+    """A quarter fewer near-domain refusal examples (at least 10 fewer), where there are any."""
+    overrides = [
+        f"data.sources.{i}.near_domain={min(s.near_domain * 3 // 4, s.near_domain - 10)}"
+        for i, s in enumerate(data.sources)
+        if isinstance(s, DocsSource) and s.near_domain >= 10
+    ]
+    return overrides, "fewer refusal examples, so the model declines less of its own package's questions"
 
 
 def cap_answer_length(data: DataConfig) -> tuple[list[str], str]:
@@ -101,6 +117,7 @@ CHANGES: dict[str, Callable[[DataConfig], tuple[list[str], str]]] = {
     "more_data": more_data,
     "more_refusals": more_refusals,
     "more_near_domain_refusals": more_near_domain_refusals,
+    "fewer_near_domain_refusals": fewer_near_domain_refusals,
     "cap_answer_length": cap_answer_length,
     "replay_general": replay_general,
 }
@@ -121,10 +138,13 @@ def plan_changes(verdicts: list[dict], data: DataConfig, config: RefineConfig) -
     """For each failed gate (decision 'fail'), the configured changes that still change something.
 
     Out: `[{"gate", "change", "why", "overrides"}]`; a change already chosen for an
-    earlier gate is not repeated, and one with nothing left to change is skipped.
+    earlier gate is not repeated, one with nothing left to change is skipped, and so is one that
+    would set a key an earlier change sets (gates that pull one setting both ways, such as too few
+    near-domain refusals and too many false refusals, leave it to the first gate's change).
     """
     planned: list[dict] = []
     chosen: set[str] = set()
+    keys_set: set[str] = set()
     for verdict in verdicts:
         if verdict["decision"] != "fail":  # only a failed gate changes data; an inconclusive one grows the sample
             continue
@@ -132,8 +152,10 @@ def plan_changes(verdicts: list[dict], data: DataConfig, config: RefineConfig) -
             if name in chosen:
                 continue
             overrides, why = CHANGES[name](data)
-            if overrides:
+            keys = {override.split("=", 1)[0] for override in overrides}
+            if overrides and not keys & keys_set:
                 chosen.add(name)
+                keys_set |= keys
                 planned.append({"gate": verdict["gate"], "change": name, "why": why, "overrides": overrides})
     return planned
 

@@ -142,7 +142,8 @@ class DocsSource(SourceBase):
 
     kind: Literal["docs"] = Field("docs", description="Selects this source: an installed package's documentation.")
     package: str = Field("more_itertools", description="Importable name of an installed package.")
-    phrasings: int = Field(3, ge=1, le=6, description="Question phrasings per documented object.")
+    # le: len(pipeline.docs_source.QUESTION_PHRASINGS) (tests/unit/test_probes.py keeps the two equal).
+    phrasings: int = Field(3, ge=1, le=7, description="Question phrasings per documented object.")
     max_objects: int | None = Field(None, gt=0, description="Use at most this many documented objects.")
     max_answer_words: int = Field(60, gt=5, description="Cut docstring answers to this many words (at a sentence end).")
     offtopic: int = Field(60, ge=0, description="Number of off-topic questions answered with a refusal.")

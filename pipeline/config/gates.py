@@ -97,6 +97,7 @@ REFINE_CHANGES = (
     "more_data",
     "more_refusals",
     "more_near_domain_refusals",
+    "fewer_near_domain_refusals",
     "cap_answer_length",
     "replay_general",
 )
@@ -116,7 +117,10 @@ DEFAULT_REFINE_ACTIONS: dict[str, list[str]] = {
     "eval.refusal_rate.near_domain": ["more_near_domain_refusals"],
     "eval.refusal_rate.*": ["more_refusals"],
     "eval.not_declined_rate": ["more_refusals"],
-    "eval.false_refusal_rate": ["augment_phrasings"],
+    # A 135M model after 60 CPU steps tells its package from others only partly: its refusal rate follows
+    # the refusal rows' share, so false refusals go down with fewer near-domain refusals (README, "The
+    # default run, measured"), and more ways of asking about the package help it generalise.
+    "eval.false_refusal_rate": ["fewer_near_domain_refusals", "augment_phrasings"],
     "eval.off_topic_rate": ["augment_phrasings"],
     "benchmark.*": ["replay_general"],
 }

@@ -107,19 +107,38 @@ def refusal_references(targets: Iterable[str]) -> list[str]:
     return [*found, GENERIC_REFUSAL]
 
 
+def mask_subjects(text: str, subjects: Sequence[str]) -> str:
+    """`text` with every mention of a taught package (`pkg`, `pkg.name`, backticks kept) replaced by "it".
+
+    Why: the trained refusal names the package ("...only answer questions about the more_itertools Python
+    package"), so an on-topic answer that names it ("more_itertools.chunked breaks an iterable into lists")
+    reaches a cosine of 0.6-0.7 to the refusal on the package name alone and would count as declining.
+    """
+    for subject in subjects:
+        text = re.sub(rf"\b{re.escape(subject)}(\.\w+)*\b", "it", text)
+    return text
+
+
 @dataclass
 class RefusalDetector:
-    """Decides whether texts decline: keyword rules, or embedding cosine to a reference refusal >= threshold."""
+    """Decides whether texts decline: keyword rules, or embedding cosine to a reference refusal >= threshold.
+
+    `subjects`: the taught packages, masked in texts and references before embedding (`mask_subjects`),
+    so the cosine measures declining, not naming the same package.
+    """
 
     encoder: Any
     references: list[str]
     threshold: float
+    subjects: Sequence[str] = ()
 
     def __call__(self, texts: Sequence[str]) -> tuple[list[bool], list[float]]:
         """(declined?, highest cosine to a reference refusal) for each text."""
         if not texts:
             return [], []
-        cosine = embed(self.encoder, texts) @ embed(self.encoder, self.references).T
+        masked_texts = [mask_subjects(t, self.subjects) for t in texts]
+        masked_references = [mask_subjects(r, self.subjects) for r in self.references]
+        cosine = embed(self.encoder, masked_texts) @ embed(self.encoder, masked_references).T
         best = [round(float(x), 6) for x in cosine.max(dim=1).values]
         return [refusal_by_rules(t) or b >= self.threshold for t, b in zip(texts, best)], best
 

@@ -72,7 +72,8 @@ def evaluate_model(
     del model  # free it before the embedding model loads
     targets = [row["completion"] for row in test_rows]
     encoder = load_encoder()
-    detector = RefusalDetector(encoder, refusal_references(_split_targets(split_dir)), config.refusal_similarity)
+    references = refusal_references(_split_targets(split_dir))
+    detector = RefusalDetector(encoder, references, config.refusal_similarity, subjects=taught)
     questions = [row_question(row, template) for row in test_rows]
     rows = score_answers(questions, targets, answers[: len(test_rows)], config, detector)
     for row, test_row in zip(rows, test_rows):

@@ -15,6 +15,7 @@ from pipeline.docs_source import REFUSAL
 from pipeline.models import load_model, load_tokenizer
 from pipeline.prompts import render_prompt
 from tasks.evaluate import (
+    RefusalDetector,
     categorise,
     cut_at_stop,
     evaluate_model,
@@ -22,6 +23,8 @@ from tasks.evaluate import (
     generate_answers,
     left_pad,
     length_ratio,
+    load_encoder,
+    mask_subjects,
     question_of,
     refusal_by_rules,
     repetition,
@@ -67,6 +70,28 @@ def test_refusal_rules_catch_polite_declines_only():
     assert refusal_by_rules("Sorry, but I can\u2019t help with that.")
     assert not refusal_by_rules(DOC_ANSWER)
     assert not refusal_by_rules("Mars is the fourth planet from the Sun.")
+
+
+def test_an_answer_naming_the_taught_package_is_not_a_refusal_but_a_paraphrased_refusal_is():
+    # Measured with all-MiniLM-L6-v2 before the mask: these answers reached 0.60-0.71 cosine to the trained
+    # refusal on the package name alone (threshold 0.6), so false_refusal_rate counted them as declines.
+    answers = [
+        "more_itertools.chunked breaks an iterable into lists of length n.",
+        "You can use more_itertools.peekable to look ahead in an iterator.",
+        "This function is part of the more_itertools Python package and returns items.",
+    ]
+    refusal = REFUSAL.format(package="more_itertools")
+    unmasked = RefusalDetector(load_encoder(), [refusal], threshold=0.6)
+    masked = RefusalDetector(load_encoder(), [refusal], threshold=0.6, subjects=["more_itertools"])
+    assert all(unmasked(answers)[0]), "the unmasked cosine should reproduce the false refusals"
+    declined, cosine = masked([*answers, refusal, "Sorry, I only know about the more_itertools package."])
+    assert declined == [False, False, False, True, True]
+    assert max(cosine[:3]) < 0.6 <= cosine[3]  # the last one is declined by the keyword rules
+
+
+def test_mask_subjects_replaces_the_package_and_its_dotted_names_only():
+    text = "Use more_itertools.chunked, not more_itertools_extra or os.path; more_itertools is fine."
+    assert mask_subjects(text, ["more_itertools"]) == "Use it, not more_itertools_extra or os.path; it is fine."
 
 
 def _flags(**changes):

@@ -22,6 +22,7 @@ from pipeline.config import (
     DataConfig,
     DocsSource,
     EvalConfig,
+    RefineConfig,
     TemplateConfig,
     load_config,
 )
@@ -46,7 +47,7 @@ from tasks.evaluate import (
     summarise,
     taught_packages,
 )
-from tasks.refine import CHANGES, changes_for
+from tasks.refine import CHANGES, changes_for, plan_changes
 
 TEMPLATE = TemplateConfig()
 COUNTS = {"general_knowledge": 3, "chit_chat": 2, "near_domain": 4, "on_topic": 2}
@@ -189,6 +190,12 @@ def test_on_topic_probe_phrasings_share_no_template_with_the_training_phrasings(
                 assert jaccard(_words(asked), _words(trained)) < 0.8, (asked, trained)
 
 
+def test_the_phrasings_setting_admits_exactly_the_phrasings_there_are():
+    DocsSource(phrasings=len(QUESTION_PHRASINGS))
+    with pytest.raises(ValueError):
+        DocsSource(phrasings=len(QUESTION_PHRASINGS) + 1)
+
+
 def test_near_domain_package_sets_are_disjoint_and_leave_out_the_taught_package():
     train, probe = ({p.split(".")[0] for p in ps} for ps in (NEAR_DOMAIN_TRAIN_PACKAGES, NEAR_DOMAIN_PROBE_PACKAGES))
     assert not train & probe
@@ -213,7 +220,9 @@ def test_docs_source_emits_near_domain_refusal_rows_in_the_training_phrasings():
     assert len(near) == 7 and len({r["question"] for r in near}) == 7
     assert all(r["answer"] == REFUSAL.format(package="more_itertools") for r in near)
     packages = [
-        next(p for p in NEAR_DOMAIN_TRAIN_PACKAGES if f"`{p}." in r["question"] or f"the {p} " in r["question"])
+        next(
+            p for p in NEAR_DOMAIN_TRAIN_PACKAGES if any(f in r["question"] for f in (f"`{p}.", f"the {p} ", f" {p};"))
+        )
         for r in near
     ]
     assert len(set(packages)) == 7  # round-robin: a short draw spans the packages
@@ -306,4 +315,22 @@ def test_a_near_domain_failure_asks_for_more_near_domain_refusals():
     assert changes_for("eval.unknown", DEFAULT_REFINE_ACTIONS) == []
     data = DataConfig(sources=[DocsSource(near_domain=40), DocsSource(package="json", near_domain=0)])
     overrides, why = CHANGES["more_near_domain_refusals"](data)
-    assert overrides == ["data.sources.0.near_domain=80", "data.sources.1.near_domain=30"] and why
+    assert overrides == ["data.sources.0.near_domain=70", "data.sources.1.near_domain=30"] and why
+    assert CHANGES["more_near_domain_refusals"](DataConfig(sources=[DocsSource(near_domain=150)]))[0] == [
+        "data.sources.0.near_domain=225"
+    ]
+
+
+def test_false_refusals_ask_for_fewer_near_domain_refusals_unless_the_near_domain_gate_asked_for_more():
+    data = DataConfig(sources=[DocsSource(near_domain=150, phrasings=3), DocsSource(package="json", near_domain=5)])
+    assert CHANGES["fewer_near_domain_refusals"](data)[0] == ["data.sources.0.near_domain=112"]
+    false_refusals = {"gate": "false", "metric": "eval.false_refusal_rate", "decision": "fail"}
+    near_domain = {"gate": "near", "metric": "eval.refusal_rate.near_domain", "decision": "fail"}
+    alone = plan_changes([false_refusals], data, RefineConfig())
+    assert [c["change"] for c in alone] == ["fewer_near_domain_refusals", "augment_phrasings"]
+    both = plan_changes([near_domain, false_refusals], data, RefineConfig())
+    # The two gates pull near_domain both ways: the first gate's change keeps the key, the phrasings still change.
+    assert [(c["gate"], c["change"]) for c in both] == [
+        ("near", "more_near_domain_refusals"),
+        ("false", "augment_phrasings"),
+    ]
