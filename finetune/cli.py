@@ -317,6 +317,9 @@ def run(config_path: str, overrides: list[str]) -> int:
         print(summary_table(outcome.summary))
         print(f"\nFAILED: {outcome}", file=sys.stderr)
         return EXIT_FAILED
+    if isinstance(outcome, ConfigError):  # found when the flow starts: a placement the Prefect server lacks
+        print(f"config error:\n{outcome}", file=sys.stderr)
+        return EXIT_USAGE
     if isinstance(outcome, DataError):  # bad input data is a usage error, like a bad config
         print(f"data error:\n{outcome}", file=sys.stderr)
         return EXIT_USAGE

@@ -31,9 +31,10 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 
+from flows.placed import check_placement, place_stage
 from pipeline.assets import arc_data_dir
 from pipeline.card import card_facts, render_card, write_card
-from pipeline.config import PipelineConfig, StoreConfig, load_config
+from pipeline.config import PipelineConfig, PlacementConfig, StoreConfig, load_config
 from pipeline.models import LATEST_PASSING
 from pipeline.refs import Ref
 from pipeline.stage import result_storage_for
@@ -60,28 +61,39 @@ class GatesFailed(RuntimeError):
 
 @dataclass
 class StageLog:
-    """Runs stage tasks and remembers, for the summary, each one's round, state, seconds and figures."""
+    """Runs stage tasks and remembers, for the summary, each one's round, state, seconds and figures.
+
+    A stage the config places on another work pool (`placement`, flows/placed.py) runs there as its own flow run,
+    unless its artifact is already in the store: then it runs here and comes back Cached, starting nothing.
+    """
 
     result_storage: Any
+    placement: PlacementConfig = field(default_factory=PlacementConfig)
     round: int = 1
     entries: list[dict[str, Any]] = field(default_factory=list)
 
     def run(self, stage_task: Any, label: str, **parameters: Any) -> Ref:
         """Run one stage task (cached on its content key) and return its Ref; a failure raises."""
         started = time.perf_counter()
-        state = stage_task.with_options(result_storage=self.result_storage)(**parameters, return_state=True)
-        ref: Ref = state.result()
-        self.entries.append(
-            {
-                "round": self.round,
-                "stage": label,
-                "state": state.name,
-                "seconds": round(time.perf_counter() - started, 1),
-                "uri": ref.uri,
-                "sha256": ref.sha256,
-                "meta": ref.meta,
-            }
-        )
+        place = self.placement.of(stage_task.name)
+        placed = place_stage(stage_task, label, place, parameters) if place is not None else None
+        if placed is not None:
+            ref, state_name = placed.ref, placed.state
+        else:
+            state = stage_task.with_options(result_storage=self.result_storage)(**parameters, return_state=True)
+            ref, state_name = state.result(), state.name
+        entry = {
+            "round": self.round,
+            "stage": label,
+            "state": state_name,
+            "seconds": round(time.perf_counter() - started, 1),
+            "uri": ref.uri,
+            "sha256": ref.sha256,
+            "meta": ref.meta,
+        }
+        if placed is not None:
+            entry["placed"] = placed.summary()
+        self.entries.append(entry)
         return ref
 
 
@@ -187,7 +199,9 @@ def finetune(config_path: str | None = "configs/default.yaml", overrides: list[s
     """
     overrides = list(overrides or [])
     cfg: PipelineConfig = load_config(config_path, overrides)
-    log = StageLog(result_storage_for(cfg.store))
+    if cfg.placement.placed:
+        check_placement(cfg.placement)  # deployments, pools and limits exist: before any work
+    log = StageLog(result_storage_for(cfg.store), cfg.placement)
     rounds: list[Round] = []
     history: list[dict[str, Any]] = []
     refinements: list[str] = []
@@ -377,7 +391,8 @@ def summary_table(summary: dict[str, Any]) -> str:
         )
         if entry["stage"] == "refine":
             figures = ", ".join(c["change"] for c in entry["meta"]["changes"]) or "no change applies"
-        lines.append(f"| {entry['round']} | {entry['stage']} | {entry['state']} | {entry['seconds']} | {figures} |")
+        state = entry["state"] + (f" on {entry['placed']['work_pool']}" if "placed" in entry else "")
+        lines.append(f"| {entry['round']} | {entry['stage']} | {state} | {entry['seconds']} | {figures} |")
     base, tuned = summary["metrics"]["base"], summary["metrics"]["fine_tuned"]
     lines += ["", "| metric | base | fine-tuned (last round) |", "|---|---|---|"]
     lines += [

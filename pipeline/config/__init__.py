@@ -8,7 +8,8 @@ section (with the stage's inputs) is what its content key hashes.
 
 Modules: `base` (`Section`, `ConfigError`), the sections by topic: `data` (the sources), `preparation`
 (template, tokenize, split), `training` (model, train, LoRA), `evaluation` (eval, benchmark, the metric and
-probe names), `gates` (gates, elo, refine), `run` (store, sweep and the whole `PipelineConfig`); and `loading`
+probe names), `gates` (gates, elo, refine), `placement` (which
+stages run on another work pool), `run` (store, sweep and the whole `PipelineConfig`); and `loading`
 (YAML, --set overrides, error messages). This module re-exports their public names.
 """
 
@@ -55,6 +56,12 @@ from pipeline.config.loading import (
     parse_override,
     yaml_problem,
 )
+from pipeline.config.placement import (
+    DEFAULT_CONCURRENCY_LIMIT,
+    PLACEABLE_STAGES,
+    PlacementConfig,
+    StagePlacement,
+)
 from pipeline.config.preparation import TEMPLATE_FIELDS, SplitConfig, TemplateConfig, TokenizeConfig
 from pipeline.config.run import SWEEP_TRAIN_METRICS, PipelineConfig, StoreConfig, SweepConfig
 from pipeline.config.training import LoraConfig, ModelConfig, TrainConfig
@@ -62,6 +69,7 @@ from pipeline.config.training import LoraConfig, ModelConfig, TrainConfig
 __all__ = [
     "BENCHMARK_METRICS",
     "BENCHMARK_TASKS",
+    "DEFAULT_CONCURRENCY_LIMIT",
     "DEFAULT_PROBES",
     "DEFAULT_PROBE_COUNTS",
     "DEFAULT_REFINE_ACTIONS",
@@ -70,6 +78,7 @@ __all__ = [
     "FILE_KINDS",
     "HAND_PICKED_PROBES",
     "OFFTOPIC_PROBE_CATEGORIES",
+    "PLACEABLE_STAGES",
     "PROBE_CATEGORIES",
     "REFINE_CHANGES",
     "SWEEP_TRAIN_METRICS",
@@ -87,12 +96,14 @@ __all__ = [
     "LoraConfig",
     "ModelConfig",
     "PipelineConfig",
+    "PlacementConfig",
     "RecordSource",
     "RefineConfig",
     "Section",
     "Source",
     "SourceBase",
     "SplitConfig",
+    "StagePlacement",
     "StoreConfig",
     "SweepConfig",
     "TemplateConfig",

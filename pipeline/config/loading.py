@@ -55,7 +55,9 @@ def apply_override(tree: dict, path: list[str], value: Any) -> None:
         if isinstance(node, list):
             node = node[_list_index(node, part, path[: i + 1])]
         else:
-            node = node.setdefault(part, {})
+            if node.get(part) is None:  # an unset optional section (placement.train): the override starts it
+                node[part] = {}
+            node = node[part]
             if not isinstance(node, (dict, list)):
                 raise ConfigError(f"--set {'.'.join(path)}: {'.'.join(path[: i + 1])} is a value, not a section")
     last = path[-1]

@@ -10,6 +10,7 @@ from pipeline.config.base import Section
 from pipeline.config.data import DataConfig
 from pipeline.config.evaluation import BENCHMARK_METRICS, EVAL_METRICS, BenchmarkConfig, EvalConfig
 from pipeline.config.gates import EloConfig, Gate, RefineConfig
+from pipeline.config.placement import PlacementConfig
 from pipeline.config.preparation import SplitConfig, TemplateConfig, TokenizeConfig
 from pipeline.config.training import ModelConfig, TrainConfig
 from pipeline.store import StoreSettings
@@ -144,6 +145,7 @@ class PipelineConfig(Section):
     elo: EloConfig = Field(default_factory=EloConfig)
     refine: RefineConfig = Field(default_factory=RefineConfig)
     store: StoreConfig = Field(default_factory=StoreConfig)
+    placement: PlacementConfig = Field(default_factory=PlacementConfig)
     sweep: SweepConfig = Field(default_factory=SweepConfig)
 
     @model_validator(mode="after")
@@ -171,6 +173,17 @@ class PipelineConfig(Section):
             raise ValueError(
                 f"train.dtype={autocast} over model.dtype={weights} weights: expected train.dtype auto, float32 "
                 f"or {weights}"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _placed_stages_reach_the_store(self) -> PipelineConfig:
+        placed = list(self.placement.placed)
+        if placed and not self.store.uri.startswith("s3://"):
+            keys = ", ".join(f"placement.{stage}" for stage in placed)
+            raise ValueError(
+                f"{keys}: a placed stage runs on another machine and needs a store every work pool can reach, "
+                f"expected store.uri=s3://bucket/prefix, found store.uri={self.store.uri!r} (a local folder)"
             )
         return self
 

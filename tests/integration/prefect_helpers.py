@@ -110,14 +110,17 @@ def wait_for(what: str, check, timeout_s: float, proc: subprocess.Popen, log_pat
         time.sleep(1.0)
 
 
-def running_prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectServer]:
-    """`prefect server start` on a free port of 127.0.0.1, home and database in a temp folder."""
+def running_prefect_server(
+    tmp_path_factory: pytest.TempPathFactory, startup_timeout_s: float = SERVER_STARTUP_TIMEOUT_S, **settings: str
+) -> Iterator[PrefectServer]:
+    """`prefect server start` on a free port of 127.0.0.1, home and database in a temp folder; `settings` are
+    extra PREFECT_* settings for the server process."""
     base = tmp_path_factory.mktemp("prefect-server")
     home = base / "home"
     home.mkdir()
     port = free_port()
     server = PrefectServer(api_url=f"http://127.0.0.1:{port}/api", home=home, log_path=base / "server.log")
-    env = clean_env(PREFECT_HOME=str(home), PREFECT_UI_ENABLED="false")
+    env = clean_env(PREFECT_HOME=str(home), PREFECT_UI_ENABLED="false", **settings)
     started = time.monotonic()
     proc = start(
         [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
@@ -128,7 +131,7 @@ def running_prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator
         wait_for(
             "Prefect server health",
             lambda: httpx.get(f"{server.api_url}/health", timeout=5).json() is True,
-            SERVER_STARTUP_TIMEOUT_S,
+            startup_timeout_s,
             proc,
             server.log_path,
         )
