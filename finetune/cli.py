@@ -451,7 +451,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"config error:\n{args.config}: model.name: {exc}", file=sys.stderr)
         return EXIT_USAGE
     try:  # QLoRA without CUDA or bitsandbytes, float16 on a CPU: refused before collect spends any time
-        check_training_device(config.model, config.train, pick_device())
+        if config.placement.train is None:  # a placed train stage is checked on its own pool's machine
+            check_training_device(config.model, config.train, pick_device())
     except UnsupportedPrecision as exc:
         print(f"config error:\n{args.config}: {exc}", file=sys.stderr)
         return EXIT_USAGE
