@@ -6,8 +6,9 @@ questions and 0.1% empty answers, so de-duplication and the drop log have work t
 preparation on it in a fresh child process through the real stage bodies (`collect.body`, `template.body`,
 `tokenize.body`, `split.body`; validate's core `tokens_quality` + `check_quality` + the plot, i.e. the body
 without its Prefect UI artifact) with the default config and the default model's tokenizer. The child's peak
-resident set comes from `os.wait4` (that child alone); time is the stages' own seconds (the child's imports,
-tens of seconds on a loaded machine, are printed apart and left out of rows/s and the ratios).
+resident set and CPU seconds come from `os.wait4` (that child alone). Time is the stages' own CPU seconds (all
+threads; the child's imports are printed apart and left out), which a shared machine's load barely changes;
+their wall seconds are printed too.
 
 Printed per size: rows, seconds, rows/s, peak RSS, and the ratios against the smallest run (time / rows
 ratio ~1 means linear; memory ratio <= 1.5 is the target), with the load average before and after.
@@ -68,14 +69,16 @@ def child(export: Path, work: Path) -> dict:
 
     data, model = DataConfig(sources=[JsonlSource(path=str(export))]), ModelConfig()
     seconds: dict[str, float] = {"imports": time.perf_counter() - started}
+    cpu: dict[str, float] = {"imports": time.process_time()}
     folders = {name: work / name for name in ("collect", "template", "tokenize", "validate", "split")}
     for folder in folders.values():
         folder.mkdir(parents=True)
 
     def timed(name: str, run) -> dict:
-        began = time.perf_counter()
+        began, cpu_began = time.perf_counter(), time.process_time()
         figures = run()
         seconds[name] = round(time.perf_counter() - began, 2)
+        cpu[name] = round(time.process_time() - cpu_began, 2)
         return figures
 
     collected = timed("collect", lambda: collect.body(data, None, folders["collect"]))
@@ -94,6 +97,7 @@ def child(export: Path, work: Path) -> dict:
     seconds["total"] = round(time.perf_counter() - started, 2)
     return {
         "seconds": seconds,
+        "cpu": cpu,
         "rows_read": collected["rows_read"],
         "rows": collected["rows"],
         "dropped": quality["dropped"],
@@ -113,7 +117,8 @@ def measure(export: Path, work: Path) -> dict:
     if status != 0:
         raise RuntimeError(f"child failed on {export} (status {status}):\n{output[-2000:]}")
     result = json.loads(output.strip().splitlines()[-1])
-    return {**result, "wall": wall, "peak_rss": usage.ru_maxrss * 1024}  # ru_maxrss is KiB on Linux
+    cpu = usage.ru_utime + usage.ru_stime
+    return {**result, "wall": wall, "cpu_total": cpu, "peak_rss": usage.ru_maxrss * 1024}  # ru_maxrss: KiB
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -150,19 +155,24 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def print_row(result: dict, base: dict, flush: bool = False) -> None:
-    """One size's line: rows, MB, seconds (and per stage), rows/s, peak RSS, ratios against `base`, load."""
+    """One size's line: rows, MB, CPU and wall seconds of the stages, rows per CPU second, peak RSS, ratios against
+    `base`, per-stage CPU seconds, load average."""
+
+    def prep_cpu(r: dict) -> float:
+        return sum(v for k, v in r["cpu"].items() if k != "imports")
+
     rows_ratio = result["size"] / base["size"]
-    prep, base_prep = (r["seconds"]["total"] - r["seconds"]["imports"] for r in (result, base))
-    time_ratio = prep / base_prep
-    stages = ", ".join(f"{k} {v:g}" for k, v in result["seconds"].items() if k != "total")
+    cpu, wall = prep_cpu(result), result["seconds"]["total"] - result["seconds"]["imports"]
+    time_ratio = cpu / prep_cpu(base)
+    stages = ", ".join(f"{k} {v:g}" for k, v in result["cpu"].items() if k != "imports")
     (before, after) = result["load"]
     print(
-        f"{result['size']:>9,} rows ({result['mb']:.0f} MB): {prep:7.1f} s, "
-        f"{result['size'] / prep:8,.0f} rows/s, peak RSS {result['peak_rss'] / 2**20:6.0f} MiB | "
-        f"x{rows_ratio:g} rows -> time x{time_ratio:.2f} (per row x{time_ratio / rows_ratio:.2f}), "
+        f"{result['size']:>9,} rows ({result['mb']:.0f} MB): {cpu:7.1f} CPU s ({wall:.0f} s wall), "
+        f"{result['size'] / cpu:7,.0f} rows/CPU s, peak RSS {result['peak_rss'] / 2**20:5.0f} MiB | "
+        f"x{rows_ratio:g} rows -> CPU time x{time_ratio:.2f} (per row x{time_ratio / rows_ratio:.2f}), "
         f"memory x{result['peak_rss'] / base['peak_rss']:.2f} | kept {result['rows']:,} of {result['rows_read']:,}, "
         f"train {result['train_rows']:,} test {result['test_rows']:,}, dropped {result['dropped']} | "
-        f"stages s: {stages} | load avg {before[0]:.1f} -> {after[0]:.1f}",
+        f"stages CPU s: {stages} | load avg {before[0]:.1f} -> {after[0]:.1f}",
         flush=flush,
     )
 
