@@ -15,7 +15,7 @@ import json
 import re
 import unicodedata
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,10 @@ from pipeline.config import DataConfig
 
 EXAMPLES_PER_REASON = 3
 """Dropped rows quoted per reason in the report and in error messages."""
+
+BATCH_ROWS = 4096
+"""Rows a data stage holds at once: what keeps its memory flat however many rows there are. Results do not
+depend on it (tests run the stages with batches of a few rows and compare)."""
 
 
 class DataError(ValueError):
@@ -156,5 +160,18 @@ def write_jsonl(path: Path, rows: Iterable[dict]) -> int:
 
 def read_jsonl(path: Path) -> list[dict]:
     """Rows of a JSON Lines file the pipeline wrote itself."""
+    return [row for batch in jsonl_batches(path) for row in batch]
+
+
+def jsonl_batches(path: Path, batch_rows: int = BATCH_ROWS) -> Iterator[list[dict]]:
+    """Rows of a JSON Lines file the pipeline wrote itself, `batch_rows` at a time (the last batch may be short)."""
+    batch: list[dict] = []
     with path.open(encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
+        for line in handle:
+            if line.strip():
+                batch.append(json.loads(line))
+                if len(batch) >= batch_rows:
+                    yield batch
+                    batch = []
+    if batch:
+        yield batch

@@ -1,7 +1,8 @@
 """Stage 2, template: turn each row into a prompt and a completion.
 
 In: the collect artifact (`rows.jsonl`) and `TemplateConfig` (plus the model, whose
-tokenizer renders the `chat` template). Out: `rows.jsonl` with the collected fields
+tokenizer renders the `chat` template). Out: `rows.jsonl` (written one row at a time as it is read, so memory
+stays flat however many rows there are) with the collected fields
 plus `prompt`, `completion` and `text`. The prompt and completion are kept apart
 (evaluation generates from the prompt; the loss can be masked to the completion) and
 joined in `text` (the text-only form). The EOS token is appended at tokenization,
@@ -17,14 +18,16 @@ as completion).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
 from pipeline.config import ModelConfig, TemplateConfig
+from pipeline.progress import Progress
 from pipeline.prompts import custom_parts, render_prompt
-from pipeline.rows import DataError, is_text_row, read_jsonl, write_jsonl
+from pipeline.rows import DataError, is_text_row
 from pipeline.stage import stage_task
 
 
@@ -55,6 +58,21 @@ def template_rows(
     return [apply_template(row, config, tokenizer) for row in rows]
 
 
+def template_file(
+    source: Path, target: Path, config: TemplateConfig, tokenizer: PreTrainedTokenizerBase | None = None
+) -> int:
+    """Template the JSON Lines rows of `source` into `target`, one row at a time; out: the rows written."""
+    progress, count = Progress("template", unit="rows"), 0
+    with source.open(encoding="utf-8") as rows, target.open("w", encoding="utf-8") as out:
+        for line in rows:
+            if line.strip():
+                out.write(json.dumps(apply_template(json.loads(line), config, tokenizer), ensure_ascii=False) + "\n")
+                count += 1
+                progress.advance()
+    progress.finish()
+    return count
+
+
 @stage_task("template")
 def template(collected: Path, config: TemplateConfig, out: Path, model: ModelConfig | None = None) -> dict[str, Any]:
     """Apply the prompt template to every collected row (`collected/rows.jsonl` -> `out/rows.jsonl`); out: figures.
@@ -73,6 +91,5 @@ def template(collected: Path, config: TemplateConfig, out: Path, model: ModelCon
 
         tokenizer = load_tokenizer(resolve_model(model.name), trust_remote_code=model.trust_remote_code)
         check_chat_template(tokenizer, model.name)
-    rows = read_jsonl(collected / "rows.jsonl")
-    count = write_jsonl(out / "rows.jsonl", template_rows(rows, config, tokenizer))
+    count = template_file(collected / "rows.jsonl", out / "rows.jsonl", config, tokenizer)
     return {"rows": count, "template": config.name}

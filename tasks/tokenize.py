@@ -1,7 +1,8 @@
 """Stage 3, tokenize: token ids and labels with the model's own tokenizer.
 
 In: the template artifact and `TokenizeConfig` (plus the model, whose tokenizer
-decides the ids). Out: `tokens.parquet`, unpadded (padding happens per batch at
+decides the ids). Rows are read, tokenized and written `BATCH_ROWS` at a time (one Parquet row group per
+batch), so memory stays flat however many rows there are. Out: `tokens.parquet`, unpadded (padding happens per batch at
 training time), with `id, source, role, key, question, prompt, completion, input_ids,
 labels, prompt_tokens, answer_tokens` (`key` is the normalised question that split
 checks for leakage; the two counts are untruncated lengths for the quality report),
@@ -22,6 +23,7 @@ import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +34,8 @@ from transformers import PreTrainedTokenizerBase
 from pipeline.assets import resolve_model
 from pipeline.config import ModelConfig, TokenizeConfig
 from pipeline.models import IGNORE_INDEX, load_tokenizer
-from pipeline.rows import DataError, DropLog, question_key, read_jsonl
+from pipeline.progress import Progress
+from pipeline.rows import BATCH_ROWS, DataError, DropLog, jsonl_batches, question_key
 from pipeline.stage import stage_task
 
 
@@ -106,43 +109,93 @@ def cyclic_gc_paused() -> Iterator[None]:
             gc.enable()
 
 
-COLUMNS = (
-    "id",
-    "source",
-    "role",
-    "key",
-    "question",
-    "prompt",
-    "completion",
-    "input_ids",
-    "labels",
-    "prompt_tokens",
-    "answer_tokens",
+SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("source", pa.string()),
+        ("role", pa.string()),
+        ("key", pa.string()),
+        ("question", pa.string()),
+        ("prompt", pa.string()),
+        ("completion", pa.string()),
+        ("input_ids", pa.list_(pa.int64())),
+        ("labels", pa.list_(pa.int64())),
+        ("prompt_tokens", pa.int64()),
+        ("answer_tokens", pa.int64()),
+    ]
 )
+"""tokens.parquet's columns; spelled out so that every batch (an empty one too) writes the same schema."""
+COLUMNS = tuple(SCHEMA.names)
+
+
+@dataclass
+class TokenizeTally:
+    """What tokenizing has counted so far, over every batch: rows in and out, truncated, tokens, drops."""
+
+    rows_in: int = 0
+    rows: int = 0
+    truncated: int = 0
+    tokens: int = 0
+    drops: DropLog = field(default_factory=DropLog)
+
+    def counts(self) -> dict[str, Any]:
+        """Rows in, rows out, rows truncated, `dropped` by reason with `examples` (the stage's report)."""
+        return {
+            "rows_in": self.rows_in,
+            "rows": self.rows,
+            "truncated": self.truncated,
+            "dropped": dict(self.drops.counts),
+            "dropped_no_label": self.drops.counts["answer_truncated"],
+            "examples": self.drops.examples,
+        }
 
 
 def tokenize_rows(
     rows: list[dict], tokenizer: PreTrainedTokenizerBase, config: TokenizeConfig
 ) -> tuple[pa.Table, dict]:
-    """Tokenize every templated row in two batched tokenizer calls.
+    """Tokenize every templated row in two batched tokenizer calls, in memory (the stage streams `tokenize_file`).
 
-    Out: the Arrow table (`COLUMNS`) and counts: rows in, rows out, rows truncated, and
+    Out: the Arrow table (`SCHEMA`) and counts: rows in, rows out, rows truncated, and
     `dropped` by reason (over_length with `overlength: drop`; answer_truncated), with
     `examples` of each.
     """
+    tally = TokenizeTally()
     with cyclic_gc_paused():
-        return _tokenize_rows(rows, tokenizer, config)
+        table = tokenize_batch(rows, tokenizer, config, tally)
+    return table, tally.counts()
 
 
-def _tokenize_rows(
-    rows: list[dict], tokenizer: PreTrainedTokenizerBase, config: TokenizeConfig
-) -> tuple[pa.Table, dict]:
-    """`tokenize_rows` without the pause."""
+def tokenize_file(
+    templated: Path,
+    target: Path,
+    tokenizer: PreTrainedTokenizerBase,
+    config: TokenizeConfig,
+    batch_rows: int = BATCH_ROWS,
+) -> TokenizeTally:
+    """Tokenize the templated JSON Lines rows of `templated` into the Parquet file `target`, `batch_rows` at a time.
+
+    The same core as `tokenize_rows`, per batch; the output does not depend on `batch_rows`. Out: the tally.
+    """
+    tally, progress = TokenizeTally(), Progress("tokenize", unit="rows")
+    with pq.ParquetWriter(target, SCHEMA) as writer:
+        for rows in jsonl_batches(templated, batch_rows):
+            with cyclic_gc_paused():
+                writer.write_table(tokenize_batch(rows, tokenizer, config, tally))
+            progress.advance(len(rows))
+    progress.finish()
+    return tally
+
+
+def tokenize_batch(
+    rows: list[dict], tokenizer: PreTrainedTokenizerBase, config: TokenizeConfig, tally: TokenizeTally
+) -> pa.Table:
+    """One batch of templated rows as a table of `SCHEMA` (two batched tokenizer calls); counts go to `tally`."""
     prompts = encode_texts(tokenizer, [row["prompt"] for row in rows])
     completions = encode_texts(tokenizer, [row["completion"] for row in rows])
     columns: dict[str, list] = {name: [] for name in COLUMNS}
     lists = [columns[name] for name in COLUMNS]
-    drops, truncated, eos = DropLog(), 0, tokenizer.eos_token_id
+    drops, eos = tally.drops, tokenizer.eos_token_id
+    tally.rows_in += len(rows)
     for row, prompt_ids, completion_ids in zip(rows, prompts, completions):
         full_completion = [*completion_ids, eos]
         length = len(prompt_ids) + len(full_completion)
@@ -153,7 +206,7 @@ def _tokenize_rows(
                     f"row {row['id']}: expected at most tokenize.max_length={config.max_length} tokens, found {length}",
                 )
                 continue
-            truncated += 1
+            tally.truncated += 1
         if truncate_pair(len(prompt_ids), len(full_completion), config)[1] == 0:
             drops.add(
                 "answer_truncated",
@@ -162,6 +215,7 @@ def _tokenize_rows(
             )
             continue
         input_ids, labels = tokenize_pair(prompt_ids, full_completion, config)
+        tally.tokens += len(input_ids)
         # Plain appends: this loop runs once per row and dominates the stage's time after the tokenizer.
         values = (
             row["id"],
@@ -178,31 +232,22 @@ def _tokenize_rows(
         )
         for column, value in zip(lists, values):
             column.append(value)
-    counts = {
-        "rows_in": len(rows),
-        "rows": len(columns["id"]),
-        "truncated": truncated,
-        "dropped": dict(drops.counts),
-        "dropped_no_label": drops.counts["answer_truncated"],
-        "examples": drops.examples,
-    }
-    return pa.table(columns), counts
+    tally.rows += len(columns["id"])
+    return pa.table(columns, schema=SCHEMA)
 
 
 @stage_task("tokenize")
 def tokenize(templated: Path, config: TokenizeConfig, model: ModelConfig, out: Path) -> dict[str, Any]:
     """Tokenize the templated rows into `out/tokens.parquet` (+ `report.json`); returns the figures."""
-    rows = read_jsonl(templated / "rows.jsonl")
     tokenizer = load_tokenizer(resolve_model(model.name), trust_remote_code=model.trust_remote_code)
-    table, counts = tokenize_rows(rows, tokenizer, config)
-    if table.num_rows == 0:
+    tally = tokenize_file(templated / "rows.jsonl", out / "tokens.parquet", tokenizer, config)
+    counts = tally.counts()
+    if tally.rows == 0:
         raise DataError(
-            f"tokenize: expected rows left after tokenization, found none of {len(rows)}: "
+            f"tokenize: expected rows left after tokenization, found none of {tally.rows_in}: "
             f"{counts['dropped']}; raise tokenize.max_length or use truncation_side: left"
         )
-    pq.write_table(table, out / "tokens.parquet")
     report = {**counts, "max_length": config.max_length}
     (out / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    lengths = [len(ids) for ids in table.column("input_ids").to_pylist()]
     meta = {key: value for key, value in counts.items() if key != "examples"}
-    return {**meta, "mean_tokens": round(sum(lengths) / max(len(lengths), 1), 1)}
+    return {**meta, "mean_tokens": round(tally.tokens / max(tally.rows, 1), 1)}

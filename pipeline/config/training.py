@@ -92,6 +92,13 @@ class TrainConfig(Section):
     eval_steps: int = Field(
         120, gt=0, description="Evaluate on the test split every N optimizer steps (and after the last one)."
     )
+    eval_max_rows: int | None = Field(
+        256,
+        gt=0,
+        description="Rows of the test split the eval loss during training runs on: a seeded subset (train.seed), "
+        "the same at every evaluation, in file order; null: the whole split. The evaluate stage still answers the "
+        "test questions (eval.limit).",
+    )
     save_steps: int = Field(
         120,
         gt=0,

@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pipeline.progress import Progress
 from tasks.benchmark.task_files import LOCAL_TASKS, METRICS, _check_tasks, write_task_files
 
 if TYPE_CHECKING:  # transformers loads only when a benchmark runs
@@ -113,6 +114,34 @@ def no_git_commit_lookup() -> Iterator[None]:
         lm_eval.evaluator.get_git_commit_hash, lm_eval.loggers.utils.get_git_commit_hash = saved
 
 
+def reporting_lm(base: type) -> type:
+    """`base` (lm-eval's HFLM) with its scoring progress in the run's log.
+
+    lm-eval's own progress bar writes to stderr, which the Prefect run log does not show; this class logs
+    '<done>/<requests> requests' every few seconds, counting the sequences of every forward pass (requests that
+    share a context may share a pass, so the count can end below the total).
+    """
+
+    class ReportingLM(base):  # type: ignore[valid-type,misc]
+        _progress: Progress | None = None
+
+        def loglikelihood(self, requests: list, disable_tqdm: bool = False) -> list:
+            self._progress = Progress("benchmark log-likelihoods", len(requests), unit="requests")
+            try:
+                return super().loglikelihood(requests, disable_tqdm)
+            finally:
+                self._progress.finish()
+                self._progress = None
+
+        def _model_call(self, inps: Any, attn_mask: Any = None, labels: Any = None) -> Any:
+            logits = super()._model_call(inps, attn_mask, labels)
+            if self._progress is not None:
+                self._progress.advance(int(inps.shape[0]))
+            return logits
+
+    return ReportingLM
+
+
 def run_benchmark(
     model_dir: str,
     tasks: list[str],
@@ -167,7 +196,7 @@ def run_benchmark(
         task_dir = write_task_files(tasks, Path(data_dir), Path(tmp), num_fewshot)
         model, tokenizer = load_for_benchmark(model_dir, device, trust_remote_code)
         # A model object makes HFLM ignore its own device and dtype arguments: both were set above.
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
+        lm = reporting_lm(HFLM)(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
         task_manager = TaskManager(include_path=str(task_dir), include_defaults=False)
         with no_git_commit_lookup():
             results = lm_eval.simple_evaluate(

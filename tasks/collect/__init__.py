@@ -16,7 +16,8 @@ too; local or `s3://`), Hugging Face datasets (a `save_to_disk` folder or a hub 
 and `docs` (an installed package's documentation turned into question/answer pairs,
 plus off-topic refusals, near-domain refusals (questions about other packages) and
 optional general-knowledge replay). Files are read as
-streams, so `limit` takes the first rows of a corpus larger than memory.
+streams and rows pass through a spool file on disk, so memory stays flat as rows grow and `limit` takes the
+first rows of a corpus larger than memory.
 
 Each file's schema is detected from its columns (`SCHEMAS`) unless the source maps
 columns. Broken files fail at once (malformed JSON, undecodable bytes, no matching
@@ -27,9 +28,10 @@ more than `data.max_bad_fraction` of the rows read are dropped or fewer than
 `data.min_rows` remain.
 
 Modules: `schemas` (schema detection, `normalise_record`), `readers` (the file readers), `sources` (local
-files and globs, s3:// objects, Hugging Face datasets), `docs` (the docs source), `mixing` (one source up to
-its limit, duplicates, the weighted mix), `fingerprints` (source content in the key) and `stage` (the core
-`collect_data` and the `collect` task). This module re-exports their public names.
+files and globs, s3:// objects, Hugging Face datasets), `docs` (the docs source), `mixing` (one source's rows
+up to its limit, streamed; duplicates and the weighted mix in a second pass), `fingerprints` (source content in
+the key) and `stage` (the core `collect_to`, `collect_data` and the `collect` task). This module re-exports
+their public names.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ from tasks.collect.docs import (
     summary_paragraph,
 )
 from tasks.collect.fingerprints import source_fingerprints
-from tasks.collect.mixing import SourceResult, drop_duplicates, mix_sources, read_record_source, read_source
+from tasks.collect.mixing import SourceResult, draw_sizes, row_digests, source_rows, write_mixed
 from tasks.collect.readers import (
     FORMATS,
     Record,
@@ -69,7 +71,7 @@ from tasks.collect.schemas import (
     normalise_record,
 )
 from tasks.collect.sources import S3Data, hf_records, local_files, source_files, source_label
-from tasks.collect.stage import check_rows, collect, collect_data, collect_rows
+from tasks.collect.stage import check_rows, collect, collect_data, collect_rows, collect_to, collected_sources
 
 __all__ = [
     "ACCEPTED_SCHEMAS",
@@ -87,15 +89,16 @@ __all__ = [
     "collect",
     "collect_data",
     "collect_rows",
+    "collect_to",
+    "collected_sources",
     "detect_schema",
     "docs_rows",
-    "drop_duplicates",
+    "draw_sizes",
     "explicit_schema",
     "file_format",
     "hf_records",
     "json_type",
     "local_files",
-    "mix_sources",
     "near_domain_rows",
     "normalise_record",
     "read_csv_records",
@@ -104,13 +107,14 @@ __all__ = [
     "read_json_records",
     "read_jsonl_records",
     "read_parquet_records",
-    "read_record_source",
-    "read_source",
     "replay_rows",
+    "row_digests",
     "sniff_delimiter",
     "source_files",
     "source_fingerprints",
     "source_label",
+    "source_rows",
     "summary_paragraph",
     "text_lines",
+    "write_mixed",
 ]

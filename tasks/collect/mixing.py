@@ -1,8 +1,12 @@
-"""From sources to the collected rows: one source read up to its limit, duplicates dropped, sources mixed.
+"""From sources to the collected rows, streamed: one source read up to its limit, duplicates dropped, sources mixed.
 
-`read_source` reads a configured source into a `SourceResult` (rows kept, records read, drops counted);
-`drop_duplicates` drops exact and near duplicates across sources; `mix_sources` draws the train sources to their
-weights and to `data.max_rows`, seeded.
+`source_rows` yields a configured source's normalised rows one at a time, counting what it reads and drops in a
+`SourceResult`; `row_digests` gives the two keys de-duplication compares (the row's content, its normalised
+question); `write_mixed` makes the second pass over the spooled rows: it drops exact and near duplicates across
+sources (decided beforehand by `pipeline.digests.DigestLog`, on disk) and draws the train sources to their
+weights and to `data.max_rows`, seeded, writing the collected rows as it goes. Memory stays flat in the number of
+rows: one row at a time, one byte a row for the duplicate marks and, only when a draw cuts a source, the drawn
+positions.
 """
 
 from __future__ import annotations
@@ -13,7 +17,9 @@ import random
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
+
+import numpy as np
 
 from pipeline.config import DataConfig, DocsSource, HFSource, JsonlSource
 from pipeline.rows import DataError, DropLog, question_key
@@ -26,14 +32,15 @@ from tasks.collect.sources import hf_records, source_files, source_label
 
 @dataclass
 class SourceResult:
-    """What one source gave: its kept rows, how many records were read, and the drops."""
+    """What one source gave: records read, rows normalised (before de-duplication), rows kept, and the drops."""
 
     index: int
     label: str
     role: str
     weight: float | None
-    rows: list[dict[str, Any]] = field(default_factory=list)
     read: int = 0
+    normalised: int = 0
+    kept: int = 0
     schema: str = ""
     files: list[str] = field(default_factory=list)
     drops: DropLog = field(default_factory=DropLog)
@@ -47,15 +54,15 @@ class SourceResult:
             "files": self.files[:20],
             "files_count": len(self.files),
             "rows_read": self.read,
-            "rows_kept": len(self.rows),
+            "rows_kept": self.kept,
             "dropped": dict(self.drops.counts),
         }
 
 
 def _records_to_rows(
     result: SourceResult, records: Iterable[Record], schema: Schema, name: str, limit: int | None, max_chars: int
-) -> None:
-    """Normalise records into `result` until `limit` records of the source have been read."""
+) -> Iterator[dict[str, Any]]:
+    """Normalised rows of `records` until `limit` records of the source have been read; drops counted in `result`."""
     for origin, record in records:
         if limit is not None and result.read >= limit:
             return
@@ -64,7 +71,8 @@ def _records_to_rows(
         if isinstance(row, tuple):
             result.drops.add(*row)
         else:
-            result.rows.append(row)
+            result.normalised += 1
+            yield row
 
 
 def _record_inputs(
@@ -80,14 +88,14 @@ def _record_inputs(
         yield display, f"{file_format(display, source.kind)}:{path.name}", columns, records
 
 
-def read_record_source(
-    source: JsonlSource | HFSource, index: int, config: DataConfig, store: StoreSettings | None, workdir: Path
-) -> SourceResult:
+def _record_source_rows(
+    source: JsonlSource | HFSource, result: SourceResult, config: DataConfig, store: StoreSettings | None, workdir: Path
+) -> Iterator[dict[str, Any]]:
     """Rows of a file or Hugging Face source: one schema for all its files, records normalised, drops counted.
 
     Files are read in name order until the source's `limit` of records is reached.
     """
-    result = SourceResult(index, source_label(index), source.role, source.weight)
+    index = result.index
     explicit = explicit_schema(source)
     schemas: dict[str, str] = {}
     for display, name, columns, records in _record_inputs(source, index, store, workdir):
@@ -104,81 +112,106 @@ def read_record_source(
         result.schema = schema.name
         result.label = name if not result.files else f"{source_label(index)} ({len(result.files) + 1} files)"
         result.files.append(display)
-        _records_to_rows(result, records, schema, name, source.limit, config.max_chars)
+        yield from _records_to_rows(result, records, schema, name, source.limit, config.max_chars)
         if source.limit is not None and result.read >= source.limit:
             break
-    return result
 
 
-def read_source(
+def source_rows(
     source: Any, index: int, config: DataConfig, store: StoreSettings | None, workdir: Path
-) -> SourceResult:
-    """Rows of any configured source (see `read_record_source` and `read_docs_source`)."""
+) -> tuple[SourceResult, Iterator[dict[str, Any]]]:
+    """(the source's tally, its normalised rows): the rows come one at a time, and the tally fills as they do.
+
+    Files and datasets are read lazily; the docs source (one package's documentation) is built whole.
+    """
+    result = SourceResult(index, source_label(index), source.role, source.weight)
     if isinstance(source, DocsSource):
         rows = read_docs_source(source)
-        return SourceResult(
-            index, f"docs:{source.package}", source.role, source.weight, rows=rows, read=len(rows), schema="docs"
-        )
-    return read_record_source(source, index, config, store, workdir)
+        result.label, result.schema = f"docs:{source.package}", "docs"
+        result.read = result.normalised = len(rows)
+        return result, iter(rows)
+    return result, _record_source_rows(source, result, config, store, workdir)
 
 
-def _content_key(row: dict) -> str:
-    """What makes two rows exact duplicates: their content and role, whatever their source."""
+def row_digests(row: dict[str, Any]) -> tuple[bytes, bytes]:
+    """(exact, near) 16-byte keys of a row: its content and role whatever its source; its role and normalised
+    question (with its input and earlier turns)."""
     content = {k: v for k, v in row.items() if k not in ("id", "source")}
-    return hashlib.blake2b(json.dumps(content, sort_keys=True, ensure_ascii=False).encode(), digest_size=16).hexdigest()
+    exact = hashlib.blake2b(json.dumps(content, sort_keys=True, ensure_ascii=False).encode(), digest_size=16)
+    near = hashlib.blake2b(f"{row.get('role', 'train')}\x1f{question_key(row)}".encode(), digest_size=16)
+    return exact.digest(), near.digest()
 
 
-def drop_duplicates(results: list[SourceResult], mode: str) -> None:
-    """Drop exact duplicates (and with mode 'near', near-duplicate questions) in place, keeping the first.
+def draw_sizes(results: list[SourceResult], config: DataConfig) -> dict[int, int]:
+    """Rows wanted from each train source (by index), from the rows each kept after de-duplication.
 
-    Train and test rows are compared among themselves; a question in both is leakage,
-    which split removes and reports.
+    Weighted: each train source gives weight/total of the mix, as large as the scarcest
+    source allows (rows are never repeated). Else `data.max_rows` cuts every train source
+    in proportion. Otherwise every row is wanted.
     """
-    seen_exact: set[str] = set()
-    seen_near: set[bytes] = set()
+    train = [r for r in results if r.role == "train"]
+    available = sum(r.kept for r in train)
+    if all(r.weight is not None for r in train):
+        total = sum(r.weight or 0 for r in train)
+        size = min(r.kept * total / (r.weight or 1) for r in train)
+        size = min(size, config.max_rows or size)
+        return {r.index: int(size * (r.weight or 0) / total) for r in train}
+    if config.max_rows and available > config.max_rows:
+        return {r.index: int(r.kept * config.max_rows / available) for r in train}
+    return {r.index: r.kept for r in train}
+
+
+def _drawn(result: SourceResult, wanted: int, seed: int) -> np.ndarray | None:
+    """Which of a source's kept rows the seeded draw takes (None: all of them); the same config, the same rows."""
+    if result.role != "train" or wanted >= result.kept:
+        return None
+    taken = np.zeros(result.kept, dtype=bool)
+    taken[random.Random(f"{seed}:{result.index}").sample(range(result.kept), wanted)] = True
+    return taken
+
+
+def write_mixed(
+    spool: Iterable[str],
+    results: list[SourceResult],
+    exact_repeats: np.ndarray,
+    near_repeats: np.ndarray | None,
+    config: DataConfig,
+    out: IO[str],
+) -> int:
+    """The second pass: the spooled rows (JSON lines, in source order) without duplicates, drawn, written to `out`.
+
+    In: the spool, each source's tally (its `normalised` rows are its run of the spool), per spooled row whether
+    its content (`exact_repeats`) or, with `data.dedupe: near`, its question (`near_repeats`) came earlier. A
+    duplicate is dropped and counted in its source's tally; a question in train and test is leakage, which split
+    removes. Each tally's `kept` ends as the rows written. Out: the train rows the draw left out.
+    """
+    repeated = exact_repeats | near_repeats if near_repeats is not None else exact_repeats
+    start = 0
     for result in results:
-        kept = []
-        for row in result.rows:
-            exact = _content_key(row)
-            near = hashlib.blake2b(
-                f"{row.get('role', 'train')}\x1f{question_key(row)}".encode(), digest_size=16
-            ).digest()
-            if exact in seen_exact:
+        result.kept = int((~repeated[start : start + result.normalised]).sum())
+        start += result.normalised
+    available = sum(r.kept for r in results if r.role == "train")
+    wanted = draw_sizes(results, config)
+    lines = iter(spool)
+    seq = 0
+    for result in results:
+        drawn = _drawn(result, wanted.get(result.index, result.kept), config.seed)
+        position = written = 0
+        for line in (next(lines) for _ in range(result.normalised)):
+            if exact_repeats[seq]:
+                row = json.loads(line)
                 result.drops.add("duplicate", f"{result.label}: row {row['id']} repeats an earlier row")
-            elif mode == "near" and near in seen_near:
+            elif near_repeats is not None and near_repeats[seq]:
+                row = json.loads(line)
                 shown = row.get("question", row.get("text", ""))[:60]
                 result.drops.add(
                     "near_duplicate", f"{result.label}: question {shown!r} repeats an earlier one after normalisation"
                 )
             else:
-                kept.append(row)
-            seen_exact.add(exact)
-            seen_near.add(near)
-        result.rows = kept
-
-
-def mix_sources(results: list[SourceResult], config: DataConfig) -> tuple[list[dict[str, Any]], int]:
-    """All rows in source order, train sources drawn to their weights and to data.max_rows; out: (rows, not drawn).
-
-    Weighted: each train source gives weight/total of the mix, as large as the scarcest
-    source allows (rows are never repeated). The draw is seeded by data.seed, and the
-    drawn rows keep their order in the source, so the same config gives the same rows.
-    """
-    train = [r for r in results if r.role == "train"]
-    available = sum(len(r.rows) for r in train)
-    if all(r.weight is not None for r in train):
-        total = sum(r.weight or 0 for r in train)
-        size = min(len(r.rows) * total / (r.weight or 1) for r in train)
-        size = min(size, config.max_rows or size)
-        wanted = {r.index: int(size * (r.weight or 0) / total) for r in train}
-    elif config.max_rows and available > config.max_rows:
-        wanted = {r.index: int(len(r.rows) * config.max_rows / available) for r in train}
-    else:
-        wanted = {r.index: len(r.rows) for r in train}
-    rows: list[dict[str, Any]] = []
-    for result in results:
-        if result.role == "train" and wanted[result.index] < len(result.rows):
-            draw = random.Random(f"{config.seed}:{result.index}").sample(range(len(result.rows)), wanted[result.index])
-            result.rows = [result.rows[i] for i in sorted(draw)]
-        rows.extend(result.rows)
-    return rows, available - sum(len(r.rows) for r in train)
+                if drawn is None or drawn[position]:
+                    out.write(line)
+                    written += 1
+                position += 1
+            seq += 1
+        result.kept = written
+    return available - sum(r.kept for r in results if r.role == "train")

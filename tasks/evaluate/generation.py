@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-log = logging.getLogger(__name__)
+from pipeline.progress import Progress
 
 
 def stop_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
@@ -70,6 +69,7 @@ def generate_answers(
     order = sorted(range(len(encoded)), key=lambda i: (len(encoded[i]), i))
     answers: list[str] = [""] * len(encoded)
     model.eval()  # no dropout: greedy answers must not depend on the RNG
+    progress = Progress("generate answers", len(order), unit="answers")
     for start in range(0, len(order), batch_size):
         indices = order[start : start + batch_size]
         input_ids, mask = left_pad([encoded[i] for i in indices], pad_id)
@@ -88,5 +88,6 @@ def generate_answers(
             )
         for index, ids in zip(indices, output[:, input_ids.shape[1] :].tolist()):
             answers[index] = tokenizer.decode(cut_at_stop(ids, set(stops)), skip_special_tokens=True).strip()
-        log.debug("generated %d/%d answers", min(start + batch_size, len(order)), len(order))
+        progress.advance(len(indices))
+    progress.finish()
     return answers

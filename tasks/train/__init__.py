@@ -59,6 +59,7 @@ from tasks.train.process import TrainJob, export_model, final_eval_loss, fine_tu
 from tasks.train.report import LOSS_PLOT_FILE, REPORT_FILE, build_report, plot_loss, report_markdown
 from tasks.train.stage import check_before_launch, keep_trained_model, train
 from tasks.train.trainer import (
+    EvalProgress,
     LengthGroupedSampler,
     MeteredTrainer,
     StepTimer,
@@ -80,6 +81,7 @@ __all__ = [
     "LOSS_PLOT_FILE",
     "REPORT_FILE",
     "REPO_ROOT",
+    "EvalProgress",
     "LengthGroupedSampler",
     "MeteredTrainer",
     "StepTimer",

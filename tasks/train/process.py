@@ -35,6 +35,7 @@ from tasks.train.checkpoints import StoreCheckpoints, checkpoint_step, restore_c
 from tasks.train.errors import ERROR_FILE, EXIT_KNOWN_ERROR, KNOWN_ERRORS, is_out_of_memory, out_of_memory_error
 from tasks.train.report import LOSS_PLOT_FILE, REPORT_FILE, build_report, plot_loss
 from tasks.train.trainer import (
+    EvalProgress,
     MeteredTrainer,
     StepTimer,
     TokenMeter,
@@ -98,9 +99,10 @@ def fine_tune(job: TrainJob) -> dict | None:
         train_dataset=nested_share(
             training_rows(Path(job.split_dir) / "train.parquet"), config.train_fraction, config.seed
         ),
-        eval_dataset=training_rows(Path(job.split_dir) / "test.parquet"),
+        eval_dataset=training_rows(Path(job.split_dir) / "test.parquet", config.eval_max_rows, config.seed),
         data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX),
-        callbacks=[StepTimer(meter)] + ([StoreCheckpoints(store, job.checkpoint_prefix)] if store else []),
+        callbacks=[StepTimer(meter), EvalProgress()]
+        + ([StoreCheckpoints(store, job.checkpoint_prefix)] if store else []),
         meter=meter,
         group_by_length=config.group_by_length,
     )

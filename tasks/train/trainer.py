@@ -19,11 +19,20 @@ from transformers import AutoModelForCausalLM, PreTrainedModel, Trainer, Trainer
 
 from pipeline.config import TrainConfig
 from pipeline.lora import adaptable_module_names, check_lora_targets, lora_targets
+from pipeline.progress import DEFAULT_EVERY_SECONDS, Progress
 
 
-def training_rows(path: Path) -> list[dict[str, list[int]]]:
-    """Rows of a split file as the Trainer wants them: input_ids and labels, unpadded."""
+def training_rows(path: Path, max_rows: int | None = None, seed: int = 0) -> list[dict[str, list[int]]]:
+    """Rows of a split file as the Trainer wants them: input_ids and labels, unpadded.
+
+    With `max_rows`, at most that many: a `seed`-chosen subset kept in file order (every row, unchanged, when
+    there are no more). The eval loss during training runs on such a subset of the test split, so an evaluation
+    every `eval_steps` costs the same however large the split is.
+    """
     table = pq.read_table(path, columns=["input_ids", "labels"])
+    if max_rows is not None and table.num_rows > max_rows:
+        chosen = torch.randperm(table.num_rows, generator=torch.Generator().manual_seed(seed))[:max_rows]
+        table = table.take(chosen.sort().values.numpy())
     return [
         {"input_ids": ids, "labels": labels}
         for ids, labels in zip(*(table.column(c).to_pylist() for c in ("input_ids", "labels")))
@@ -217,6 +226,35 @@ class MeteredTrainer(Trainer):
             self.model.save_pretrained(output_dir, state_dict=state_dict, save_original_format=False)
             return
         super()._save(output_dir, state_dict)
+
+
+class EvalProgress(TrainerCallback):
+    """Prints the progress of each evaluation (batches done of all, rate, time left) every few seconds.
+
+    The Trainer's own progress bar is off (the task reads the process's output line by line); these lines reach
+    the run's log the same way the loss does.
+    """
+
+    def __init__(self, every: float = DEFAULT_EVERY_SECONDS) -> None:
+        self.every = every
+        self.progress: Progress | None = None
+
+    def on_prediction_step(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
+        """Count one evaluation batch."""
+        if not state.is_world_process_zero:
+            return
+        if self.progress is None:
+            loader = kwargs.get("eval_dataloader")
+            total = len(loader) if loader is not None and hasattr(loader, "__len__") else None
+            what = f"eval loss at step {state.global_step}"
+            self.progress = Progress(what, total, unit="batches", log=lambda m: print(m, flush=True), every=self.every)
+        self.progress.advance()
+
+    def on_evaluate(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
+        """Close the evaluation's progress with its final line."""
+        if self.progress is not None:
+            self.progress.finish()
+        self.progress = None
 
 
 class StepTimer(TrainerCallback):

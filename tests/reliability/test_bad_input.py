@@ -169,6 +169,16 @@ def _file(name: str, content: str | bytes, extra: str = "") -> Callable[[Path], 
     return lambda tmp: run_data(tmp, f"{{path: '{write(tmp, name, content)}'{extra}}}")
 
 
+def _large(name: str, rows: int, tail: str = "", repeat: int = 1) -> Callable[[Path], list[str]]:
+    """A case maker: a JSON Lines file of `rows` distinct good rows (each `repeat` times in a row), then `tail`."""
+    content = "".join(
+        json.dumps({"question": f"What does function number {i} do?", "answer": f"It returns {i}."}) + "\n"
+        for i in range(rows)
+        for _ in range(repeat)
+    )
+    return lambda tmp: run_data(tmp, f"{{path: '{write(tmp, name, content + tail)}'}}")
+
+
 def _csv(rows: str) -> Callable[[Path], list[str]]:
     return _file("faq.csv", rows)
 
@@ -210,6 +220,20 @@ CASES: list[Case] = [
         _file("bad.jsonl", jsonl(GOOD[:2]) + '{"question": "x", "answer": }\n'),
         2,
         r"bad\.jsonl:3: expected a JSON object, found malformed JSON \(Expecting value at column \d+\)",
+        flow=True,
+    ),
+    Case(  # collect streams: the error still names the line, deep in the file, and nothing of it is stored
+        "jsonl_broken_line_deep_in_a_large_file",
+        _large("large.jsonl", 100_000, '{"question": "x", "answer": }\n' + jsonl(GOOD[:3])),
+        2,
+        r"large\.jsonl:100001: expected a JSON object, found malformed JSON \(Expecting value at column \d+\)",
+        flow=True,
+    ),
+    Case(  # fails after collect's second pass wrote its rows to the staging folder: none may reach the store
+        "too_many_duplicates_in_a_large_file",
+        _large("halves.jsonl", 40_000, repeat=2),
+        2,
+        r"expected at most data\.max_bad_fraction=0\.25 of the rows read to be dropped, found 40000 of 80000 \(50%\)",
         flow=True,
     ),
     Case(
