@@ -118,9 +118,10 @@ DEFAULT_REFINE_ACTIONS: dict[str, list[str]] = {
     "eval.refusal_rate.*": ["more_refusals"],
     "eval.not_declined_rate": ["more_refusals"],
     # A 135M model after 60 CPU steps tells its package from others only partly: its refusal rate follows
-    # the refusal rows' share, so false refusals go down with fewer near-domain refusals (README, "The
-    # default run, measured"), and more ways of asking about the package help it generalise.
-    "eval.false_refusal_rate": ["fewer_near_domain_refusals", "augment_phrasings"],
+    # the refusal rows' share, so false refusals go down with fewer near-domain refusals. Not
+    # augment_phrasings: at a fixed step budget, more rows of documentation made it worse three runs out of
+    # three (false refusals 0.33 -> 0.67, 0.25 -> 0.65; README, "The default run, measured").
+    "eval.false_refusal_rate": ["fewer_near_domain_refusals"],
     "eval.off_topic_rate": ["augment_phrasings"],
     "benchmark.*": ["replay_general"],
 }

@@ -327,10 +327,10 @@ def test_false_refusals_ask_for_fewer_near_domain_refusals_unless_the_near_domai
     false_refusals = {"gate": "false", "metric": "eval.false_refusal_rate", "decision": "fail"}
     near_domain = {"gate": "near", "metric": "eval.refusal_rate.near_domain", "decision": "fail"}
     alone = plan_changes([false_refusals], data, RefineConfig())
-    assert [c["change"] for c in alone] == ["fewer_near_domain_refusals", "augment_phrasings"]
+    assert [c["change"] for c in alone] == ["fewer_near_domain_refusals"]
     both = plan_changes([near_domain, false_refusals], data, RefineConfig())
-    # The two gates pull near_domain both ways: the first gate's change keeps the key, the phrasings still change.
-    assert [(c["gate"], c["change"]) for c in both] == [
-        ("near", "more_near_domain_refusals"),
-        ("false", "augment_phrasings"),
-    ]
+    # The two gates pull near_domain both ways: the first gate's change keeps the key.
+    assert [(c["gate"], c["change"]) for c in both] == [("near", "more_near_domain_refusals")]
+    similarity = {"gate": "sim", "metric": "eval.similarity_mean", "decision": "fail"}
+    shared_key = RefineConfig(actions={**DEFAULT_REFINE_ACTIONS, "eval.similarity_mean": ["more_near_domain_refusals"]})
+    assert [c["gate"] for c in plan_changes([similarity, false_refusals], data, shared_key)] == ["sim"]
