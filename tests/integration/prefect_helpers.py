@@ -120,6 +120,10 @@ def running_prefect_server(
     home.mkdir()
     port = free_port()
     server = PrefectServer(api_url=f"http://127.0.0.1:{port}/api", home=home, log_path=base / "server.log")
+    # SQLite waits up to 60 s for a lock (PRAGMA busy_timeout) but the driver gives up after the statement
+    # timeout (10 s by default): on 2 busy cores, workers' heartbeats and runs' state changes then get
+    # 503 "database is locked". A server for several workers should use PostgreSQL (deployments/README.md).
+    settings = {"PREFECT_SERVER_DATABASE_TIMEOUT": "60", **settings}
     env = clean_env(PREFECT_HOME=str(home), PREFECT_UI_ENABLED="false", **settings)
     started = time.monotonic()
     proc = start(
