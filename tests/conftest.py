@@ -1,12 +1,40 @@
 """Settings every test shares: no hub access (nothing from it loads here), no stray parallelism,
-and a Prefect test harness (temporary API and database) started once, only for tests that ask for it
-(it takes 10-20 s to start)."""
+a Prefect test harness (temporary API and database) started once, only for tests that ask for it
+(it takes 10-20 s to start), and one run of the tiny config shared by the tests that read it.
 
+`tiny_run` is the session's run of configs/tiny.yaml on a fresh local store: a whole flow run costs tens of
+seconds on 2 cores, so tests that assert on the same run read this one instead of making their own, and a test
+that needs to run the flow again on top of it (a rerun, a changed stage) works on `tiny_run.copy_store(...)`,
+where every stage the change does not touch comes back Cached. `tiny_stages` are the stage labels of one
+round of that config, in order.
+"""
+
+import dataclasses
 import os
+import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import pytest
+
+# Relative to the repository root, where the tests run, as every flow test names it (a model card records it).
+TINY_CONFIG = "configs/tiny.yaml"
+# The stages of one round of configs/tiny.yaml, as the flow's summary labels them (flows/finetune.py): one look
+# of the benchmark's first sample size (8 questions), and a gate every model passes.
+TINY_STAGES = (
+    "collect",
+    "template",
+    "tokenize",
+    "validate",
+    "split",
+    "train",
+    "evaluate (base)",
+    "evaluate (fine-tuned)",
+    "benchmark (base, arc_easy 0-8)",
+    "benchmark (fine-tuned, arc_easy 0-8)",
+    "gate (look 1)",
+)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -24,6 +52,49 @@ def prefect_harness():
     # once errors every flow test, so wait long rather than flake.
     with prefect_test_harness(server_startup_timeout=300):
         yield
+
+
+@pytest.fixture(scope="session")
+def tiny_stages() -> list[str]:
+    """The stage labels of one round of configs/tiny.yaml, in the order the flow runs them."""
+    return list(TINY_STAGES)
+
+
+@dataclasses.dataclass(frozen=True)
+class TinyRun:
+    """A finished run of configs/tiny.yaml: its local store folder and the flow's summary. Read it, never write to it."""
+
+    store: Path
+    summary: dict[str, Any]
+
+    def stage(self, label: str) -> dict[str, Any]:
+        """The summary entry of the stage labelled `label` (state, uri, sha256, meta)."""
+        return next(entry for entry in self.summary["stages"] if entry["stage"] == label)
+
+    def copy_store(self, target: Path) -> Path:
+        """The run's artifacts and Prefect's cache records, copied to `target` (which must not exist); out: target.
+
+        What only a passing run leaves (the latest-passing pointer, the model card) is not copied, so a run on
+        the copy promotes its model itself; every stage that run shares with this one comes back Cached.
+        """
+
+        def passing_only(folder: str, names: list[str]) -> set[str]:
+            return {"pointers", "cards"} & set(names) if Path(folder) == self.store else set()
+
+        shutil.copytree(self.store, target, ignore=passing_only)
+        return target
+
+
+@pytest.fixture(scope="session")
+def tiny_run(prefect_harness, tmp_path_factory: pytest.TempPathFactory) -> TinyRun:
+    """configs/tiny.yaml run once for the session on a fresh local store (its gate passes)."""
+    from flows.finetune import finetune
+
+    store = tmp_path_factory.mktemp("tiny-run") / "store"
+    summary = finetune(config_path=TINY_CONFIG, overrides=[f"store.uri={store}"])
+    assert [entry["stage"] for entry in summary["stages"]] == list(TINY_STAGES), summary["stages"]
+    assert summary["passed"] is True
+    return TinyRun(store=store, summary=summary)
 
 
 # Test tiers (registered in pyproject.toml, selected with -m): each folder's tests carry its tier's marker, whether

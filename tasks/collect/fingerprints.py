@@ -23,16 +23,34 @@ def _sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _package_fingerprint(package: str) -> str:
+    """'<package>==<version of the distribution that installs it>', or the bare name when that is unknown.
+
+    Most distributions are named like their top-level module (more_itertools from more-itertools), and
+    `version` finds those at once; `packages_distributions` reads every installed distribution's file list
+    (seconds with torch and transformers installed), so it is asked only when the name lookup fails.
+    """
+    from importlib.metadata import PackageNotFoundError, packages_distributions, version
+    from importlib.util import find_spec
+
+    top = package.split(".")[0]
+    if find_spec(top) is None:  # not installed: collect reports it
+        return package
+    try:
+        return f"{package}=={version(top)}"
+    except PackageNotFoundError:
+        pass
+    dists = packages_distributions().get(top, [])
+    try:
+        return f"{package}=={version(dists[0])}" if dists else package
+    except PackageNotFoundError:
+        return package
+
+
 def _fingerprint(source: Any, index: int, store: StoreSettings | None) -> str:
     """What identifies a source's current content (file hashes, object ETags, a saved dataset's fingerprint)."""
     if isinstance(source, DocsSource):
-        from importlib.metadata import PackageNotFoundError, packages_distributions, version
-
-        dists = packages_distributions().get(source.package.split(".")[0], [])
-        try:
-            return f"{source.package}=={version(dists[0])}" if dists else source.package
-        except PackageNotFoundError:
-            return source.package
+        return _package_fingerprint(source.package)
     if isinstance(source, HFSource):
         local = Path(source.dataset).expanduser()
         if local.is_dir():  # save_to_disk writes a content fingerprint into every state.json

@@ -1,7 +1,8 @@
-"""Bad input through the real Prefect tasks: each fails with the promised message and leaves nothing in the store.
+"""The data stages as real Prefect tasks: a CSV with a byte-order mark and ';' is read, the data stages write the
+quality report, and the quality gate stops a run whose rows are cut away.
 
-Also: a CSV with a byte-order mark and ';' is read, the data stages write the quality report,
-the quality gate stops a run whose rows are cut away, and the CLI exits 2 on a data error.
+Bad data files are refused by the collect stage itself in tests/unit/test_collect_bad_input.py (no Prefect
+needed); `finetune run` exiting 2 on them, once per kind of error, is tests/reliability/test_bad_input.py.
 """
 
 import gzip
@@ -9,7 +10,6 @@ import json
 
 import pytest
 
-from finetune.cli import main
 from pipeline.config import StoreConfig, load_config
 from pipeline.rows import DataError
 from pipeline.store import open_store
@@ -39,92 +39,6 @@ def write(folder, name, content):
     else:
         path.write_text(content, encoding="utf-8")
     return str(path)
-
-
-def bad_json(folder):
-    return write(
-        folder, "bad.jsonl", jsonl(GOOD[:2]) + '{"question": "x", "answer": }\n'
-    ), r"bad.jsonl:3: expected a JSON object, found malformed JSON"
-
-
-def not_utf8(folder):
-    return (
-        write(
-            folder,
-            "latin.jsonl",
-            jsonl(GOOD[:1]).encode() + '{"question": "Café?", "answer": "Oui."}\n'.encode("latin-1"),
-        ),
-        r"latin.jsonl:2: expected utf-8 text, found byte 0xe9 .*set encoding on the source",
-    )
-
-
-def empty_file(folder):
-    return write(folder, "empty.jsonl", ""), r"empty.jsonl: expected rows, found an empty file"
-
-
-def header_only(folder):
-    return write(
-        folder, "header.csv", "question,answer\n"
-    ), r"header.csv: expected data rows after the header \['question', 'answer'\], found none"
-
-
-def missing_columns(folder):
-    return (
-        write(folder, "faq.jsonl", jsonl([{"q": "Why?", "a": "Because."}])),
-        r"faq.jsonl: expected the columns of an accepted schema \(question\+answer; .*\), found \['a', 'q'\]",
-    )
-
-
-def mixed_schemas(folder):
-    write(folder, "part1.jsonl", jsonl(GOOD))
-    write(folder, "part2.jsonl", jsonl([{"text": "Some plain text."}]))
-    return (
-        str(folder / "part*.jsonl"),
-        r"expected every file of a source to have the same schema, found .*part1.jsonl is question/answer, .*part2.jsonl is text",
-    )
-
-
-def nested_objects(folder):
-    return (
-        write(folder, "nested.jsonl", jsonl([{"question": "Q?", "answer": {"text": "A."}}] * 3)),
-        r"non_string: 3 \(e.g. .*nested.jsonl:1: column 'answer': expected text, found object\)",
-    )
-
-
-def huge_row(folder):
-    return (
-        write(folder, "huge.jsonl", jsonl([{"question": "Huge?", "answer": "word " * 1_000_000}])),
-        r"too_long: 1 \(e.g. .*huge.jsonl:1: column 'answer': expected at most data.max_chars=100000 characters, found 4,999,999\)",
-    )
-
-
-def glob_nothing(folder):
-    return str(
-        folder / "nothing-*.jsonl"
-    ), r"data.sources\[0\].path: expected files matching '.*nothing-\*.jsonl', found none"
-
-
-@pytest.mark.parametrize(
-    "case",
-    [
-        bad_json,
-        not_utf8,
-        empty_file,
-        header_only,
-        missing_columns,
-        mixed_schemas,
-        nested_objects,
-        huge_row,
-        glob_nothing,
-    ],
-)
-def test_bad_input_fails_collect_and_stores_nothing(prefect_harness, tmp_path, case):
-    path, message = case(tmp_path)
-    config = load_config(None, [f"data.sources=[{{kind: file, path: '{path}'}}]", "data.min_rows=1"])
-    store = StoreConfig(uri=str(tmp_path / "store"))
-    with pytest.raises(DataError, match=message):
-        collect(config=config.data, store=store, fingerprints=source_fingerprints(config.data))
-    assert open_store(store).list("collect") == []
 
 
 def test_csv_with_bom_and_semicolons_is_read(prefect_harness, tmp_path):
@@ -186,21 +100,3 @@ def test_quality_gate_stops_a_run_whose_answers_are_cut_away(prefect_harness, tm
         data_stages(config, store)
     artifacts = open_store(store)
     assert artifacts.list("tokenize") and artifacts.list("validate") == [] and artifacts.list("split") == []
-
-
-def test_cli_exits_2_on_a_data_error(prefect_harness, tmp_path, capsys):
-    path, _ = bad_json(tmp_path)
-    code = main(
-        [
-            "run",
-            "--config",
-            "configs/tiny.yaml",
-            "--set",
-            f"data.sources=[{{path: '{path}'}}]",
-            "--set",
-            f"store.uri={tmp_path / 'store'}",
-        ]
-    )
-    assert code == 2
-    assert "bad.jsonl:3: expected a JSON object" in capsys.readouterr().err
-    assert open_store(StoreConfig(uri=str(tmp_path / "store"))).list("collect") == []

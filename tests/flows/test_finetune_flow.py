@@ -1,4 +1,7 @@
-"""The whole flow on the tiny model: every stage commits a valid artifact, the model changes, a rerun is Cached."""
+"""The whole flow on the tiny model: every stage commits a valid artifact, the model changes, a rerun is Cached.
+
+The first run is the session's `tiny_run` (tests/conftest.py); the reruns work on a copy of its store.
+"""
 
 import json
 
@@ -12,42 +15,26 @@ from pipeline.store import StoreSettings, open_store
 
 pytestmark = pytest.mark.flow
 
-STAGES = [
-    "collect",
-    "template",
-    "tokenize",
-    "validate",
-    "split",
-    "train",
-    "evaluate (base)",
-    "evaluate (fine-tuned)",
-    "benchmark (base, arc_easy 0-8)",
-    "benchmark (fine-tuned, arc_easy 0-8)",
-    "gate (look 1)",
-]
-
 
 @pytest.fixture(scope="module")
-def two_runs(prefect_harness, tmp_path_factory):
-    """The tiny config run twice against the same fresh store."""
-    store_dir = tmp_path_factory.mktemp("store")
-    overrides = [f"store.uri={store_dir}"]
-    first = finetune(config_path="configs/tiny.yaml", overrides=overrides)
-    second = finetune(config_path="configs/tiny.yaml", overrides=overrides)
-    return store_dir, first, second
+def two_runs(tiny_run, tmp_path_factory):
+    """The session's tiny run, then the tiny config again against a copy of its store (the same artifacts)."""
+    store_dir = tiny_run.copy_store(tmp_path_factory.mktemp("rerun") / "store")
+    second = finetune(config_path="configs/tiny.yaml", overrides=[f"store.uri={store_dir}"])
+    return store_dir, tiny_run.summary, second
 
 
-def test_every_stage_ran_then_was_cached(two_runs):
+def test_every_stage_ran_then_was_cached(two_runs, tiny_stages):
     _, first, second = two_runs
-    assert [e["stage"] for e in first["stages"]] == STAGES
+    assert [e["stage"] for e in first["stages"]] == tiny_stages
     assert all(e["state"] == "Completed" for e in first["stages"]), first["stages"]
-    assert [e["state"] for e in second["stages"]] == ["Cached"] * len(STAGES)
+    assert [e["state"] for e in second["stages"]] == ["Cached"] * len(tiny_stages)
     assert [e["uri"] for e in second["stages"]] == [e["uri"] for e in first["stages"]]
 
 
-def test_every_artifact_has_a_valid_manifest(two_runs):
-    store_dir, first, _ = two_runs
-    store = open_store(StoreSettings(uri=str(store_dir)))
+def test_every_artifact_has_a_valid_manifest(tiny_run):
+    first = tiny_run.summary
+    store = open_store(StoreSettings(uri=str(tiny_run.store)))
     for entry in first["stages"]:
         manifest = store.read_manifest(entry["uri"])
         assert manifest is not None, entry["uri"]
@@ -56,9 +43,9 @@ def test_every_artifact_has_a_valid_manifest(two_runs):
         assert {p.name for p in folder.rglob("*") if p.is_file()} >= {name.split("/")[-1] for name in manifest["files"]}
 
 
-def test_training_changed_the_weights(two_runs):
-    store_dir, first, _ = two_runs
-    store = open_store(StoreSettings(uri=str(store_dir)))
+def test_training_changed_the_weights(tiny_run):
+    first = tiny_run.summary
+    store = open_store(StoreSettings(uri=str(tiny_run.store)))
     train_uri = next(e["uri"] for e in first["stages"] if e["stage"] == "train")
     tuned = load_file(store.fetch(store.open_ref(train_uri)) / "model" / "model.safetensors")
     base = load_file(f"{resolve_model('tiny-neox')}/model.safetensors")
@@ -69,8 +56,8 @@ def test_training_changed_the_weights(two_runs):
     assert report["final_train_loss"] < report["first_loss"]
 
 
-def test_metrics_present_for_both_models(two_runs):
-    _, first, _ = two_runs
+def test_metrics_present_for_both_models(tiny_run):
+    first = tiny_run.summary
     for side in ("base", "fine_tuned"):
         metrics = first["metrics"][side]
         assert 0.0 <= metrics["eval.exact_match"] <= 1.0
@@ -79,7 +66,7 @@ def test_metrics_present_for_both_models(two_runs):
     assert first["passed"] is True and first["verdicts"][0]["metric"] == "eval.similarity_mean"
 
 
-def test_a_config_change_reruns_only_that_stage_and_later(prefect_harness, two_runs):
+def test_a_config_change_reruns_only_that_stage_and_later(two_runs):
     store_dir, _first, _ = two_runs
     changed = finetune(config_path="configs/tiny.yaml", overrides=[f"store.uri={store_dir}", "eval.max_new_tokens=6"])
     states = {e["stage"]: e["state"] for e in changed["stages"]}

@@ -22,9 +22,13 @@ LOOKS = "benchmark.sample_sizes=[8, 64]"
 
 
 @pytest.fixture(scope="module")
-def failed_run(prefect_harness, tmp_path_factory):
-    """The tiny config with a gate the tiny model fails once the sample is large enough, two rounds allowed."""
-    store_dir = tmp_path_factory.mktemp("loop-store")
+def failed_run(tiny_run, tmp_path_factory):
+    """The tiny config with a gate the tiny model fails once the sample is large enough, two rounds allowed.
+
+    On a copy of the session's tiny run's store: round 1 shares its data, model and first benchmark slice with
+    that run (Cached here); the second look, the refine and round 2 are computed.
+    """
+    store_dir = tiny_run.copy_store(tmp_path_factory.mktemp("loop") / "store")
     overrides = [f"store.uri={store_dir}", GROWING_GATE, LOOKS, "refine.max_rounds=2"]
     state = finetune(config_path="configs/tiny.yaml", overrides=overrides, return_state=True)
     return store_dir, state
@@ -108,9 +112,11 @@ INCONCLUSIVE_GATE = (
 interval straddles 0, and with one look there are no more questions to add."""
 
 
-def test_a_final_inconclusive_gate_is_decided_by_the_policy(prefect_harness, tmp_path):
+def test_a_final_inconclusive_gate_is_decided_by_the_policy(tiny_run, tmp_path):
+    # On a copy of the session's tiny run's store: the same data, model and benchmark slice; the gates are new.
+    store_dir = tiny_run.copy_store(tmp_path / "store")
     overrides = [
-        f"store.uri={tmp_path}",
+        f"store.uri={store_dir}",
         INCONCLUSIVE_GATE,
         "benchmark.sample_sizes=[8]",
         "refine.max_rounds=3",
@@ -123,13 +129,13 @@ def test_a_final_inconclusive_gate_is_decided_by_the_policy(prefect_harness, tmp
     assert forgetting["verdict"] == "inconclusive" and forgetting["decided_by"] == "gates_on_inconclusive"
     assert forgetting["low"] < 0.0 < forgetting["high"] and forgetting["n"] == 8
     [gate_uri] = [entry["uri"] for entry in summary["stages"] if entry["stage"].startswith("gate")]
-    report = (tmp_path / gate_uri / "report.md").read_text()
+    report = (store_dir / gate_uri / "report.md").read_text()
     assert "judged by token_f1" in report, "the configured judge reaches the gate stage"
-    assert "(gates_on_inconclusive)" in report and (tmp_path / gate_uri / "intervals.png").is_file()
-    pointer = json.loads(open_store(StoreSettings(uri=str(tmp_path))).get_bytes(LATEST_PASSING))
+    assert "(gates_on_inconclusive)" in report and (store_dir / gate_uri / "intervals.png").is_file()
+    pointer = json.loads(open_store(StoreSettings(uri=str(store_dir))).get_bytes(LATEST_PASSING))
     assert pointer["model_uri"] == summary["model_uri"] and pointer["round"] == 1
-    assert (tmp_path / pointer["model_uri"] / "model.safetensors").is_file()
-    store = open_store(StoreSettings(uri=str(tmp_path)))
+    assert (store_dir / pointer["model_uri"] / "model.safetensors").is_file()
+    store = open_store(StoreSettings(uri=str(store_dir)))
     assert find_model("latest-passing", store).endswith(
         pointer["model_uri"]
     )  # what `finetune ask latest-passing` loads

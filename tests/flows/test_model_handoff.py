@@ -2,7 +2,8 @@
 it came from, and `finetune export` writing a self-contained folder that loads offline and still prompts as
 training did.
 
-One tiny flow run (configs/tiny.yaml passes its gate) against a fresh store, shared by the module.
+One tiny flow run (configs/tiny.yaml passes its gate) against a fresh store: the session's `tiny_run`, which the
+tests here only read (exports go to folders of their own).
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from finetune.cli import main
-from flows.finetune import finetune
 from pipeline.models import IGNORE_INDEX, LATEST_PASSING
 from pipeline.store import StoreSettings, open_store
 
@@ -27,12 +27,10 @@ pytestmark = pytest.mark.flow
 
 
 @pytest.fixture(scope="module")
-def passing_run(prefect_harness, tmp_path_factory):
-    """(store folder, store, run summary) of one passing tiny run."""
-    store_dir = tmp_path_factory.mktemp("store")
-    summary = finetune(config_path="configs/tiny.yaml", overrides=[f"store.uri={store_dir}"])
-    assert summary["passed"] is True
-    return store_dir, open_store(StoreSettings(uri=str(store_dir))), summary
+def passing_run(tiny_run):
+    """(store folder, store, run summary) of one passing tiny run: the session's (tests/conftest.py)."""
+    assert tiny_run.summary["passed"] is True
+    return tiny_run.store, open_store(StoreSettings(uri=str(tiny_run.store))), tiny_run.summary
 
 
 def _artifact_json(store, summary, stage: str, name: str, last: bool = False):

@@ -27,7 +27,8 @@ SERVE_SCRIPT = REPO_ROOT / "deployments" / "serve.py"
 PREFECT_FILE = REPO_ROOT / "deployments" / "prefect.yaml"
 
 # Generous: 2 cores, possibly shared with other jobs. Measured unloaded: serve registration ~15 s
-# (importing the flow pulls in torch and transformers), tiny run ~60 s. The server: prefect_helpers.py.
+# (importing the flow pulls in torch and transformers), a whole tiny run ~60 s (here only its gate runs). The
+# server: prefect_helpers.py.
 SERVE_STARTUP_TIMEOUT_S = 180.0
 RUN_TIMEOUT_S = 480.0
 CLI_TIMEOUT_S = 240.0
@@ -64,10 +65,18 @@ def served_adhoc(prefect_server: PrefectServer, tmp_path: Path) -> Iterator[dict
         stop(proc)
 
 
-def test_adhoc_run_triggered_over_rest_completes(prefect_server: PrefectServer, served_adhoc: dict, tmp_path: Path):
+# A gate the tiny model passes (its similarity is far above -0.99), different from the tiny config's: on a copy of
+# the session's tiny run's store, only the gate stage runs, and what it commits shows the run did the work.
+NEW_GATE = "gates=[{metric: eval.similarity_mean, op: '>=', value: -0.99}]"
+
+
+def test_adhoc_run_triggered_over_rest_completes(
+    prefect_server: PrefectServer, served_adhoc: dict, tiny_run, tmp_path: Path
+):
     api = prefect_server.api_url
-    store_dir = tmp_path / "store"
-    parameters = {"config_path": "configs/tiny.yaml", "overrides": [f"store.uri={store_dir}", "train.max_steps=2"]}
+    store_dir = tiny_run.copy_store(tmp_path / "store")
+    copied_gates = {path.name for path in (store_dir / "gate").iterdir()}
+    parameters = {"config_path": "configs/tiny.yaml", "overrides": [f"store.uri={store_dir}", NEW_GATE]}
 
     # The deployment's id by name, as a curl user would find it.
     deployment = httpx.get(f"{api}/deployments/name/finetune/adhoc", timeout=10).raise_for_status().json()
@@ -105,13 +114,13 @@ def test_adhoc_run_triggered_over_rest_completes(prefect_server: PrefectServer, 
     )
     assert flow_run["deployment_id"] == deployment["id"]
     assert flow_run["parameters"] == parameters
-    assert flow_run["parameters"]["overrides"] == [f"store.uri={store_dir}", "train.max_steps=2"]
+    assert flow_run["parameters"]["overrides"] == [f"store.uri={store_dir}", NEW_GATE]
 
-    # The gate's committed output (one per round of the gate loop): a folder holding its manifest.
+    # The gate's committed output (one per round of the gate loop): a folder holding its manifest, made by this run.
     gate_dir = store_dir / "gate"
-    gate_outputs = sorted(path for path in gate_dir.iterdir() if path.is_dir()) if gate_dir.is_dir() else []
-    found = sorted(path.name for path in store_dir.iterdir()) if store_dir.is_dir() else "no store folder"
-    assert gate_outputs, f"no gate artifact in {store_dir}: {found}"
+    gate_outputs = sorted(path for path in gate_dir.iterdir() if path.is_dir() and path.name not in copied_gates)
+    found = sorted(path.name for path in gate_dir.iterdir())
+    assert gate_outputs, f"no gate artifact of this run in {gate_dir}: {found}, copied {sorted(copied_gates)}"
     for output in gate_outputs:
         manifest = json.loads((output / "manifest.json").read_text())
         assert manifest["files"], f"{output}/manifest.json lists no files"

@@ -4,7 +4,8 @@ shipped `on-promotion` deployment's trigger creates runs the smoke test on the p
 
 One `prefect server start` for the module (`prefect_server`, prefect_helpers.py); the `on-promotion` deployment is
 served from a child process exactly as deployments/serve.py builds it; the runs are the real command,
-`finetune run --config configs/tiny.yaml`, pointed at the server with PREFECT_API_URL. The failing run goes first
+`finetune run --config configs/tiny.yaml`, pointed at the server with PREFECT_API_URL, on a copy of the session's
+tiny run's store (tests/conftest.py), so the stages they share with it come back Cached. The failing run goes first
 (its only change is a gate nobody can pass, and one round), so when the passing run's event arrives, the failing
 run's would have too.
 """
@@ -98,9 +99,13 @@ def test_the_trigger_is_an_automation_that_runs_the_deployment(on_promotion):
     assert action["parameters"] == {"model": "{{ event.payload.alias }}", "store_uri": "{{ event.payload.store }}"}
 
 
-def test_a_passing_run_announces_its_model_and_the_automation_smoke_tests_it(prefect_server, on_promotion, tmp_path):
+def test_a_passing_run_announces_its_model_and_the_automation_smoke_tests_it(
+    prefect_server, on_promotion, tiny_run, tmp_path
+):
     api, deployment_id = prefect_server.api_url, on_promotion["deployment"]["id"]
-    store_dir = tmp_path / "store"
+    # A copy of the session's tiny run's store without its pointer and card: the failing run computes only its
+    # gate, and the passing run promotes (pointer, card, event) the model the copy holds.
+    store_dir = tiny_run.copy_store(tmp_path / "store")
 
     failing = _run(prefect_server, store_dir, "gates.0.value=2.0", "refine.max_rounds=1")  # similarity >= 2: never
     assert failing.returncode == 1, failing.stderr[-3000:]

@@ -37,19 +37,6 @@ from pipeline.store import ArtifactStore, LocalStore
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = "configs/tiny.yaml"
-STAGES = [
-    "collect",
-    "template",
-    "tokenize",
-    "validate",
-    "split",
-    "train",
-    "evaluate (base)",
-    "evaluate (fine-tuned)",
-    "benchmark (base, arc_easy 0-8)",
-    "benchmark (fine-tuned, arc_easy 0-8)",
-    "gate (look 1)",
-]
 
 # Files that carry wall-clock figures (seconds, tokens/s, an alias with the UTC time): equal content,
 # different bytes in every run. Everything else a deterministic stage writes must hash the same.
@@ -375,12 +362,12 @@ def concurrent_runs(prefect_harness, tmp_path_factory: pytest.TempPathFactory) -
 
 
 @pytest.fixture(scope="session")
-def reference_run(concurrent_runs: ConcurrentRuns) -> tuple[Path, dict[str, Any]]:
+def reference_run(concurrent_runs: ConcurrentRuns, tiny_stages: list[str]) -> tuple[Path, dict[str, Any]]:
     """An uninterrupted run of the tiny config: (store folder, summary), from `concurrent_runs`."""
     for run, code in zip(concurrent_runs.runs, concurrent_runs.codes):
         assert code == 0, f"the reference runs failed:\n{run.tail()}"
     summary = concurrent_runs.runs[0].summary()
-    assert [e["stage"] for e in summary["stages"]] == STAGES
+    assert [e["stage"] for e in summary["stages"]] == tiny_stages
     return concurrent_runs.store, summary
 
 
@@ -459,12 +446,13 @@ def assert_same_artifacts(reference: tuple[Path, dict], store_dir: Path, summary
 
 
 @pytest.fixture(scope="session")
-def checks() -> Any:
-    """The store checks above, for the test modules (a conftest is not importable as a module)."""
+def checks(tiny_stages: list[str]) -> Any:
+    """The store checks above and the tiny config's stage labels (tests/conftest.py), for the test modules (a
+    conftest is not importable as a module)."""
     import types
 
     return types.SimpleNamespace(
-        STAGES=STAGES,
+        STAGES=tiny_stages,
         artifact_uris=artifact_uris,
         assert_every_manifest_verifies=assert_every_manifest_verifies,
         leftover_temp_files=leftover_temp_files,

@@ -4,13 +4,14 @@ file / line / key and what was expected, and the artifact store is left byte-for
 
 One parametrised test runs the whole corpus through the real entry points (`finetune.cli.main`, or the
 Python API for the exception cases). Data cases run the real Prefect flow (`finetune run`) and fail in
-collect; everything else fails before any Prefect work starts. The table of cases and the message each
-gives is in the module's CASES list (ids are the case names).
+collect: one per kind of data error here; the whole corpus of bad data files (every reader and source kind) is
+checked on the collect stage itself in tests/unit/test_collect_bad_input.py. Everything else fails before any
+Prefect work starts. The table of cases and the message each gives is in the module's CASES list (ids are the
+case names).
 """
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
 import re
@@ -188,23 +189,8 @@ def _all_duplicates(tmp: Path) -> list[str]:
     return run(tmp, f"data.sources=[{{path: '{path}'}}]", "data.max_bad_fraction=1.0")
 
 
-def _parquet_numbers(tmp: Path) -> list[str]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    path = tmp / "faq.parquet"
-    pq.write_table(pa.table({"question": [r["question"] for r in GOOD], "answer": list(range(30))}), path)
-    return run_data(tmp, f"{{path: '{path}'}}")
-
-
 def _yaml_file(text: str, *sets: str) -> Callable[[Path], list[str]]:
     return lambda tmp: run(tmp, *sets, config=write(tmp, "bad.yaml", text))
-
-
-def _hf_not_saved(tmp: Path) -> list[str]:
-    (tmp / "not-a-dataset").mkdir()
-    write(tmp, "not-a-dataset/readme.txt", "hello")
-    return run_data(tmp, f"{{kind: hf, dataset: '{tmp / 'not-a-dataset'}'}}")
 
 
 def _model_without_config(tmp: Path) -> list[str]:
@@ -212,9 +198,11 @@ def _model_without_config(tmp: Path) -> list[str]:
     return run(tmp, f"model.name={tmp / 'no-config'}")
 
 
-FOUND_NONE = "found none"
 CASES: list[Case] = [
-    # ---- data files (the flow starts, collect refuses the file, nothing is committed)
+    # ---- data files (the flow starts, collect refuses the file, nothing is committed): one case per kind of
+    # error, end to end (broken content, no usable schema, too few rows left, a path naming nothing, a source that
+    # is not a file). Every other bad data file is refused by the collect stage itself in
+    # tests/unit/test_collect_bad_input.py, with the same messages, without a flow run each.
     Case(
         "jsonl_broken_line",
         _file("bad.jsonl", jsonl(GOOD[:2]) + '{"question": "x", "answer": }\n'),
@@ -237,55 +225,11 @@ CASES: list[Case] = [
         flow=True,
     ),
     Case(
-        "jsonl_array_line",
-        _file("arr.jsonl", jsonl(GOOD[:1]) + "[1, 2]\n"),
-        2,
-        r"arr\.jsonl:2: expected a JSON object per line, found array",
-        flow=True,
-    ),
-    Case(
-        "jsonl_not_utf8",
-        _file("latin.jsonl", jsonl(GOOD[:1]).encode() + '{"question": "Café?"}\n'.encode("latin-1")),
-        2,
-        r"latin\.jsonl:2: expected utf-8 text, found byte 0xe9 .*set encoding on the source",
-        flow=True,
-    ),
-    Case("empty_file", _file("empty.jsonl", ""), 2, r"empty\.jsonl: expected rows, found an empty file", flow=True),
-    Case(
         "csv_missing_columns",
         _csv("q,a\nWhy?,Because.\n"),
         2,
         r"faq\.csv: expected the columns of an accepted schema \(question\+answer; .*; messages\), found \['a', 'q'\]; "
         r"or map your columns",
-        flow=True,
-    ),
-    Case(
-        "csv_header_only",
-        _csv("question,answer\n"),
-        2,
-        r"faq\.csv: expected data rows after the header \['question', 'answer'\], found none",
-        flow=True,
-    ),
-    Case(
-        "csv_mapped_column_missing",
-        _file("faq.csv", "q,a\nWhy?,Because.\n", ", question_key: q, answer_key: answer"),
-        2,
-        r"faq\.csv: expected column\(s\) 'answer' \(question_key=q, answer_key=answer\), found \['a', 'q'\]",
-        flow=True,
-    ),
-    Case(
-        "parquet_non_string_answer",
-        _parquet_numbers,
-        2,
-        r"expected at most data\.max_bad_fraction=0\.25 of the rows read to be dropped, found 30 of 30 .*\n"
-        r"  non_string: 30 \(e\.g\. .*faq\.parquet row 1: column 'answer': expected text, found number\)",
-        flow=True,
-    ),
-    Case(
-        "parquet_not_parquet",
-        _file("rows.parquet", "question,answer"),
-        2,
-        r"rows\.parquet: expected a Parquet file, found ",
         flow=True,
     ),
     Case(
@@ -296,55 +240,10 @@ CASES: list[Case] = [
         flow=True,
     ),
     Case(
-        "glob_matches_nothing",
-        lambda t: run_data(t, f"{{path: '{t / 'nothing-*.jsonl'}'}}"),
-        2,
-        rf"data\.sources\[0\]\.path: expected files matching '.*nothing-\*\.jsonl', {FOUND_NONE}",
-        flow=True,
-    ),
-    Case(
         "missing_file",
         lambda t: run_data(t, f"{{path: '{t / 'missing.jsonl'}'}}"),
         2,
         r"data\.sources\[0\]\.path: expected a file, found nothing at '.*missing\.jsonl'",
-        flow=True,
-    ),
-    Case(
-        "folder_as_file",
-        lambda t: run_data(t, f"{{path: '{t}'}}"),
-        2,
-        r"data\.sources\[0\]\.path: expected a file, found nothing at '.*' \(a folder: add a glob like /\*\.jsonl\)",
-        flow=True,
-    ),
-    Case(
-        "gz_not_gzip",
-        _file("rows.jsonl.gz", jsonl(GOOD)),
-        2,
-        r"rows\.jsonl\.gz: expected a gzip-compressed file, found Not a gzipped file",
-        flow=True,
-    ),
-    Case(
-        "gz_truncated",
-        _file("cut.jsonl.gz", gzip.compress(jsonl(GOOD).encode())[:60]),
-        2,
-        r"cut\.jsonl\.gz: expected a gzip-compressed file, found Compressed file ended before",
-        flow=True,
-    ),
-    Case(
-        "unknown_extension",
-        _file("rows.txt", jsonl(GOOD)),
-        2,
-        r"rows\.txt: expected a file ending in \.jsonl, \.ndjson, .*found '\.txt'; or set kind",
-        flow=True,
-    ),
-    Case(
-        "json_scalar", _file("rows.json", "42"), 2, r"rows\.json: expected an array of objects, found number", flow=True
-    ),
-    Case(
-        "hf_folder_not_saved_dataset",
-        _hf_not_saved,
-        2,
-        r"not-a-dataset: expected a folder written by save_to_disk, found ",
         flow=True,
     ),
     Case(
@@ -353,13 +252,6 @@ CASES: list[Case] = [
         2,
         r"hub dataset 'some-org/some-dataset' \(split 'train'; no local folder of that name\): expected a loadable "
         r"dataset, found .*HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set",
-        flow=True,
-    ),
-    Case(
-        "docs_package_missing",
-        lambda t: run_data(t, "{kind: docs, package: no_such_package_xyz}"),
-        2,
-        r"data\.sources: docs package 'no_such_package_xyz' is not installed",
         flow=True,
     ),
     # ---- config files

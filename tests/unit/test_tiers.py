@@ -1,0 +1,30 @@
+"""The test tiers: `make test` (pytest's testpaths, fast tier first) collects every folder of tests/ that holds
+tests, and each such folder has its tier marker (tests/conftest.py), so a new folder cannot silently drop out."""
+
+import tomllib
+from pathlib import Path
+
+TESTS = Path(__file__).resolve().parents[1]
+
+
+def _test_folders() -> set[str]:
+    return {path.parent.relative_to(TESTS).parts[0] for path in TESTS.glob("*/**/test_*.py")}
+
+
+def test_testpaths_name_every_test_folder_unit_first():
+    options = tomllib.loads((TESTS.parent / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]
+    testpaths = options["testpaths"]
+    assert testpaths[0] == "tests/unit", testpaths
+    assert {Path(path).name for path in testpaths} >= _test_folders(), testpaths
+
+
+def test_every_test_folder_has_a_registered_tier_marker():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_tests_root_conftest", TESTS / "conftest.py")
+    conftest = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(conftest)
+    options = tomllib.loads((TESTS.parent / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]
+    registered = {marker.split(":")[0] for marker in options["markers"]}
+    assert set(conftest.TIER_BY_FOLDER) >= _test_folders()
+    assert set(conftest.TIER_BY_FOLDER.values()) <= registered
