@@ -67,7 +67,7 @@ def test_max_steps_zero_or_negative_is_a_config_error(steps):
         ("train.lora.r=0", r"train\.lora\.r: Input should be greater than 0"),
         ("train.lora.dropout=1.0", r"train\.lora\.dropout: Input should be less than 1"),
         ("train.lora.target_modules=[]", r"train\.lora\.target_modules: List should have at least 1 item"),
-        ("train.method=adapters", r"train\.method: Input should be 'full' or 'lora'"),
+        ("train.method=adapters", r"train\.method: Input should be 'full', 'lora' or 'qlora'"),
         ("train.dtype=float8", r"train\.dtype: Input should be 'auto', 'float32', 'bfloat16' or 'float16'"),
     ],
 )
