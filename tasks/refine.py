@@ -72,7 +72,7 @@ def more_near_domain_refusals(data: DataConfig) -> tuple[list[str], str]:
     """Half as many near-domain refusal examples again (questions about other packages; at least 30 more).
 
     Not twice as many: doubling 150 to 300 took the default model from declining 0.57 of other software's
-    questions and 0.20 of its own to 1.00 and 0.83 (it refuses in proportion to the refusal rows' share).
+    questions and 0.20 of its own to 1.00 and 0.83.
     """
     overrides = [
         f"data.sources.{i}.near_domain={max(s.near_domain * 3 // 2, s.near_domain + 30)}"

@@ -117,10 +117,9 @@ DEFAULT_REFINE_ACTIONS: dict[str, list[str]] = {
     "eval.refusal_rate.near_domain": ["more_near_domain_refusals"],
     "eval.refusal_rate.*": ["more_refusals"],
     "eval.not_declined_rate": ["more_refusals"],
-    # A 135M model after 60 CPU steps tells its package from others only partly: its refusal rate follows
-    # the refusal rows' share, so false refusals go down with fewer near-domain refusals. Not
-    # augment_phrasings: at a fixed step budget, more rows of documentation made it worse three runs out of
-    # three (false refusals 0.33 -> 0.67, 0.25 -> 0.65; README, "The default run, measured").
+    # Not augment_phrasings: at a fixed step budget more documentation rows made false refusals worse in every
+    # run (0.33 -> 0.67, 0.25 -> 0.65). Fewer near-domain refusal rows is the remaining lever, but unproven: the
+    # one run that tried it (150 -> 112) went from 0.25 to 0.56 (README, "The default run, measured").
     "eval.false_refusal_rate": ["fewer_near_domain_refusals"],
     "eval.off_topic_rate": ["augment_phrasings"],
     "benchmark.*": ["replay_general"],
