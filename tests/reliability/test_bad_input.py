@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from data_files import GOOD, jsonl, write
 from exploits import MARKER, exploit  # a malicious pickle in the corpus writes MARKER if anything ever unpickles it
 
 import flows.finetune  # noqa: F401  Prefect sets up its console log handler on import: not inside a test's capsys
@@ -28,26 +29,11 @@ from finetune.cli import main
 REPO = Path(__file__).resolve().parents[2]
 TINY = str(REPO / "configs" / "tiny.yaml")
 
-GOOD = [{"question": f"What does function number {i} do?", "answer": f"It returns {i}."} for i in range(30)]
 
 pytestmark = pytest.mark.filterwarnings("ignore:Logger 'prefect.task_runs' attempted:UserWarning")
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def jsonl(records) -> str:
-    return "".join(json.dumps(r) + "\n" for r in records)
-
-
-def write(folder: Path, name: str, content: str | bytes) -> str:
-    path = folder / name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if isinstance(content, bytes):
-        path.write_bytes(content)
-    else:
-        path.write_text(content, encoding="utf-8")
-    return str(path)
 
 
 def run(tmp: Path, *sets: str, config: str = TINY, command: str = "run") -> list[str]:

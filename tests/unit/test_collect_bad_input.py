@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from data_files import GOOD, jsonl, write
 
 from pipeline.config import load_config
 from pipeline.rows import DataError
@@ -28,21 +28,6 @@ from tasks.collect import collect, source_fingerprints
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = str(REPO / "configs" / "tiny.yaml")
-GOOD = [{"question": f"What does function number {i} do?", "answer": f"It returns {i}."} for i in range(30)]
-
-
-def jsonl(records) -> str:
-    return "".join(json.dumps(r) + "\n" for r in records)
-
-
-def write(folder: Path, name: str, content: str | bytes) -> str:
-    path = folder / name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if isinstance(content, bytes):
-        path.write_bytes(content)
-    else:
-        path.write_text(content, encoding="utf-8")
-    return str(path)
 
 
 @dataclass(frozen=True)

@@ -70,9 +70,11 @@ def imported_modules(path: Path) -> set[str]:
 
 
 def is_sibling_module(name: str, path: Path) -> bool:
-    """True when `name` is a module next to `path`: a script's folder (and, with pytest's default import
-    mode, a test file's folder without __init__.py) comes first on sys.path, e.g. tests/reliability/exploits.py."""
-    return (path.parent / f"{name}.py").is_file() or (path.parent / name / "__init__.py").is_file()
+    """True when `name` is a module next to `path`, or next to a conftest.py above it: a script's folder (and,
+    with pytest's default import mode, a test file's folder without __init__.py and every conftest.py's folder)
+    comes first on sys.path, e.g. tests/reliability/exploits.py, tests/data_files.py."""
+    folders = [path.parent, *(f for f in path.parents if (f / "conftest.py").is_file())]
+    return any((f / f"{name}.py").is_file() or (f / name / "__init__.py").is_file() for f in folders)
 
 
 def third_party_imports(folders: Iterable[str], own: set[str], root: Path = ROOT) -> dict[str, set[str]]:
