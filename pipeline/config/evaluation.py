@@ -86,6 +86,15 @@ class EvalConfig(Section):
     """
 
     max_new_tokens: int = Field(64, gt=0, description="Longest generated answer in tokens.")
+    # A probe only asks whether the model declines, which its first sentence tells (the trained refusal is about
+    # 20 tokens): a shorter cap spares most of the probes' generation, the base model's above all (it never stops
+    # early), and leaves the test answers' scoring untouched.
+    probe_max_new_tokens: int = Field(
+        32,
+        gt=0,
+        description="Longest generated answer to a moderation probe in tokens (at most max_new_tokens, which "
+        "caps the test answers).",
+    )
     batch_size: int = Field(16, gt=0, description="Prompts generated together.")
     limit: int | None = Field(None, gt=0, description="Score at most this many test rows.")
     repetition_penalty: float | None = Field(

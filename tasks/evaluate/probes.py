@@ -79,16 +79,27 @@ def expected_behaviour(category: str) -> str:
     return "answer" if category == "on_topic" else "decline"
 
 
-def _take_new(candidates: Iterable[Mapping[str, str]], wanted: int, taken: NearDuplicates) -> list[Mapping[str, str]]:
-    """The first `wanted` candidates not matching `taken` (each one taken is remembered there)."""
+def _take_new(
+    candidates: Iterable[Mapping[str, str]], wanted: int, seen: NearDuplicates, taken: NearDuplicates
+) -> list[Mapping[str, str]]:
+    """The first `wanted` candidates new to the split (`seen`) and to the probes taken so far (`taken`, which
+    remembers each one chosen).
+
+    Against the split a candidate may be neither equal nor near. Against earlier probes a templated candidate
+    (one with a `subject`, such as `more_itertools.chunked`) need only differ: two renderings of one wording
+    about different functions are different questions, and a near test would keep only the short wordings
+    (one changed word of eleven is Jaccard 0.83), skewing the draw towards them.
+    """
     chosen: list[Mapping[str, str]] = []
     stream = iter(candidates)
     while len(chosen) < wanted:
         candidate = next(stream, None)
         if candidate is None:
             break
-        if not taken.matches(candidate["question"]):
-            taken.add(candidate["question"])
+        question = candidate["question"]
+        repeated = normalise_text(question) in taken.exact if candidate.get("subject") else taken.matches(question)
+        if not seen.matches(question) and not repeated:
+            taken.add(question)
             chosen.append(candidate)
     return chosen
 
@@ -105,14 +116,14 @@ def select_probes(
     In: per category, candidate probes `{"question", "source"}` in their seeded draw order (read
     lazily, only as far as needed); the count per category; the hand-picked questions; the
     split's train and test questions. A candidate equal or near (`NearDuplicates`) to a split
-    question or to a probe taken before is skipped. Out: `{"question", "category", "expected",
+    question, or to a probe taken before, is skipped (a templated one only when equal: `_take_new`). Out: `{"question", "category", "expected",
     "source"}` rows, category by category; a category whose source runs out gives fewer (logged).
     """
-    taken = NearDuplicates(seen)
+    seen_questions, taken = NearDuplicates(seen), NearDuplicates()
     probes: list[dict[str, str]] = []
     for category in PROBE_CATEGORIES:
         wanted = counts.get(category, 0)
-        chosen = _take_new(candidates.get(category, ()), wanted, taken) if wanted else []
+        chosen = _take_new(candidates.get(category, ()), wanted, seen_questions, taken) if wanted else []
         if len(chosen) < wanted:
             log.warning(
                 "eval: only %d of eval.probe_counts.%s=%d probes are new to the split", len(chosen), category, wanted
@@ -127,7 +138,7 @@ def select_probes(
             for c in chosen
         ]
     for question in _take_new(
-        [{"question": q, "source": HAND_PICKED_PROBES} for q in hand_picked], len(hand_picked), taken
+        [{"question": q, "source": HAND_PICKED_PROBES} for q in hand_picked], len(hand_picked), seen_questions, taken
     ):
         probes.append(
             {
@@ -170,7 +181,11 @@ def on_topic_candidates(packages: Sequence[str], split_questions: Sequence[str],
     for question in package_questions(packages, PROBE_PHRASINGS, seed):
         names = trained[question["package"]]
         if not names or question["name"] in names:
-            yield {"question": question["question"], "source": f"on_topic:{question['package']}"}
+            yield {
+                "question": question["question"],
+                "source": f"on_topic:{question['package']}",
+                "subject": f"{question['package']}.{question['name']}",
+            }
 
 
 def _general_knowledge_candidates(seed: str) -> Iterator[dict[str, str]]:
@@ -187,7 +202,11 @@ def _chit_chat_candidates(seed: str) -> Iterator[dict[str, str]]:
 def _near_domain_candidates(taught: Sequence[str], seed: str) -> Iterator[dict[str, str]]:
     """Questions about NEAR_DOMAIN_PROBE_PACKAGES (the taught packages left out) in PROBE_PHRASINGS, seeded."""
     for question in package_questions(NEAR_DOMAIN_PROBE_PACKAGES, PROBE_PHRASINGS, seed, skip=taught):
-        yield {"question": question["question"], "source": f"near_domain:{question['package']}"}
+        yield {
+            "question": question["question"],
+            "source": f"near_domain:{question['package']}",
+            "subject": f"{question['package']}.{question['name']}",
+        }
 
 
 def probe_candidates(

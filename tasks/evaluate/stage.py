@@ -11,6 +11,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -56,18 +57,14 @@ def evaluate_model(
     tokenizer = load_tokenizer(folder, padding_side="left", trust_remote_code=trust_remote_code)
     model = load_model(folder, device=pick_device(), trust_remote_code=trust_remote_code)
     # The tokenizer renders the chat template, when that is the template in use.
-    prompts = [row["prompt"] for row in test_rows] + [
-        render_prompt(p["question"], template, tokenizer=tokenizer) for p in probes
-    ]
+    test_prompts = [row["prompt"] for row in test_rows]
+    probe_prompts = [render_prompt(p["question"], template, tokenizer=tokenizer) for p in probes]
     started = time.perf_counter()
-    answers = generate_answers(
-        model,
-        tokenizer,
-        prompts,
-        max_new_tokens=config.max_new_tokens,
-        batch_size=config.batch_size,
-        repetition_penalty=config.repetition_penalty,
+    generate = partial(
+        generate_answers, model, tokenizer, batch_size=config.batch_size, repetition_penalty=config.repetition_penalty
     )
+    answers = generate(test_prompts, max_new_tokens=config.max_new_tokens)
+    probe_answers = generate(probe_prompts, max_new_tokens=min(config.probe_max_new_tokens, config.max_new_tokens))
     seconds = time.perf_counter() - started
     del model  # free it before the embedding model loads
     targets = [row["completion"] for row in test_rows]
@@ -75,17 +72,19 @@ def evaluate_model(
     references = refusal_references(_split_targets(split_dir))
     detector = RefusalDetector(encoder, references, config.refusal_similarity, subjects=taught)
     questions = [row_question(row, template) for row in test_rows]
-    rows = score_answers(questions, targets, answers[: len(test_rows)], config, detector)
+    rows = score_answers(questions, targets, answers, config, detector)
     for row, test_row in zip(rows, test_rows):
         row.update(id=test_row["id"], prompt=test_row["prompt"])
-    probe_answers = answers[len(test_rows) :]
     declined, refusal_sim = detector(probe_answers)
     probe_rows = [
         {**p, "answer": a, "declined": d, "refusal_similarity": s}
         for p, a, d, s in zip(probes, probe_answers, declined, refusal_sim)
     ]
     summary = summarise(rows, probe_rows, excluded["empty_target"], excluded["no_prompt"])
-    summary.update(generation_seconds=round(seconds, 3), answers_per_second=round(len(prompts) / max(seconds, 1e-9), 3))
+    summary.update(
+        generation_seconds=round(seconds, 3),
+        answers_per_second=round(len(test_prompts + probe_prompts) / max(seconds, 1e-9), 3),
+    )
     return EvalResult(rows, probe_rows, summary)
 
 

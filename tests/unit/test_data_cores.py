@@ -3,6 +3,7 @@
 import copy
 import json
 import os
+import re
 
 import pyarrow as pa
 import pytest
@@ -32,7 +33,7 @@ def test_docs_source_makes_real_pairs_from_docstrings():
         DocsSource(package="more_itertools", phrasings=2, max_objects=20, offtopic=3),
         ["Which gas do plants absorb?", "What is 2+2?", "Why is the sky blue?", "unused"],
     )
-    chunked = [r for r in rows if "more_itertools.chunked" in r["question"] or "`chunked`" in r["question"]]
+    chunked = [r for r in rows if re.search(r"(?<![\w])chunked(?![\w])", r["question"])]
     assert chunked, "chunked is documented and among the first 20 names"
     assert chunked[0]["answer"].split()[0] in more_itertools.chunked.__doc__
     refusals = [r for r in rows if r["source"].startswith("offtopic")]

@@ -255,9 +255,16 @@ def test_evaluate_model_scores_test_questions_and_probes(tmp_path):
     split_dir = _write_split(tmp_path / "split", [DOC_ANSWER, OFFTOPIC_ANSWER, ""], questions)
     counts = {"general_knowledge": 2, "chit_chat": 1, "near_domain": 1, "on_topic": 1}
     config = EvalConfig(
-        max_new_tokens=6, batch_size=4, probe_counts=counts, probe_questions=["What do you think of Mars?"]
+        max_new_tokens=6,
+        probe_max_new_tokens=2,
+        batch_size=4,
+        probe_counts=counts,
+        probe_questions=["What do you think of Mars?"],
     )
     result = evaluate_model(resolve_model("tiny-neox"), split_dir, config, TEMPLATE)
+    tokenizer = load_tokenizer(resolve_model("tiny-neox"))
+    tokens = [len(tokenizer(r["answer"], add_special_tokens=False)["input_ids"]) for r in result.rows + result.probes]
+    assert max(tokens[2:]) < max(tokens[:2])  # probes stop at probe_max_new_tokens, test answers go on to 6
     assert [r["question"] for r in result.rows] == questions[:2]
     assert [r["offtopic_question"] for r in result.rows] == [False, True]
     assert result.summary["excluded_empty_target"] == 1 and result.summary["n"] == 2

@@ -32,6 +32,7 @@ from pipeline.docs_source import (
     PROBE_PHRASINGS,
     QUESTION_PHRASINGS,
     REFUSAL,
+    documented_objects,
     package_questions,
     same_package,
 )
@@ -122,7 +123,12 @@ def test_categories_have_the_configured_sizes_and_the_draw_is_seeded(docs_split)
 
 
 def test_on_topic_probes_ask_about_trained_objects_in_new_phrasings(docs_split):
-    trained = set(re.findall(r"`more_itertools\.(\w+)`", " ".join(seen_questions(docs_split, TEMPLATE))))
+    questions = [q for q in seen_questions(docs_split, TEMPLATE) if "more_itertools" in q]
+    trained = {
+        name
+        for name, _, _ in documented_objects("more_itertools")
+        if any(re.search(rf"(?<!\w){name}(?!\w)", q) for q in questions)
+    }
     on_topic = [p["question"] for p in _probes(docs_split, {"on_topic": 8}) if p["category"] == "on_topic"]
     assert len(on_topic) == 8 and len(trained) >= 8
     assert all(any(re.search(rf"(?<!\w){name}(?!\w)", question) for name in trained) for question in on_topic)
@@ -162,6 +168,27 @@ def test_select_probes_skips_exact_and_near_duplicates_of_the_split_and_of_each_
         ("general_knowledge", "Who wrote Hamlet?"),
         ("chit_chat", "Hello there"),
     ]  # a source that runs out gives fewer; the seen hand-picked question is skipped too
+
+
+def test_templated_probes_about_different_objects_are_all_kept_so_every_phrasing_is_drawn(tmp_path):
+    # One wording about two functions is two questions (Jaccard 10/12 would have called them one) ...
+    long_wording = [
+        {
+            "question": f"Is there a quick way to get started with {name} from more_itertools?",
+            "source": "t",
+            "subject": name,
+        }
+        for name in ("chunked", "windowed", "chunked")
+    ]
+    kept = select_probes({"on_topic": long_wording}, {"on_topic": 3}, [], seen=[])
+    assert [p["question"].split()[-3] for p in kept] == ["chunked", "windowed"]  # ...and the same question once
+    # ...so a draw spans every probe phrasing, the long ones too (the near test kept about 1 in 100 of those).
+    whole_package = _write_split(tmp_path, read_docs_source(DocsSource(phrasings=1, offtopic=0, near_domain=0)))
+    on_topic = [p["question"] for p in _probes(whole_package, {"on_topic": 60}) if p["category"] == "on_topic"]
+    prefixes = [normalise_text(t.split("{")[0]) for t in PROBE_PHRASINGS]
+    drawn = Counter(next(i for i, pre in enumerate(prefixes) if normalise_text(q).startswith(pre)) for q in on_topic)
+    assert len(on_topic) == 60 and set(drawn) == set(range(len(PROBE_PHRASINGS)))
+    assert min(drawn.values()) >= 4, drawn  # 10 each expected from a uniform draw
 
 
 def test_near_duplicates_find_every_match_a_plain_scan_finds():
@@ -220,20 +247,12 @@ def test_docs_source_emits_near_domain_refusal_rows_in_the_training_phrasings():
     assert len(near) == 7 and len({r["question"] for r in near}) == 7
     assert all(r["answer"] == REFUSAL.format(package="more_itertools") for r in near)
     packages = [
-        next(
-            p for p in NEAR_DOMAIN_TRAIN_PACKAGES if any(f in r["question"] for f in (f"`{p}.", f"the {p} ", f" {p};"))
-        )
+        next(p for p in NEAR_DOMAIN_TRAIN_PACKAGES if re.search(rf"(?<![\w.]){re.escape(p)}(?=[.;, ])", r["question"]))
         for r in near
     ]
     assert len(set(packages)) == 7  # round-robin: a short draw spans the packages
     templates = [normalise_text(t.split("{")[0]) for t in QUESTION_PHRASINGS[:2]]
     assert all(normalise_text(r["question"]).startswith(tuple(templates)) for r in near)
-    assert not [
-        r
-        for r in read_docs_source(DocsSource(phrasings=1, max_objects=3, offtopic=0, near_domain=0))
-        if r["source"].startswith("near_domain")
-    ]
-    assert "near_domain" not in DocsSource(near_domain=0).model_dump()  # 0 keeps the collect key it had before
 
 
 def test_a_taught_training_package_gets_no_near_domain_questions_about_itself():
