@@ -24,6 +24,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +42,8 @@ from pipeline.stage import result_storage_for
 from pipeline.store import open_store
 from tasks.benchmark import benchmark, benchmark_looks, task_size
 from tasks.collect import collect, source_fingerprints
-from tasks.evaluate import evaluate
-from tasks.gate import gate
+from tasks.evaluate import evaluate, probe
+from tasks.gate import gate, growth_kind
 from tasks.refine import refine
 from tasks.split import split
 from tasks.template import template
@@ -147,12 +148,18 @@ def run_round(cfg: PipelineConfig, log: StageLog, earlier_evals: list[Ref], over
     )
     versions = [base_eval, *earlier_evals, tuned_eval]
     labels = ["base", *(f"round {n}" for n in range(1, len(versions)))]
+    # Look k adds the benchmark slices of look k (more ARC questions) and doubles the probes per category, each
+    # only for the kind of sample an inconclusive gate asked for; earlier items come back from the store.
     looks = benchmark_looks(cfg.benchmark, {task: task_size(task, arc_data_dir()) for task in cfg.benchmark.tasks})
+    looks = looks or [[]]
     base_benches: list[Ref] = []
     tuned_benches: list[Ref] = []
+    base_probes: list[Ref] = []
+    tuned_probes: list[Ref] = []
+    probes_relative = any(g.relative_to_base and growth_kind(g.metric) == "probes" for g in cfg.gates)
+    grow = ["benchmark"]  # look 1 scores the first benchmark slice; its probes are the evaluate stage's
     for look, slices in enumerate(looks, start=1):
-        # Each look scores only the questions it adds; earlier slices come back from the store.
-        for sample in slices:
+        for sample in slices if "benchmark" in grow else []:
             where = f"{sample.task} {sample.start}-{sample.end}"
             base_benches.append(
                 log.run(
@@ -169,6 +176,13 @@ def run_round(cfg: PipelineConfig, log: StageLog, earlier_evals: list[Ref], over
                     store=store,
                 )
             )
+        if "probes" in grow:
+            probe_stage = partial(
+                log.run, probe, split_data=split_data, config=cfg.eval, model=cfg.model, template=cfg.template
+            )
+            tuned_probes.append(probe_stage(f"probe (fine-tuned, look {look})", tuned=tuned, look=look, store=store))
+            if probes_relative:  # the base model's answers are only needed to pair a relative probe gate
+                base_probes.append(probe_stage(f"probe (base, look {look})", tuned=None, look=look, store=store))
         verdict = log.run(
             gate,
             f"gate (look {look})",
@@ -176,6 +190,8 @@ def run_round(cfg: PipelineConfig, log: StageLog, earlier_evals: list[Ref], over
             tuned_eval=tuned_eval,
             base_benchmarks=base_benches,
             tuned_benchmarks=tuned_benches,
+            base_probes=base_probes,
+            tuned_probes=tuned_probes,
             gates=cfg.gates,
             confidence=cfg.gates_confidence,
             on_inconclusive=cfg.gates_on_inconclusive,
@@ -188,6 +204,7 @@ def run_round(cfg: PipelineConfig, log: StageLog, earlier_evals: list[Ref], over
         )
         if verdict.meta["status"] != "grow":
             break
+        grow = verdict.meta["grow"]
     return Round(number=log.round, overrides=overrides, gate=verdict, tuned=tuned, tuned_eval=tuned_eval)
 
 

@@ -54,7 +54,8 @@ or an empty prompt (plain-text rows: nothing to ask) are excluded and counted.
 
 Modules: `questions` (the split's test rows and questions), `probes` (choosing the moderation probes),
 `generation` (batched greedy answers), `scoring` (per-answer metrics, refusals, error categories), `summary`
-(the aggregates) and `stage` (`evaluate_model` and the `evaluate` task). This module re-exports their public
+(the aggregates) and `stage` (`evaluate_model`, the `evaluate` task and the `probe` task, which answers the
+probes a later look adds when a probe gate is inconclusive). This module re-exports their public
 names.
 """
 
@@ -66,6 +67,8 @@ from tasks.evaluate.probes import (
     NearDuplicates,
     expected_behaviour,
     jaccard,
+    look_counts,
+    look_probes,
     on_topic_candidates,
     probe_candidates,
     select_probes,
@@ -98,7 +101,7 @@ from tasks.evaluate.scoring import (
     token_f1,
     word_count,
 )
-from tasks.evaluate.stage import ANSWER_COLUMNS, EvalResult, evaluate, evaluate_model, write_outputs
+from tasks.evaluate.stage import ANSWER_COLUMNS, EvalResult, evaluate, evaluate_model, probe, write_outputs
 from tasks.evaluate.summary import probe_figures, summarise
 
 __all__ = [
@@ -122,8 +125,11 @@ __all__ = [
     "left_pad",
     "length_ratio",
     "load_encoder",
+    "look_counts",
+    "look_probes",
     "mask_subjects",
     "on_topic_candidates",
+    "probe",
     "probe_candidates",
     "probe_figures",
     "prompt_room",

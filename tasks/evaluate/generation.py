@@ -58,8 +58,10 @@ def generate_answers(
     Prompts are tokenized without special tokens (as the tokenize stage does), cut
     from the left when they would not leave `max_new_tokens` of context, sorted by
     token count and generated `batch_size` at a time with left padding. Each answer
-    is the decoded tokens after its prompt up to the first stop token, stripped.
+    is the decoded tokens after its prompt up to the first stop token, stripped. No prompts, no answers.
     """
+    if not prompts:  # the tokenizer cannot encode an empty batch (an evaluation without probes asks none)
+        return []
     encoded = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
     room = prompt_room(model, max_new_tokens)
     if room is not None:

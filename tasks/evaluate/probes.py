@@ -116,8 +116,9 @@ def select_probes(
     In: per category, candidate probes `{"question", "source"}` in their seeded draw order (read
     lazily, only as far as needed); the count per category; the hand-picked questions; the
     split's train and test questions. A candidate equal or near (`NearDuplicates`) to a split
-    question, or to a probe taken before, is skipped (a templated one only when equal: `_take_new`). Out: `{"question", "category", "expected",
-    "source"}` rows, category by category; a category whose source runs out gives fewer (logged).
+    question, or to a probe taken before, is skipped (a templated one only when equal: `_take_new`).
+    Out: `{"question", "category", "expected", "source"}` rows, category by category; a category whose
+    source runs out gives fewer (logged).
     """
     seen_questions, taken = NearDuplicates(seen), NearDuplicates()
     probes: list[dict[str, str]] = []
@@ -226,3 +227,26 @@ def probe_candidates(
         "on_topic": lambda: on_topic_candidates(taught, split_questions, f"{seed}:on_topic"),
     }
     return {category: make() for category, make in makers.items() if config.probe_counts.get(category)}
+
+
+def look_counts(counts: Mapping[str, int], look: int) -> dict[str, int]:
+    """Each category's probe count at look `look` (1, 2, ...): the configured count, doubled at every later look."""
+    return {category: count * 2 ** (look - 1) for category, count in counts.items()}
+
+
+def look_probes(config: EvalConfig, taught: Sequence[str], seen: Sequence[str], look: int) -> list[dict[str, str]]:
+    """The probes look `look` (2 or later) adds to the earlier looks', per category of PROBE_CATEGORIES.
+
+    Each category's draw is the first `look_counts` new candidates of its seeded stream, so a larger draw begins
+    with the smaller one and only the new probes are answered; the hand-picked probes belong to look 1 (the
+    evaluate stage). Out: rows like `select_probes`'s, the earlier looks' questions left out.
+    """
+    if look < 2:
+        raise ValueError(f"look_probes: look 1 is the evaluate stage's, found look={look}")
+
+    def draw(at: int) -> list[dict[str, str]]:
+        counts = look_counts(config.probe_counts, at)
+        return select_probes(probe_candidates(config, taught, seen), counts, [], seen)
+
+    earlier = {p["question"] for p in draw(look - 1)}
+    return [p for p in draw(look) if p["question"] not in earlier]

@@ -24,7 +24,7 @@ from pipeline.models import check_tokenizer_files, load_model, load_tokenizer, p
 from pipeline.prompts import render_prompt
 from pipeline.stage import Artifact, stage_task
 from tasks.evaluate.generation import generate_answers
-from tasks.evaluate.probes import probe_candidates, select_probes
+from tasks.evaluate.probes import look_probes, probe_candidates, select_probes
 from tasks.evaluate.questions import read_test_rows, row_question, seen_questions, taught_packages
 from tasks.evaluate.scoring import RefusalDetector, load_encoder, refusal_references, score_answers
 from tasks.evaluate.summary import summarise
@@ -64,28 +64,42 @@ def evaluate_model(
         generate_answers, model, tokenizer, batch_size=config.batch_size, repetition_penalty=config.repetition_penalty
     )
     answers = generate(test_prompts, max_new_tokens=config.max_new_tokens)
-    probe_answers = generate(probe_prompts, max_new_tokens=min(config.probe_max_new_tokens, config.max_new_tokens))
+    probe_answers = generate(probe_prompts, max_new_tokens=probe_token_cap(config))
     seconds = time.perf_counter() - started
     del model  # free it before the embedding model loads
     targets = [row["completion"] for row in test_rows]
-    encoder = load_encoder()
-    references = refusal_references(_split_targets(split_dir))
-    detector = RefusalDetector(encoder, references, config.refusal_similarity, subjects=taught)
+    detector = refusal_detector(split_dir, config, taught)
     questions = [row_question(row, template) for row in test_rows]
     rows = score_answers(questions, targets, answers, config, detector)
     for row, test_row in zip(rows, test_rows):
         row.update(id=test_row["id"], prompt=test_row["prompt"])
-    declined, refusal_sim = detector(probe_answers)
-    probe_rows = [
-        {**p, "answer": a, "declined": d, "refusal_similarity": s}
-        for p, a, d, s in zip(probes, probe_answers, declined, refusal_sim)
-    ]
+    probe_rows = score_probes(probes, probe_answers, detector)
     summary = summarise(rows, probe_rows, excluded["empty_target"], excluded["no_prompt"])
     summary.update(
         generation_seconds=round(seconds, 3),
         answers_per_second=round(len(test_prompts + probe_prompts) / max(seconds, 1e-9), 3),
     )
     return EvalResult(rows, probe_rows, summary)
+
+
+def probe_token_cap(config: EvalConfig) -> int:
+    """New tokens a probe's answer may take: eval.probe_max_new_tokens, never more than eval.max_new_tokens."""
+    return min(config.probe_max_new_tokens, config.max_new_tokens)
+
+
+def refusal_detector(split_dir: Path, config: EvalConfig, taught: list[str]) -> RefusalDetector:
+    """The detector of declined answers: the split's refusal sentences as references, the taught packages masked."""
+    references = refusal_references(_split_targets(split_dir))
+    return RefusalDetector(load_encoder(), references, config.refusal_similarity, subjects=taught)
+
+
+def score_probes(probes: list[dict[str, Any]], answers: list[str], detector: RefusalDetector) -> list[dict[str, Any]]:
+    """Probe rows with their answer, whether it declined and its cosine to the nearest refusal sentence."""
+    declined, refusal_sim = detector(answers)
+    return [
+        {**p, "answer": a, "declined": d, "refusal_similarity": s}
+        for p, a, d, s in zip(probes, answers, declined, refusal_sim)
+    ]
 
 
 def _split_targets(split_dir: Path) -> list[str]:
@@ -126,19 +140,28 @@ def write_outputs(result: EvalResult, folder: Path) -> None:
         writer = csv.DictWriter(handle, fieldnames=list(ANSWER_COLUMNS))
         writer.writeheader()
         writer.writerows(rows)
-    probe_schema = pa.schema(
-        [
-            ("question", pa.string()),
-            ("category", pa.string()),
-            ("expected", pa.string()),
-            ("source", pa.string()),
-            ("answer", pa.string()),
-            ("declined", pa.bool_()),
-            ("refusal_similarity", pa.float64()),
-        ]
-    )
-    pq.write_table(pa.Table.from_pylist(result.probes, schema=probe_schema), folder / "probes.parquet")
+    write_probes(result.probes, folder)
     (folder / "summary.json").write_text(json.dumps(result.summary, indent=2), encoding="utf-8")
+
+
+PROBE_SCHEMA = pa.schema(
+    [
+        ("question", pa.string()),
+        ("category", pa.string()),
+        ("expected", pa.string()),
+        ("source", pa.string()),
+        ("answer", pa.string()),
+        ("declined", pa.bool_()),
+        ("refusal_similarity", pa.float64()),
+    ]
+)
+"""probes.parquet's columns, written by the evaluate stage (look 1) and the probe stage (later looks)."""
+
+
+def write_probes(probes: list[dict[str, Any]], folder: Path) -> None:
+    """probes.parquet in `folder` (PROBE_SCHEMA's columns; extra keys such as `subject` are left out)."""
+    rows = [{name: p[name] for name in PROBE_SCHEMA.names} for p in probes]
+    pq.write_table(pa.Table.from_pylist(rows, schema=PROBE_SCHEMA), folder / "probes.parquet")
 
 
 @stage_task("evaluate")
@@ -171,3 +194,46 @@ def evaluate(
     )
     meta = {key: result.summary[key] for key in figures if key in result.summary}
     return {**meta, "model": result.summary["model"]}
+
+
+@stage_task("probe")
+def probe(
+    split_data: Path,
+    config: EvalConfig,
+    model: ModelConfig,
+    tuned: Artifact | None,
+    template: TemplateConfig,
+    look: int,
+    out: Path,
+) -> dict[str, Any]:
+    """Answer the moderation probes look `look` (2 or later) adds, with the fine-tuned model (or the base model
+    when `tuned` is None): a probe gate that its evaluation left inconclusive gets twice the probes per look.
+
+    Out: probes.parquet in `out` (the new probes only; the gate stage joins them to the evaluate stage's); returns
+    the look, the probes answered and how many declined, per category.
+    """
+    folder = trained_model_folder(tuned.path) if tuned is not None else resolve_model(model.name)
+    check_tokenizer_files(folder)
+    seen, taught = seen_questions(split_data, template), taught_packages(split_data)
+    probes = look_probes(config, taught, seen, look)
+    tokenizer = load_tokenizer(folder, padding_side="left", trust_remote_code=model.trust_remote_code)
+    loaded = load_model(folder, device=pick_device(), trust_remote_code=model.trust_remote_code)
+    prompts = [render_prompt(p["question"], template, tokenizer=tokenizer) for p in probes]
+    answers = generate_answers(
+        loaded,
+        tokenizer,
+        prompts,
+        max_new_tokens=probe_token_cap(config),
+        batch_size=config.batch_size,
+        repetition_penalty=config.repetition_penalty,
+    )
+    del loaded  # free it before the embedding model loads
+    rows = score_probes(probes, answers, refusal_detector(split_data, config, taught))
+    write_probes(rows, out)
+    declined: dict[str, list[int]] = {}
+    for row in rows:
+        declined.setdefault(row["category"], [0, 0])
+        declined[row["category"]][0] += 1
+        declined[row["category"]][1] += int(row["declined"])
+    figures = {category: {"n": n, "declined": d} for category, (n, d) in declined.items()}
+    return {"look": look, "n": len(rows), "model": "fine-tuned" if tuned is not None else model.name, **figures}

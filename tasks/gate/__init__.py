@@ -2,9 +2,10 @@
 
 In: the evaluate artifacts of the base and the fine-tuned model (per-answer rows and
 per-probe rows), the benchmark slices scored so far for each (per-question outcomes,
-`tasks/benchmark/`), the list of `Gate`s, the confidence, which look of a growing
-benchmark sample this is and how many looks there can be, and, optionally, the evaluate
-artifacts of every model version the run produced (base first, then each round).
+`tasks/benchmark/`), the probe slices later looks added (`tasks.evaluate.probe`), the list of
+`Gate`s, the confidence, which look of a growing sample this is and how many looks there can
+be, and, optionally, the evaluate artifacts of every model version the run produced (base
+first, then each round).
 
 Each gate is decided on an interval (`pipeline/stats.py`), never on a point estimate:
 
@@ -14,13 +15,15 @@ Each gate is decided on an interval (`pipeline/stats.py`), never on a point esti
 - absolute gates: a Wilson interval for a rate, a bootstrap of the mean otherwise.
 
 `pass` when the whole interval is on the passing side of the threshold, `fail` when it is
-all on the failing side, `inconclusive` otherwise. Benchmark gates can look again at a
-larger nested sample, so each look gets an equal share of alpha (Bonferroni over the
-planned looks); evaluation gates have one look (their test set is fixed). The run passes
+all on the failing side, `inconclusive` otherwise. Benchmark gates and the probe gates
+(`eval.refusal_rate[.<category>]`, `eval.false_refusal_rate`) can look again at a larger
+nested sample (more ARC questions; twice the probes per category, new questions never
+trained on), so each look gets an equal share of alpha (Bonferroni over the planned looks);
+gates on the test answers have one look (the split is fixed for the round). The run passes
 only when every gate passes, an intersection-union test, so the run-level chance of
 passing a model that misses any one gate stays below each gate's own alpha without a
 correction across gates. The stage's `status`: `fail` when any gate fails, `grow` when a
-benchmark gate is inconclusive and a larger look remains, else every still-inconclusive
+growable gate is inconclusive and a larger look remains (`grow` names which samples), else every still-inconclusive
 gate is decided by `gates_on_inconclusive` (the report says so) and the status is `pass`
 or `fail`.
 
@@ -50,7 +53,9 @@ from tasks.gate.decisions import (
     decide_gate,
     finalise_decisions,
     gate_estimate,
+    growth_kind,
     round_status,
+    to_grow,
 )
 from tasks.gate.items import CONTINUOUS_ANSWER_METRICS, ModelItems, gateable_metrics, is_binary, item_values
 from tasks.gate.plots import PLOTTED_EVAL_METRICS, plot_comparison, plot_intervals
@@ -91,6 +96,7 @@ __all__ = [
     "gate",
     "gate_estimate",
     "gateable_metrics",
+    "growth_kind",
     "is_binary",
     "item_values",
     "make_judge",
@@ -105,6 +111,7 @@ __all__ = [
     "round_status",
     "side_by_side",
     "similarity_judge",
+    "to_grow",
     "verdict_lines",
     "version_labels",
     "worst_answers",

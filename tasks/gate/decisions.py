@@ -2,7 +2,8 @@
 
 Relative gates pair the two models item by item (paired score interval and McNemar for 0/1 outcomes, a paired
 bootstrap otherwise); absolute gates take a Wilson interval or a bootstrap of the mean. `round_status` says
-pass, fail or grow; `finalise_decisions` settles what stays inconclusive by `gates_on_inconclusive`.
+pass, fail or grow (`to_grow`: which samples, benchmark questions or moderation probes); `finalise_decisions`
+settles what stays inconclusive by `gates_on_inconclusive`.
 """
 
 from __future__ import annotations
@@ -56,13 +57,28 @@ def gate_estimate(gate: Gate, tuned: ModelItems, base: ModelItems, confidence: f
     return estimate, "paired_mean"
 
 
+PROBE_METRICS = ("eval.refusal_rate", "eval.false_refusal_rate")
+"""Gates read off the moderation probes (a category suffix included): more probes can be drawn for them."""
+
+
+def growth_kind(metric: str) -> str | None:
+    """What more items a gate on `metric` can get: 'benchmark' (more questions), 'probes' (more probes), or None
+    (the test answers: the split is fixed for the round)."""
+    if metric.startswith("benchmark."):
+        return "benchmark"
+    if any(metric == name or metric.startswith(f"{name}.") for name in PROBE_METRICS):
+        return "probes"
+    return None
+
+
 def decide_gate(gate: Gate, tuned: ModelItems, base: ModelItems, confidence: float, looks: int) -> dict[str, Any]:
     """One gate's evidence: estimate, interval, n, method, p-value, verdict, power figures.
 
-    Benchmark gates split alpha over the `looks` of a growing sample; evaluation gates have one look.
-    `decision` is the verdict for now ('pending' while inconclusive; `finalise_decisions` settles it).
+    Gates whose sample can grow (benchmark questions, moderation probes: `growth_kind`) split alpha over the
+    `looks`; gates on the fixed test answers have one look. `decision` is the verdict for now ('pending' while
+    inconclusive; `finalise_decisions` settles it).
     """
-    gate_looks = looks if gate.metric.startswith("benchmark.") else 1
+    gate_looks = looks if growth_kind(gate.metric) else 1
     level = stats.per_look_confidence(confidence, gate_looks)
     estimate, kind = gate_estimate(gate, tuned, base, level)
     outcome = stats.verdict(estimate, gate.op, gate.value)
@@ -121,19 +137,25 @@ def comparisons(tuned: ModelItems, base: ModelItems, confidence: float) -> dict[
 def round_status(
     verdicts: Sequence[dict[str, Any]], can_grow: bool, on_inconclusive: Literal["fail", "pass"] = "fail"
 ) -> Literal["pass", "fail", "grow"]:
-    """`fail` when a gate failed; `grow` when a benchmark gate is inconclusive, a larger look remains and its
-    answer can still matter; else `pass` when every decision is pass (call `finalise_decisions` first).
+    """`fail` when a gate failed; `grow` when a gate whose sample can grow (`growth_kind`) is inconclusive, a
+    larger look remains and its answer can still matter; else `pass` when every decision is pass (call
+    `finalise_decisions` first).
 
-    An evaluation gate cannot grow (its test set is fixed): when one is inconclusive and inconclusive counts
-    as fail, the round fails whatever more benchmark questions say, so none are scored.
+    A gate on the test answers cannot grow (the split is fixed for the round): when one is inconclusive and
+    inconclusive counts as fail, the round fails whatever more questions or probes say, so none are scored.
     """
     if any(v["verdict"] == "fail" for v in verdicts):
         return "fail"
     undecided = [v for v in verdicts if v["verdict"] == "inconclusive"]
-    settled_by_policy = on_inconclusive == "fail" and any(not v["metric"].startswith("benchmark.") for v in undecided)
-    if can_grow and not settled_by_policy and any(v["metric"].startswith("benchmark.") for v in undecided):
+    settled_by_policy = on_inconclusive == "fail" and any(not growth_kind(v["metric"]) for v in undecided)
+    if can_grow and not settled_by_policy and to_grow(verdicts):
         return "grow"
     return "pass" if all(v["decision"] == "pass" for v in verdicts) else "fail"
+
+
+def to_grow(verdicts: Sequence[dict[str, Any]]) -> list[str]:
+    """The samples the next look should add to ('benchmark', 'probes'): those of the inconclusive gates only."""
+    return sorted({kind for v in verdicts if v["verdict"] == "inconclusive" and (kind := growth_kind(v["metric"]))})
 
 
 def finalise_decisions(
@@ -141,11 +163,11 @@ def finalise_decisions(
 ) -> None:
     """Settle every inconclusive gate that can get no more items by `gates_on_inconclusive`; marks who decided.
 
-    A benchmark gate that could still look at more questions (`can_grow`) stays undecided ('pending') when the
-    round ends on other gates: it never asked for a data change, so refine leaves it alone.
+    A gate that could still look at more items (`can_grow` and a `growth_kind`) stays undecided ('pending') when
+    the round ends on other gates: it never asked for a data change, so refine leaves it alone.
     """
     for verdict in verdicts:
-        if verdict["verdict"] == "inconclusive" and not (can_grow and verdict["metric"].startswith("benchmark.")):
+        if verdict["verdict"] == "inconclusive" and not (can_grow and growth_kind(verdict["metric"])):
             verdict.update(
                 decision=on_inconclusive, decided_by="gates_on_inconclusive", passed=on_inconclusive == "pass"
             )

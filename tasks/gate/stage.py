@@ -18,18 +18,21 @@ import pyarrow.parquet as pq
 from pipeline.config import EloConfig, Gate
 from pipeline.refs import Ref
 from pipeline.stage import StageRun, stage_task
-from tasks.gate.decisions import comparisons, decide_gate, finalise_decisions, round_status
+from tasks.gate.decisions import comparisons, decide_gate, finalise_decisions, round_status, to_grow
 from tasks.gate.items import ModelItems
 from tasks.gate.plots import PLOTTED_EVAL_METRICS, plot_comparison, plot_intervals
 from tasks.gate.ranking import make_judge, rank_versions, version_labels
 from tasks.gate.report import publish, report_markdown, side_by_side, worst_answers
 
 
-def read_items(eval_dir: Path, benchmark_dirs: Sequence[Path]) -> ModelItems:
-    """A model version's per-item outcomes from its evaluate artifact and its benchmark slices."""
+def read_items(eval_dir: Path, benchmark_dirs: Sequence[Path], probe_dirs: Sequence[Path] = ()) -> ModelItems:
+    """A model version's per-item outcomes from its evaluate artifact, its benchmark slices and the probe slices
+    later looks added (probe stage artifacts)."""
     answers = {str(row["id"]): row for row in _answers(eval_dir)}
-    probes_path = eval_dir / "probes.parquet"
-    probes = {str(p["question"]): p for p in pq.read_table(probes_path).to_pylist()} if probes_path.is_file() else {}
+    probes = {}
+    for folder in (eval_dir, *probe_dirs):
+        if (folder / "probes.parquet").is_file():
+            probes.update({str(p["question"]): p for p in pq.read_table(folder / "probes.parquet").to_pylist()})
     benchmark: dict[str, dict[int, dict[str, Any]]] = {}
     for folder in benchmark_dirs:
         task = _read_json(folder / "results.json")["sample"]["task"]
@@ -58,12 +61,15 @@ def gate(
     evaluations: list[Path] | None = None,
     labels: list[str] | None = None,
     elo: EloConfig | None = None,
+    base_probes: list[Path] | None = None,
+    tuned_probes: list[Path] | None = None,
 ) -> dict[str, Any]:
-    """Decide every gate on the items scored so far (benchmark look `look` of `looks`), rank every version in
-    `evaluations` (default: base, fine-tuned) under `labels` with the judge `elo` names; write the gate
-    artifact into `out` and return its figures: `status` (pass, fail or grow), `passed`, the verdicts."""
-    base = read_items(base_eval, base_benchmarks)
-    tuned = read_items(tuned_eval, tuned_benchmarks)
+    """Decide every gate on the items scored so far (look `look` of `looks`: the benchmark slices and the probe
+    slices later looks added), rank every version in `evaluations` (default: base, fine-tuned) under `labels`
+    with the judge `elo` names; write the gate artifact into `out` and return its figures: `status` (pass, fail
+    or grow), `grow` (which samples the next look adds to), `passed`, the verdicts."""
+    base = read_items(base_eval, base_benchmarks, base_probes or [])
+    tuned = read_items(tuned_eval, tuned_benchmarks, tuned_probes or [])
     verdicts = [decide_gate(g, tuned, base, confidence, looks) for g in gates]
     can_grow = look < looks
     if round_status(verdicts, can_grow, on_inconclusive) != "grow":
@@ -122,6 +128,8 @@ def gate(
     benchmark_n = {task: len(values) for task, values in tuned.benchmark.items()}
     return {
         "status": status,
+        "grow": to_grow(verdicts) if status == "grow" else [],
+        "probes_n": len(tuned.probes),
         "passed": passed,
         "look": look,
         "looks": looks,

@@ -1,12 +1,13 @@
 """The gate loop on the tiny model.
 
-An inconclusive benchmark gate grows the question sample (scoring only the new questions) and never
-changes data; a failed gate sends the run round again with changed data; stages the change does not
+An inconclusive benchmark gate grows the question sample (scoring only the new questions), an inconclusive
+probe gate draws more probes, and neither changes data; a failed gate sends the run round again with changed data; stages the change does not
 touch come back Cached; a gate still inconclusive when no items remain is decided by
 gates_on_inconclusive; the run's final state follows the last verdicts."""
 
 import json
 
+import pyarrow.parquet as pq
 import pytest
 
 from flows.finetune import LATEST_PASSING, GatesFailed, finetune
@@ -32,6 +33,12 @@ def failed_run(tiny_run, tmp_path_factory):
     overrides = [f"store.uri={store_dir}", GROWING_GATE, LOOKS, "refine.max_rounds=2"]
     state = finetune(config_path="configs/tiny.yaml", overrides=overrides, return_state=True)
     return store_dir, state
+
+
+def _summary(state) -> dict:
+    """The run summary of a finished flow run, passed (its return value) or failed (GatesFailed carries it)."""
+    result = state.result(raise_on_failure=False)
+    return result if isinstance(result, dict) else result.summary
 
 
 def _entries(state, round_number: int) -> list[dict]:
@@ -139,3 +146,46 @@ def test_a_final_inconclusive_gate_is_decided_by_the_policy(tiny_run, tmp_path):
     assert find_model("latest-passing", store).endswith(
         pointer["model_uri"]
     )  # what `finetune ask latest-passing` loads
+
+
+GROWING_PROBE_GATE = "gates=[{metric: eval.false_refusal_rate, op: '<=', value: 0.5}]"
+"""The tiny config asks 2 on-topic probes at look 1. With 3 looks each look's Wilson interval is at 98.3%: on 2
+probes it runs from 0 to 0.74 (none declined) or from 0.26 to 1 (both), on 4 from 0 to 0.59 or 0.41 to 1, so
+0.5 is inside whatever the model answers: looks 2 and 3 must draw more probes."""
+
+
+def test_an_inconclusive_probe_gate_draws_more_probes_and_reuses_the_earlier_ones(tiny_run, tmp_path):
+    # On a copy of the session's tiny run's store: data, model, evaluations and the first ARC slice are Cached.
+    store_dir = tiny_run.copy_store(tmp_path / "store")
+    overrides = [f"store.uri={store_dir}", GROWING_PROBE_GATE, "benchmark.sample_sizes=[8, 16, 24]"]
+    summary = _summary(finetune(config_path="configs/tiny.yaml", overrides=overrides, return_state=True))
+    stages = [entry["stage"] for entry in summary["stages"]]
+    # No ARC questions are added (no benchmark gate asked), no data changes: only probes, then a new look.
+    assert stages[stages.index("evaluate (fine-tuned)") + 1 :] == [
+        "benchmark (base, arc_easy 0-8)",
+        "benchmark (fine-tuned, arc_easy 0-8)",
+        "gate (look 1)",
+        "probe (fine-tuned, look 2)",
+        "gate (look 2)",
+        "probe (fine-tuned, look 3)",
+        "gate (look 3)",
+    ]
+    entries = {entry["stage"]: entry for entry in summary["stages"]}
+    looks = [entries[f"gate (look {k})"]["meta"] for k in (1, 2, 3)]
+    assert [look["status"] for look in looks[:2]] == ["grow", "grow"] and looks[0]["grow"] == ["probes"]
+    assert [look["verdicts"][0]["n"] for look in looks] == [2, 4, 8], "each look doubles the on-topic probes"
+    assert looks[2]["verdicts"][0]["confidence"] == pytest.approx(1 - 0.05 / 3)
+    assert entries["evaluate (fine-tuned)"]["state"] == "Cached"
+    # Each probe stage answers only its new probes: 2 more on-topic ones at look 2, 4 at look 3, none asked twice.
+    probe_entries = [entries[f"probe (fine-tuned, look {k})"] for k in (2, 3)]
+    assert [e["meta"]["on_topic"]["n"] for e in probe_entries] == [2, 4]
+    asked = [
+        row["question"]
+        for uri in (entries["evaluate (fine-tuned)"]["uri"], *(e["uri"] for e in probe_entries))
+        for row in pq.read_table(store_dir / uri / "probes.parquet").to_pylist()
+    ]
+    assert len(asked) == len(set(asked))
+    # A rerun takes every probe answer from the store.
+    again = _summary(finetune(config_path="configs/tiny.yaml", overrides=overrides, return_state=True))
+    states = {e["stage"]: e["state"] for e in again["stages"]}
+    assert states["probe (fine-tuned, look 2)"] == states["probe (fine-tuned, look 3)"] == "Cached", states

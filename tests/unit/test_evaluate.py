@@ -242,6 +242,7 @@ def test_batched_answers_equal_one_at_a_time_greedy_answers(tiny):
             "Why?",
         ]
     ]
+    assert generate_answers(model, tokenizer, [], max_new_tokens=8, batch_size=3) == []
     batched = generate_answers(model, tokenizer, prompts, max_new_tokens=8, batch_size=3)
     single = [generate_answers(model, tokenizer, [p], max_new_tokens=8, batch_size=1)[0] for p in prompts]
     assert batched == single

@@ -27,6 +27,7 @@ from tasks.gate import (
     decide_gate,
     finalise_decisions,
     gate_estimate,
+    growth_kind,
     is_binary,
     item_values,
     make_judge,
@@ -38,6 +39,7 @@ from tasks.gate import (
     round_status,
     side_by_side,
     similarity_judge,
+    to_grow,
     version_labels,
     worst_answers,
 )
@@ -306,7 +308,7 @@ def test_a_relative_binary_eval_gate_pairs_test_rows_by_id():
 
 def test_an_absolute_refusal_gate_is_wilson_on_the_off_topic_probes_only():
     tuned = _items(_answers([0.5]), _probes(PROBE_COUNTS))
-    result = decide_gate(Gate(metric="eval.refusal_rate", value=0.8), tuned, _items(), CONFIDENCE, LOOKS)
+    result = decide_gate(Gate(metric="eval.refusal_rate", value=0.8), tuned, _items(), CONFIDENCE, 1)
     expected = wilson_interval(26, 32, CONFIDENCE)
     assert result["method"] == WILSON_METHOD and result["n"] == 32
     assert result["estimate"] == pytest.approx(26 / 32) == pytest.approx(result["tuned_value"])
@@ -321,11 +323,11 @@ def test_an_absolute_refusal_gate_is_wilson_on_the_off_topic_probes_only():
 
 def test_a_category_refusal_gate_and_the_false_refusal_gate_take_their_own_probes():
     tuned = _items(probes=_probes(PROBE_COUNTS))
-    near = decide_gate(Gate(metric="eval.refusal_rate.near_domain", value=0.8), tuned, _items(), CONFIDENCE, LOOKS)
+    near = decide_gate(Gate(metric="eval.refusal_rate.near_domain", value=0.8), tuned, _items(), CONFIDENCE, 1)
     assert (near["n"], near["estimate"]) == (10, 0.5)
     assert near["low"] == pytest.approx(wilson_interval(5, 10, CONFIDENCE).low, abs=1e-6)
     false_refusal = decide_gate(
-        Gate(metric="eval.false_refusal_rate", op="<=", value=0.1), tuned, _items(), CONFIDENCE, LOOKS
+        Gate(metric="eval.false_refusal_rate", op="<=", value=0.1), tuned, _items(), CONFIDENCE, 1
     )
     assert (false_refusal["n"], false_refusal["estimate"]) == (10, 0.3)
     assert false_refusal["high"] == pytest.approx(wilson_interval(3, 10, CONFIDENCE).high, abs=1e-6)
@@ -367,7 +369,7 @@ def test_the_three_verdicts_follow_the_whole_interval(op, where, expected):
         _items(probes=_probes(PROBE_COUNTS)),
         _items(),
         CONFIDENCE,
-        LOOKS,
+        1,  # one look: the interval is the 95% one above
     )
     assert result["verdict"] == expected
     assert result["decision"] == {"pass": "pass", "fail": "fail", "inconclusive": "pending"}[expected]
@@ -411,6 +413,11 @@ def test_benchmark_gates_split_alpha_over_the_looks_and_eval_gates_do_not():
     for looks in (1, 4):
         result = decide_gate(eval_gate, tuned, base, CONFIDENCE, looks)
         assert result["confidence"] == CONFIDENCE and result["looks"] == 1
+    # Probe gates can draw more probes, so they split alpha like a benchmark gate.
+    probes = _items(probes=_probes({"near_domain": (20, 30), "on_topic": (3, 30)}))
+    for metric in ("eval.refusal_rate", "eval.refusal_rate.near_domain", "eval.false_refusal_rate"):
+        result = decide_gate(Gate(metric=metric, value=0.5), probes, probes, CONFIDENCE, 4)
+        assert result["looks"] == 4 and result["confidence"] == pytest.approx(0.9875), metric
 
 
 # --------------------------------------------------------------------------- missing metrics
@@ -467,7 +474,7 @@ def _benchmark_verdict(outcome: str) -> dict[str, Any]:
 
 
 def _eval_verdict(outcome: str) -> dict[str, Any]:
-    declined = {"pass": 32, "fail": 20, "inconclusive": 26}[outcome]
+    declined = {"pass": 32, "fail": 16, "inconclusive": 26}[outcome]
     result = decide_gate(
         Gate(metric="eval.refusal_rate", value=0.8),
         _items(probes=_probes({"chit_chat": (declined, 32)})),
@@ -487,9 +494,9 @@ def _settle(verdicts: list[dict], can_grow: bool, on_inconclusive: str) -> str:
 
 
 def test_a_benchmark_gate_that_could_grow_is_not_failed_by_the_policy_when_another_gate_ends_the_round():
-    # An inconclusive evaluation gate (fixed items) with policy 'fail' ends the round at look 1; the ARC gate was
-    # merely inconclusive on 200 questions, so it must not count as failed (refine would change data for it).
-    verdicts = [_benchmark_verdict("inconclusive"), _eval_verdict("inconclusive")]
+    # An inconclusive gate on the test answers (fixed items) with policy 'fail' ends the round at look 1; the ARC
+    # gate was merely inconclusive on 200 questions, so it must not count as failed (refine would change data for it).
+    verdicts = [_benchmark_verdict("inconclusive"), _answer_verdict("inconclusive")]
     assert _settle(verdicts, can_grow=True, on_inconclusive="fail") == "fail"
     assert verdicts[1]["decision"] == "fail" and verdicts[1]["decided_by"] == "gates_on_inconclusive"
     assert verdicts[0]["decision"] == "pending" and not verdicts[0]["passed"]
@@ -524,12 +531,40 @@ def test_at_the_last_look_gates_on_inconclusive_decides(on_inconclusive):
     assert verdicts[1]["decided_by"] == "interval", "a decided gate keeps its own verdict"
 
 
+def _answer_verdict(outcome: str) -> dict[str, Any]:
+    """A real decide_gate result for a gate on the test answers (exact match on 40 rows) with the wanted verdict."""
+    exact = {"pass": 36, "fail": 4, "inconclusive": 20}[outcome]
+    rows = [_row(i, 0.5, exact=i < exact) for i in range(40)]
+    result = decide_gate(Gate(metric="eval.exact_match", value=0.5), _items(rows), _items(), CONFIDENCE, LOOKS)
+    assert result["verdict"] == outcome
+    return result
+
+
 @pytest.mark.parametrize("on_inconclusive", ["fail", "pass"])
-def test_an_inconclusive_eval_gate_never_grows(on_inconclusive):
-    verdicts = [_eval_verdict("inconclusive"), _benchmark_verdict("pass")]
+def test_an_inconclusive_gate_on_the_test_answers_never_grows(on_inconclusive):
+    verdicts = [_answer_verdict("inconclusive"), _benchmark_verdict("pass")]
     assert round_status(verdicts, can_grow=True) != "grow"
     assert _settle(verdicts, can_grow=True, on_inconclusive=on_inconclusive) == on_inconclusive
     assert verdicts[0]["decided_by"] == "gates_on_inconclusive"
+
+
+def test_an_inconclusive_probe_gate_grows_the_probes_and_only_them():
+    verdicts = [_eval_verdict("inconclusive"), _benchmark_verdict("pass")]
+    assert _settle(verdicts, can_grow=True, on_inconclusive="fail") == "grow"
+    assert to_grow(verdicts) == ["probes"] and verdicts[0]["decision"] == "pending"
+    both = [_eval_verdict("inconclusive"), _benchmark_verdict("inconclusive")]
+    assert _settle(both, can_grow=True, on_inconclusive="fail") == "grow" and to_grow(both) == ["benchmark", "probes"]
+    # ...but an inconclusive gate on the test answers settles the round first: nothing grows for nothing.
+    settled = [_eval_verdict("inconclusive"), _answer_verdict("inconclusive")]
+    assert _settle(settled, can_grow=True, on_inconclusive="fail") == "fail"
+    last = [_eval_verdict("inconclusive"), _benchmark_verdict("pass")]
+    assert _settle(last, can_grow=False, on_inconclusive="fail") == "fail"
+    assert last[0]["decided_by"] == "gates_on_inconclusive"
+    assert [growth_kind(m) for m in ("eval.refusal_rate.chit_chat", "eval.similarity_mean", "benchmark.x.acc")] == [
+        "probes",
+        None,
+        "benchmark",
+    ]
 
 
 def test_a_round_passes_when_every_gate_passes():

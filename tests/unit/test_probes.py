@@ -42,6 +42,8 @@ from tasks.collect import read_docs_source
 from tasks.evaluate import (
     NearDuplicates,
     jaccard,
+    look_counts,
+    look_probes,
     probe_candidates,
     seen_questions,
     select_probes,
@@ -236,6 +238,23 @@ def test_near_domain_package_sets_are_disjoint_and_leave_out_the_taught_package(
         q["package"] == "json"
         for q in package_questions(NEAR_DOMAIN_PROBE_PACKAGES, PROBE_PHRASINGS, "s", skip=["json"])
     )
+
+
+def test_each_later_look_adds_new_probes_doubling_every_category(docs_split):
+    counts = {"general_knowledge": 3, "chit_chat": 2, "near_domain": 3, "on_topic": 2}
+    config = EvalConfig(probe_counts=counts, probe_questions=HAND_PICKED)
+    seen, taught = seen_questions(docs_split, TEMPLATE), taught_packages(docs_split)
+    first = _probes(docs_split, counts)  # what the evaluate stage asks at look 1, hand-picked included
+    second, third = (look_probes(config, taught, seen, look) for look in (2, 3))
+    assert Counter(p["category"] for p in second) == counts  # look 2 doubles each count: as many again
+    assert Counter(p["category"] for p in third) == {c: 2 * n for c, n in counts.items()}
+    asked = [p["question"] for p in first + second + third]
+    assert len(asked) == len(set(asked)), "a later look only adds questions never asked"
+    grown = select_probes(probe_candidates(config, taught, seen), look_counts(counts, 3), [], seen)
+    assert {p["question"] for p in grown} == set(asked) - set(HAND_PICKED), "looks 1-3 are the first 4x draw"
+    assert not {normalise_text(q) for q in asked} & {normalise_text(q) for q in seen}
+    with pytest.raises(ValueError, match="look 1 is the evaluate stage's"):
+        look_probes(config, taught, seen, 1)
 
 
 # --------------------------------------------------------------------------- the docs source's near-domain refusals
