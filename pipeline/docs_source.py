@@ -127,7 +127,7 @@ def same_package(package: str, taught: str) -> bool:
 
 
 def package_questions(
-    packages: Iterable[str], phrasings: Sequence[str], seed: str, skip: Iterable[str] = ()
+    packages: Iterable[str], phrasings: Sequence[str], seed: str, skip: Iterable[str] = (), wordings: int = 1
 ) -> Iterator[dict[str, str]]:
     """Questions about packages' documented objects: `{"question", "package", "name"}`, seeded, lazily.
 
@@ -135,7 +135,9 @@ def package_questions(
     a seed string and taught package names to skip (same top-level name). Each package's public
     documented objects are shuffled (seeded by `seed` and the package), then taken round-robin
     across packages so a short draw still spans them; each question gets a seeded phrasing.
-    Packages that are not installed are left out.
+    Packages that are not installed are left out. With `wordings` > 1 the whole sequence repeats that many
+    times (at most once per phrasing), each object asked again in the next phrasing after its last, so a long
+    draw is not capped at one question per object.
     """
     rng = random.Random(seed)
     skip = list(skip)
@@ -149,9 +151,13 @@ def package_questions(
             continue
         random.Random(f"{seed}:{package}").shuffle(objects)
         queues.append((package, objects))
-    for position in range(max((len(objects) for _, objects in queues), default=0)):
-        for package, objects in queues:
-            if position < len(objects):
-                name, kind = objects[position]
-                fields = {"package": package, "name": name, "qualname": f"{package}.{name}", "kind": kind}
-                yield {"question": rng.choice(phrasings).format(**fields), "package": package, "name": name}
+    first_wording: dict[tuple[str, str], int] = {}
+    for shift in range(min(wordings, len(phrasings))):
+        for position in range(max((len(objects) for _, objects in queues), default=0)):
+            for package, objects in queues:
+                if position < len(objects):
+                    name, kind = objects[position]
+                    first = first_wording.setdefault((package, name), rng.randrange(len(phrasings)))
+                    fields = {"package": package, "name": name, "qualname": f"{package}.{name}", "kind": kind}
+                    question = phrasings[(first + shift) % len(phrasings)].format(**fields)
+                    yield {"question": question, "package": package, "name": name}

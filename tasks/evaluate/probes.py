@@ -179,7 +179,9 @@ def on_topic_candidates(packages: Sequence[str], split_questions: Sequence[str],
     """Questions about the taught packages' objects in PROBE_PHRASINGS, seeded; only objects the training data
     asks about (all documented objects when it asks about none of them)."""
     trained = {package: trained_names(package, split_questions) for package in packages}
-    for question in package_questions(packages, PROBE_PHRASINGS, seed):
+    # Every probe wording of every object, one wording per object first: a package documents a few hundred
+    # objects, and a false-refusal gate may need more probes than that to decide.
+    for question in package_questions(packages, PROBE_PHRASINGS, seed, wordings=len(PROBE_PHRASINGS)):
         names = trained[question["package"]]
         if not names or question["name"] in names:
             yield {

@@ -257,6 +257,17 @@ def test_each_later_look_adds_new_probes_doubling_every_category(docs_split):
         look_probes(config, taught, seen, 1)
 
 
+def test_a_long_draw_asks_each_object_again_in_another_wording():
+    once = list(package_questions(["more_itertools"], PROBE_PHRASINGS, "s"))
+    thrice = list(package_questions(["more_itertools"], PROBE_PHRASINGS, "s", wordings=3))
+    assert thrice[: len(once)] == once and len(thrice) == 3 * len(once)  # the first pass is unchanged
+    by_object: dict[str, list[str]] = {}
+    for q in thrice:
+        by_object.setdefault(q["name"], []).append(q["question"])
+    assert all(len(set(asked)) == 3 for asked in by_object.values()), "three different wordings of each object"
+    assert len(list(package_questions(["more_itertools"], PROBE_PHRASINGS, "s", wordings=99))) == 6 * len(once)
+
+
 # --------------------------------------------------------------------------- the docs source's near-domain refusals
 
 
