@@ -287,6 +287,8 @@ def test_items_to_decide_is_the_normal_approximation_and_that_many_items_decide(
     assert items_to_decide(wilson_interval(30, 100), "rate", 0.5) == math.ceil(Z95**2 * 0.21 / 0.04)
     # Nothing to decide on: the estimate on the threshold, or nothing varies.
     assert items_to_decide(paired_binary_difference(*paired_table(5, 2, 2, 5)), "paired_binary", 0.0) is None
+    on_margin = paired_binary_difference(*paired_table(80, 12, 18, 90))  # -6/200, not exactly -0.03 in floats
+    assert on_margin.estimate != -0.03 and items_to_decide(on_margin, "paired_binary", -0.03) is None
     assert items_to_decide(paired_binary_difference(*paired_table(5, 0, 0, 5)), "paired_binary", -0.05) is None
     assert items_to_decide(paired_mean_difference([1.0, 2.0], [0.5, 1.5]), "paired_mean", 0.0) is None
 
