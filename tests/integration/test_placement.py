@@ -88,6 +88,17 @@ def _descendants(pid: int) -> list[int]:
 
 
 @dataclasses.dataclass
+def post_served(url: str, body: dict[str, Any]) -> httpx.Response:
+    """POST `body` to the test server, again while it answers 503: a server starved of CPU (the suite beside other
+    jobs) times out on its SQLite database now and then, and refuses the write rather than half-doing it."""
+    for attempt in range(5):
+        response = httpx.post(url, json=body, timeout=60)
+        if response.status_code != 503 or attempt == 4:
+            break
+        time.sleep(2.0 * (attempt + 1))
+    return response.raise_for_status()
+
+
 class Cluster:
     """The module's server, store and pools; starts workers and parent runs, reads runs back from the API."""
 
@@ -151,12 +162,10 @@ class Cluster:
         """A flow run of finetune/adhoc (on the cpu pool) for the tiny config; returns its id."""
         deployment = httpx.get(f"{self.api}/deployments/name/finetune/adhoc", timeout=30).raise_for_status().json()
         parameters = {"config_path": TINY, "overrides": self.overrides(*overrides)}
-        created = httpx.post(
-            f"{self.api}/deployments/{deployment['id']}/create_flow_run",
-            json={"parameters": parameters, "name": name},
-            timeout=30,
+        created = post_served(
+            f"{self.api}/deployments/{deployment['id']}/create_flow_run", {"parameters": parameters, "name": name}
         )
-        return created.raise_for_status().json()["id"]
+        return created.json()["id"]
 
     def flow_run(self, flow_run_id: str) -> dict[str, Any]:
         return httpx.get(f"{self.api}/flow_runs/{flow_run_id}", timeout=30).raise_for_status().json()
@@ -237,12 +246,7 @@ def _register(api: str, prefect_file: str, flow_name: str, names: set[str], pool
             "tags": deployment["tags"],
             "enforce_parameter_schema": False,
         }
-        for attempt in range(5):  # a server starved of CPU answers 503 (database timeout) now and then
-            response = httpx.post(f"{api}/deployments/", json=body, timeout=60)
-            if response.status_code != 503 or attempt == 4:
-                break
-            time.sleep(2.0)
-        response.raise_for_status()
+        post_served(f"{api}/deployments/", body)
 
 
 @pytest.fixture(scope="module")
