@@ -87,7 +87,6 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
-@dataclasses.dataclass
 def post_served(url: str, body: dict[str, Any]) -> httpx.Response:
     """POST `body` to the test server, again while it answers 503: a server starved of CPU (the suite beside other
     jobs) times out on its SQLite database now and then, and refuses the write rather than half-doing it."""
@@ -99,6 +98,7 @@ def post_served(url: str, body: dict[str, Any]) -> httpx.Response:
     return response.raise_for_status()
 
 
+@dataclasses.dataclass
 class Cluster:
     """The module's server, store and pools; starts workers and parent runs, reads runs back from the API."""
 
