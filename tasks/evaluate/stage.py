@@ -27,7 +27,7 @@ from tasks.evaluate.generation import generate_answers
 from tasks.evaluate.probes import look_probes, probe_candidates, select_probes
 from tasks.evaluate.questions import read_test_rows, row_question, seen_questions, taught_packages
 from tasks.evaluate.scoring import RefusalDetector, load_encoder, refusal_references, score_answers
-from tasks.evaluate.summary import summarise
+from tasks.evaluate.summary import probe_figures, summarise
 
 log = logging.getLogger(__name__)
 
@@ -230,10 +230,5 @@ def probe(
     del loaded  # free it before the embedding model loads
     rows = score_probes(probes, answers, refusal_detector(split_data, config, taught))
     write_probes(rows, out)
-    declined: dict[str, list[int]] = {}
-    for row in rows:
-        declined.setdefault(row["category"], [0, 0])
-        declined[row["category"]][0] += 1
-        declined[row["category"]][1] += int(row["declined"])
-    figures = {category: {"n": n, "declined": d} for category, (n, d) in declined.items()}
+    figures = probe_figures(rows)["probe_counts"]  # {category: {"n", "declined"}}, as the evaluate summary has
     return {"look": look, "n": len(rows), "model": "fine-tuned" if tuned is not None else model.name, **figures}
