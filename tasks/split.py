@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 
 from pipeline.config import SplitConfig
 from pipeline.progress import Progress
-from pipeline.rows import BATCH_ROWS, DataError
+from pipeline.rows import BATCH_ROWS, DataError, parquet_file
 from pipeline.stage import stage_task
 
 Batches = Callable[[list[str] | None], Iterator[pa.RecordBatch]]
@@ -169,7 +169,7 @@ def split_table(table: pa.Table, config: SplitConfig) -> tuple[pa.Table, pa.Tabl
 def split_file(tokens: Path, folder: Path, config: SplitConfig, batch_rows: int = BATCH_ROWS) -> dict[str, Any]:
     """Split the Parquet file `tokens` into `folder/train.parquet` and `folder/test.parquet`, `batch_rows` at a time;
     out: the figures."""
-    parquet = pq.ParquetFile(tokens)
+    parquet = parquet_file(tokens)
     schema = parquet.schema_arrow
 
     def batches(columns: list[str] | None) -> Iterator[pa.RecordBatch]:

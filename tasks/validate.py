@@ -32,12 +32,10 @@ from itertools import chain
 from pathlib import Path
 from typing import Any
 
-import pyarrow.parquet as pq
-
 from pipeline.config import DataConfig
 from pipeline.digests import DigestLog
 from pipeline.progress import Progress
-from pipeline.rows import BATCH_ROWS, EXAMPLES_PER_REASON, check_drop_budget
+from pipeline.rows import BATCH_ROWS, EXAMPLES_PER_REASON, check_drop_budget, parquet_file
 from pipeline.stage import stage_task
 
 TOP_ANSWERS = 5
@@ -200,7 +198,7 @@ def tokens_quality(
 ) -> tuple[dict[str, Any], dict[str, Counter]]:
     """The quality report of a tokens.parquet file, read `batch_rows` at a time; out: (report, the length counts
     for `plot_token_lengths`)."""
-    parquet = pq.ParquetFile(tokens)
+    parquet = parquet_file(tokens)
     progress = Progress("validate", parquet.metadata.num_rows, unit="rows")
 
     def completions() -> Iterable[str]:

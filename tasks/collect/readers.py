@@ -11,12 +11,16 @@ import csv
 import gzip
 import io
 import json
+import shutil
+import tempfile
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from itertools import chain, islice, zip_longest
 from pathlib import Path
+from typing import IO
 
 from pipeline.config import JsonlSource
-from pipeline.rows import DataError
+from pipeline.rows import DataError, parquet_file
 from tasks.collect.schemas import KNOWN_COLUMNS, json_type
 
 Record = tuple[str, dict]
@@ -155,23 +159,27 @@ def read_csv_records(
 
 
 def read_parquet_records(path: Path, display: str, encoding: str = "utf-8") -> Iterator[Record]:
-    """Records of a Parquet file, read one row group batch at a time."""
+    """Records of a Parquet file, read one batch at a time (a .gz one is gunzipped to a temporary file first:
+    Parquet is read by seeking, which a gzip stream cannot do, and holding the whole file in memory would make
+    memory grow with it)."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    try:
-        if path.name.endswith(".gz"):
-            with _open_binary(path) as handle:
-                parquet = pq.ParquetFile(pa.BufferReader(handle.read()))
-        else:
-            parquet = pq.ParquetFile(path)
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise DataError(f"{display}: expected a Parquet file, found {exc}") from None
-    index = 0
-    for batch in parquet.iter_batches(batch_size=1024):
-        for record in batch.to_pylist():
-            index += 1
-            yield f"{display} row {index}", record
+    with ExitStack() as stack:
+        try:
+            source: Path | IO[bytes] = path
+            if path.name.endswith(".gz"):
+                source = stack.enter_context(tempfile.TemporaryFile(prefix="finetune-parquet-"))
+                with _open_binary(path) as handle:
+                    shutil.copyfileobj(handle, source, 1 << 20)
+                source.seek(0)
+            parquet = parquet_file(source)
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise DataError(f"{display}: expected a Parquet file, found {exc}") from None
+        index = 0
+        for batch in parquet.iter_batches(batch_size=1024):
+            for record in batch.to_pylist():
+                index += 1
+                yield f"{display} row {index}", record
 
 
 FORMATS: dict[str, Callable[..., Iterator[Record]]] = {

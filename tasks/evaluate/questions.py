@@ -1,16 +1,23 @@
-"""The split's questions as evaluation reads them: test rows to score, the questions probes avoid, taught packages."""
+"""The split's questions as evaluation reads them: test rows to score, the questions probes avoid, taught packages.
+
+Split files are read a batch at a time (`file_rows`): only what evaluation keeps (at most `eval.limit` test
+rows, the questions, the refusal targets) is held, never a whole split's columns at once.
+"""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.config import TemplateConfig
 from pipeline.prompts import render_prompt
+from pipeline.rows import BATCH_ROWS, parquet_file
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +38,12 @@ def question_of(prompt: str, template: TemplateConfig) -> str:
     return prompt
 
 
+def file_rows(path: Path, columns: list[str]) -> Iterator[dict[str, Any]]:
+    """The rows of a split file (those columns only) in file order, read `BATCH_ROWS` at a time."""
+    for batch in parquet_file(path).iter_batches(batch_size=BATCH_ROWS, columns=columns):
+        yield from batch.to_pylist()
+
+
 def read_test_rows(test_path: Path, limit: int | None) -> tuple[list[dict[str, Any]], dict[str, int]]:
     """(rows to score, excluded counts {"empty_target": n, "no_prompt": n}).
 
@@ -47,7 +60,7 @@ def read_test_rows(test_path: Path, limit: int | None) -> tuple[list[dict[str, A
             f"missing {missing}, found {names}"
         )
     columns = list(REQUIRED_TEST_COLUMNS) + [c for c in ("question",) if c in names]
-    rows = pq.read_table(test_path, columns=columns).to_pylist()[:limit]
+    rows = list(islice(file_rows(test_path, columns), limit))  # the rest of the file is never read
     if not rows:
         raise EmptyTestSplit(
             f"eval: the test split {test_path} has no rows (expected at least one question with a "
@@ -84,7 +97,7 @@ def seen_questions(split_dir: Path, template: TemplateConfig) -> list[str]:
         path = split_dir / name
         if path.is_file():
             columns = ["prompt"] + [c for c in ("question",) if c in pq.read_schema(path).names]
-            seen += [row_question(r, template) for r in pq.read_table(path, columns=columns).to_pylist()]
+            seen += [row_question(r, template) for r in file_rows(path, columns)]
     return seen
 
 
@@ -94,6 +107,15 @@ def taught_packages(split_dir: Path) -> list[str]:
     for name in ("train.parquet", "test.parquet"):
         path = split_dir / name
         if path.is_file() and "source" in pq.read_schema(path).names:
-            sources = pq.read_table(path, columns=["source"]).column("source").unique().to_pylist()
-            packages.update(s.removeprefix("docs:") for s in sources if s and s.startswith("docs:"))
+            for batch in parquet_file(path).iter_batches(batch_size=BATCH_ROWS, columns=["source"]):
+                sources = pc.unique(batch.column(0)).to_pylist()
+                packages.update(s.removeprefix("docs:") for s in sources if s and s.startswith("docs:"))
     return sorted(packages)
+
+
+def split_targets(split_dir: Path) -> Iterator[str]:
+    """Every target answer in the split (train, then test), one at a time: where the refusal sentences come from."""
+    for name in ("train.parquet", "test.parquet"):
+        if (split_dir / name).is_file():
+            for row in file_rows(split_dir / name, ["completion"]):
+                yield row["completion"]

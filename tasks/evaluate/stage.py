@@ -25,7 +25,7 @@ from pipeline.prompts import render_prompt
 from pipeline.stage import Artifact, stage_task
 from tasks.evaluate.generation import generate_answers
 from tasks.evaluate.probes import look_probes, probe_candidates, select_probes
-from tasks.evaluate.questions import read_test_rows, row_question, seen_questions, taught_packages
+from tasks.evaluate.questions import read_test_rows, row_question, seen_questions, split_targets, taught_packages
 from tasks.evaluate.scoring import RefusalDetector, load_encoder, refusal_references, score_answers
 from tasks.evaluate.summary import probe_figures, summarise
 
@@ -89,7 +89,7 @@ def probe_token_cap(config: EvalConfig) -> int:
 
 def refusal_detector(split_dir: Path, config: EvalConfig, taught: list[str]) -> RefusalDetector:
     """The detector of declined answers: the split's refusal sentences as references, the taught packages masked."""
-    references = refusal_references(_split_targets(split_dir))
+    references = refusal_references(split_targets(split_dir))
     return RefusalDetector(load_encoder(), references, config.refusal_similarity, subjects=taught)
 
 
@@ -100,15 +100,6 @@ def score_probes(probes: list[dict[str, Any]], answers: list[str], detector: Ref
         {**p, "answer": a, "declined": d, "refusal_similarity": s}
         for p, a, d, s in zip(probes, answers, declined, refusal_sim)
     ]
-
-
-def _split_targets(split_dir: Path) -> list[str]:
-    """Every target answer in the split (train and test), where the refusal sentences come from."""
-    targets: list[str] = []
-    for name in ("train.parquet", "test.parquet"):
-        if (split_dir / name).is_file():
-            targets += pq.read_table(split_dir / name, columns=["completion"]).column("completion").to_pylist()
-    return targets
 
 
 ANSWER_COLUMNS = (

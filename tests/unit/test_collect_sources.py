@@ -45,7 +45,9 @@ def test_every_file_format_gives_the_same_rows(tmp_path):
     pq.write_table(pa.Table.from_pylist(PAIRS), tmp_path / "f.parquet")
     with gzip.open(tmp_path / "g.jsonl.gz", "wt") as handle:
         handle.write("".join(json.dumps(r) + "\n" for r in PAIRS))
-    for name in ("a.jsonl", "b.json", "c.json", "d.csv", "e.tsv", "f.parquet", "g.jsonl.gz"):
+    with gzip.open(tmp_path / "h.parquet.gz", "wb") as handle:  # gunzipped to a temporary file, then read
+        handle.write((tmp_path / "f.parquet").read_bytes())
+    for name in ("a.jsonl", "b.json", "c.json", "d.csv", "e.tsv", "f.parquet", "g.jsonl.gz", "h.parquet.gz"):
         rows, report = collect(JsonlSource(path=str(tmp_path / name)))
         assert qa(rows) == expected, name
         assert report["rows_read"] == 6 and report["dropped"] == {}, name

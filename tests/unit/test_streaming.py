@@ -4,7 +4,8 @@ The stages' cores run twice on the same data, once in batches of 3 rows (so ever
 boundaries and the duplicate digests spill to disk many times) and once in one batch; both must give the same
 bytes. The rows, the drops by reason and the split membership are also checked against a plain in-memory
 reference of the rules collect and split kept before streaming (sets of seen keys, `random.shuffle` of the row
-numbers). Also: the on-disk digest log, the capped eval subset of training, and the progress lines.
+numbers). Also: the on-disk digest log, Parquet read in flat memory, the capped eval subset of training, and the
+progress lines.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import random
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -23,7 +25,7 @@ import pytest
 from pipeline.config import DataConfig, JsonlSource, SplitConfig, TemplateConfig, TokenizeConfig
 from pipeline.digests import DigestLog
 from pipeline.progress import Progress
-from pipeline.rows import DataError, question_key, read_jsonl
+from pipeline.rows import DataError, parquet_file, question_key, read_jsonl
 from tasks.collect import collect_to, source_rows
 from tasks.split import shuffled_order, split_file, split_rows
 from tasks.template import template_file, template_rows
@@ -208,6 +210,22 @@ def test_a_malformed_line_deep_in_a_large_file_is_named(tmp_path: Path):
     path.write_text(good + '{"question": "broken", \n' + good[:200], encoding="utf-8")
     with pytest.raises(DataError, match=r"large\.jsonl:20001: expected a JSON object, found malformed JSON"):
         collect_to(DataConfig(sources=[JsonlSource(path=str(path))]), tmp_path / "rows.jsonl")
+
+
+def test_parquet_files_are_read_holding_one_row_group_not_every_one_read_so_far(tmp_path: Path):
+    # pyarrow's default reader (pre_buffer=True) keeps the compressed bytes of every row group it has read until
+    # the file object goes: reading a file batch by batch then costs the file's size (0.35 KiB a row of
+    # tokens.parquet). The stages read through `parquet_file`, whose memory is one row group whatever the length.
+    rng = np.random.default_rng(0)
+    path = tmp_path / "rows.parquet"
+    with pq.ParquetWriter(path, pa.schema([("text", pa.string())])) as writer:
+        for _ in range(48):  # 48 row groups of 256 KiB that do not compress
+            writer.write_table(pa.table({"text": [rng.bytes(4096).hex() for _ in range(32)]}))
+    size, reader = path.stat().st_size, parquet_file(path)
+    before, held, rows = pa.total_allocated_bytes(), 0, 0
+    for batch in reader.iter_batches(batch_size=32):
+        held, rows = max(held, pa.total_allocated_bytes() - before), rows + batch.num_rows
+    assert rows == 48 * 32 and held < size / 6, (held, size)
 
 
 def test_training_time_evaluation_uses_a_seeded_capped_subset_in_file_order(tmp_path: Path):
