@@ -11,7 +11,8 @@ threads; the child's imports are printed apart and left out), which a shared mac
 their wall seconds are printed too.
 
 Printed per size: rows, seconds, rows/s, peak RSS, and the ratios against the smallest run (time / rows
-ratio ~1 means linear; memory ratio <= 1.5 is the target), with the load average before and after.
+ratio ~1 means linear; memory ratio <= 1.5 is the target), the peak RSS reached by the end of each stage (so
+the stage that raised it shows), with the load average before and after.
 
 Run from the repository root (nice it on a shared machine):
 
@@ -24,6 +25,7 @@ import argparse
 import json
 import os
 import random
+import resource
 import shutil
 import subprocess
 import sys
@@ -74,11 +76,14 @@ def child(export: Path, work: Path) -> dict:
     for folder in folders.values():
         folder.mkdir(parents=True)
 
+    high: dict[str, int] = {"imports": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}
+
     def timed(name: str, run) -> dict:
         began, cpu_began = time.perf_counter(), time.process_time()
         figures = run()
         seconds[name] = round(time.perf_counter() - began, 2)
         cpu[name] = round(time.process_time() - cpu_began, 2)
+        high[name] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # the peak so far (KiB): where it rose
         return figures
 
     collected = timed("collect", lambda: collect.body(data, None, folders["collect"]))
@@ -98,6 +103,7 @@ def child(export: Path, work: Path) -> dict:
     return {
         "seconds": seconds,
         "cpu": cpu,
+        "high_kib": high,
         "rows_read": collected["rows_read"],
         "rows": collected["rows"],
         "dropped": quality["dropped"],
@@ -156,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def print_row(result: dict, base: dict, flush: bool = False) -> None:
     """One size's line: rows, MB, CPU and wall seconds of the stages, rows per CPU second, peak RSS, ratios against
-    `base`, per-stage CPU seconds, load average."""
+    `base`, per-stage CPU seconds, the peak RSS reached by the end of each stage (which stage raised it), load
+    average."""
 
     def prep_cpu(r: dict) -> float:
         return sum(v for k, v in r["cpu"].items() if k != "imports")
@@ -165,6 +172,7 @@ def print_row(result: dict, base: dict, flush: bool = False) -> None:
     cpu, wall = prep_cpu(result), result["seconds"]["total"] - result["seconds"]["imports"]
     time_ratio = cpu / prep_cpu(base)
     stages = ", ".join(f"{k} {v:g}" for k, v in result["cpu"].items() if k != "imports")
+    highs = ", ".join(f"{k} {v / 1024:.0f}" for k, v in result["high_kib"].items())
     (before, after) = result["load"]
     print(
         f"{result['size']:>9,} rows ({result['mb']:.0f} MB): {cpu:7.1f} CPU s ({wall:.0f} s wall), "
@@ -172,7 +180,8 @@ def print_row(result: dict, base: dict, flush: bool = False) -> None:
         f"x{rows_ratio:g} rows -> CPU time x{time_ratio:.2f} (per row x{time_ratio / rows_ratio:.2f}), "
         f"memory x{result['peak_rss'] / base['peak_rss']:.2f} | kept {result['rows']:,} of {result['rows_read']:,}, "
         f"train {result['train_rows']:,} test {result['test_rows']:,}, dropped {result['dropped']} | "
-        f"stages CPU s: {stages} | load avg {before[0]:.1f} -> {after[0]:.1f}",
+        f"stages CPU s: {stages} | peak RSS after each stage, MiB: {highs} | "
+        f"load avg {before[0]:.1f} -> {after[0]:.1f}",
         flush=flush,
     )
 

@@ -45,7 +45,7 @@ from tasks.collect.docs import (
     summary_paragraph,
 )
 from tasks.collect.fingerprints import source_fingerprints
-from tasks.collect.mixing import SourceResult, draw_sizes, row_digests, source_rows, write_mixed
+from tasks.collect.mixing import SourceResult, draw_sizes, row_digests, sample_membership, source_rows, write_mixed
 from tasks.collect.readers import (
     FORMATS,
     Record,
@@ -109,6 +109,7 @@ __all__ = [
     "read_parquet_records",
     "replay_rows",
     "row_digests",
+    "sample_membership",
     "sniff_delimiter",
     "source_files",
     "source_fingerprints",

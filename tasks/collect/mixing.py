@@ -5,15 +5,17 @@
 question); `write_mixed` makes the second pass over the spooled rows: it drops exact and near duplicates across
 sources (decided beforehand by `pipeline.digests.DigestLog`, on disk) and draws the train sources to their
 weights and to `data.max_rows`, seeded, writing the collected rows as it goes. Memory stays flat in the number of
-rows: one row at a time, one byte a row for the duplicate marks and, only when a draw cuts a source, the drawn
-positions.
+rows: one row at a time, one byte a row for the duplicate marks and, only when a draw cuts a source, one byte a
+row for the drawn positions (`sample_membership`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import random
+from array import array
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -161,13 +163,37 @@ def draw_sizes(results: list[SourceResult], config: DataConfig) -> dict[int, int
     return {r.index: r.kept for r in train}
 
 
+def sample_membership(n: int, k: int, rng: random.Random) -> np.ndarray:
+    """Per row of range(n), whether `rng.sample(range(n), k)` picks it: CPython's draws step for step (the same
+    picks, the same state of `rng` after), held as one byte a row (and a 4-byte pool for small n, as CPython's
+    list) instead of a list of k Python ints, about 40 bytes each."""
+    if not 0 <= k <= n:
+        raise ValueError(f"expected a sample size from 0 to {n}, found {k}")
+    taken = bytearray(n)
+    randbelow = rng._randbelow  # what sample itself draws with
+    setsize = 21  # CPython's choice between a pool and a set of picks, copied so the draws match
+    if k > 5:
+        setsize += 4 ** math.ceil(math.log(k * 3, 4))
+    if n <= setsize:
+        pool = array("i", range(n))
+        for i in range(k):
+            j = randbelow(n - i)
+            taken[pool[j]] = 1
+            pool[j] = pool[n - i - 1]
+    else:
+        for _ in range(k):
+            j = randbelow(n)
+            while taken[j]:
+                j = randbelow(n)
+            taken[j] = 1
+    return np.frombuffer(taken, dtype=bool)
+
+
 def _drawn(result: SourceResult, wanted: int, seed: int) -> np.ndarray | None:
     """Which of a source's kept rows the seeded draw takes (None: all of them); the same config, the same rows."""
     if result.role != "train" or wanted >= result.kept:
         return None
-    taken = np.zeros(result.kept, dtype=bool)
-    taken[random.Random(f"{seed}:{result.index}").sample(range(result.kept), wanted)] = True
-    return taken
+    return sample_membership(result.kept, wanted, random.Random(f"{seed}:{result.index}"))
 
 
 def write_mixed(

@@ -77,10 +77,13 @@ from tasks.evaluate.probes import (
 from tasks.evaluate.questions import (
     REQUIRED_TEST_COLUMNS,
     EmptyTestSplit,
+    SplitQuestions,
+    file_rows,
     question_of,
     read_test_rows,
     row_question,
     seen_questions,
+    split_targets,
     taught_packages,
 )
 from tasks.evaluate.scoring import (
@@ -113,6 +116,7 @@ __all__ = [
     "EvalResult",
     "NearDuplicates",
     "RefusalDetector",
+    "SplitQuestions",
     "categorise",
     "cut_at_stop",
     "embed",
@@ -120,6 +124,7 @@ __all__ = [
     "evaluate_model",
     "exact_match",
     "expected_behaviour",
+    "file_rows",
     "generate_answers",
     "jaccard",
     "left_pad",
@@ -144,6 +149,7 @@ __all__ = [
     "seen_questions",
     "select_probes",
     "similarities",
+    "split_targets",
     "stop_token_ids",
     "summarise",
     "taught_packages",

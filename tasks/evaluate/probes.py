@@ -11,6 +11,7 @@ import logging
 import math
 import random
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from itertools import islice
 
 from pipeline.assets import chit_chat_prompts, trivia_qa_questions
 from pipeline.config import HAND_PICKED_PROBES, PROBE_CATEGORIES, EvalConfig
@@ -38,14 +39,16 @@ def jaccard(a: frozenset[str], b: frozenset[str]) -> float:
 class NearDuplicates:
     """Texts seen so far; `matches(text)` says whether a text equals one after `normalise_text` or is near one.
 
-    Near: token Jaccard >= `threshold`. Lookups use prefix filtering, so a large split stays cheap:
+    Near: token Jaccard >= `threshold`. Lookups use prefix filtering, so a large index stays cheap:
     two word sets with Jaccard >= t share at least ceil(t * |A|) words, so a match must hold one of
     the |A| - ceil(t * |A|) + 1 rarest words of A, and only texts holding one of those are compared.
+    Both relations are symmetric, so `matched_by` can stream a split past an index of a few probes
+    instead of indexing the split.
     """
 
     def __init__(self, texts: Iterable[str] = (), threshold: float = NEAR_DUPLICATE_JACCARD) -> None:
         self.threshold = threshold
-        self.exact: set[str] = set()
+        self.exact: dict[str, list[int]] = {}  # normalised text -> indices of the texts that have it
         self.word_sets: list[frozenset[str]] = []
         self.holding: dict[str, list[int]] = {}  # word -> indices of the word sets that hold it
         for text in texts:
@@ -54,11 +57,18 @@ class NearDuplicates:
     def add(self, text: str) -> None:
         """Remember one text."""
         key = normalise_text(text)
-        self.exact.add(key)
+        self.exact.setdefault(key, []).append(len(self.word_sets))
         words = frozenset(key.split())
         for word in words:
             self.holding.setdefault(word, []).append(len(self.word_sets))
         self.word_sets.append(words)
+
+    def _near(self, words: frozenset[str]) -> Iterator[int]:
+        """Indices of the remembered word sets whose Jaccard with `words` (not empty) reaches the threshold."""
+        shared = math.ceil(self.threshold * len(words) - 1e-9)
+        rarest = sorted(words, key=lambda w: (len(self.holding.get(w, ())), w))[: len(words) - shared + 1]
+        candidates = {i for word in rarest for i in self.holding.get(word, ())}
+        return (i for i in candidates if jaccard(words, self.word_sets[i]) >= self.threshold)
 
     def matches(self, text: str) -> bool:
         """Whether `text` equals a remembered text after normalisation or reaches the Jaccard threshold with one."""
@@ -66,12 +76,19 @@ class NearDuplicates:
         if key in self.exact:
             return True
         words = frozenset(key.split())
-        if not words:
-            return False
-        shared = math.ceil(self.threshold * len(words) - 1e-9)
-        rarest = sorted(words, key=lambda w: (len(self.holding.get(w, ())), w))[: len(words) - shared + 1]
-        candidates = {i for word in rarest for i in self.holding.get(word, ())}
-        return any(jaccard(words, self.word_sets[i]) >= self.threshold for i in candidates)
+        return bool(words) and next(self._near(words), None) is not None
+
+    def matched_by(self, texts: Iterable[str]) -> set[int]:
+        """Indices (in the order added) of the remembered texts that some text of `texts` equals or is near, read
+        once, one at a time: the same pairs `matches` finds, from the other side."""
+        found: set[int] = set()
+        for text in texts:
+            key = normalise_text(text)
+            found.update(self.exact.get(key, ()))
+            words = frozenset(key.split())
+            if words:
+                found.update(self._near(words))
+        return found
 
 
 def expected_behaviour(category: str) -> str:
@@ -80,27 +97,35 @@ def expected_behaviour(category: str) -> str:
 
 
 def _take_new(
-    candidates: Iterable[Mapping[str, str]], wanted: int, seen: NearDuplicates, taken: NearDuplicates
+    candidates: Iterable[Mapping[str, str]], wanted: int, seen: Iterable[str], taken: NearDuplicates
 ) -> list[Mapping[str, str]]:
-    """The first `wanted` candidates new to the split (`seen`) and to the probes taken so far (`taken`, which
-    remembers each one chosen).
+    """The first `wanted` candidates new to the split (its questions: `seen`) and to the probes taken so far
+    (`taken`, which remembers each one chosen).
 
     Against the split a candidate may be neither equal nor near. Against earlier probes a templated candidate
     (one with a `subject`, such as `more_itertools.chunked`) need only differ: two renderings of one wording
     about different functions are different questions, and a near test would keep only the short wordings
     (one changed word of eleven is Jaccard 0.83), skewing the draw towards them.
+
+    Candidates are drawn a few more than still wanted at a time, and each draw is checked against the split in
+    one pass over `seen` (`NearDuplicates.matched_by`), so the split's questions are never held: the choice is
+    the one checking each candidate in turn against an index of the whole split makes.
     """
     chosen: list[Mapping[str, str]] = []
     stream = iter(candidates)
     while len(chosen) < wanted:
-        candidate = next(stream, None)
-        if candidate is None:
+        drawn = list(islice(stream, 2 * (wanted - len(chosen)) + 8))
+        if not drawn:
             break
-        question = candidate["question"]
-        repeated = normalise_text(question) in taken.exact if candidate.get("subject") else taken.matches(question)
-        if not seen.matches(question) and not repeated:
-            taken.add(question)
-            chosen.append(candidate)
+        in_split = NearDuplicates(c["question"] for c in drawn).matched_by(seen)
+        for position, candidate in enumerate(drawn):
+            if len(chosen) == wanted:
+                break
+            question = candidate["question"]
+            repeated = normalise_text(question) in taken.exact if candidate.get("subject") else taken.matches(question)
+            if position not in in_split and not repeated:
+                taken.add(question)
+                chosen.append(candidate)
     return chosen
 
 
@@ -114,17 +139,18 @@ def select_probes(
     the hand-picked ones.
 
     In: per category, candidate probes `{"question", "source"}` in their seeded draw order (read
-    lazily, only as far as needed); the count per category; the hand-picked questions; the
-    split's train and test questions. A candidate equal or near (`NearDuplicates`) to a split
+    lazily, only a little further than needed); the count per category; the hand-picked questions; the
+    split's train and test questions, which may be read several times (`seen_questions` reads them from
+    the split files each time). A candidate equal or near (`NearDuplicates`) to a split
     question, or to a probe taken before, is skipped (a templated one only when equal: `_take_new`).
     Out: `{"question", "category", "expected", "source"}` rows, category by category; a category whose
     source runs out gives fewer (logged).
     """
-    seen_questions, taken = NearDuplicates(seen), NearDuplicates()
+    taken = NearDuplicates()
     probes: list[dict[str, str]] = []
     for category in PROBE_CATEGORIES:
         wanted = counts.get(category, 0)
-        chosen = _take_new(candidates.get(category, ()), wanted, seen_questions, taken) if wanted else []
+        chosen = _take_new(candidates.get(category, ()), wanted, seen, taken) if wanted else []
         if len(chosen) < wanted:
             log.warning(
                 "eval: only %d of eval.probe_counts.%s=%d probes are new to the split", len(chosen), category, wanted
@@ -138,9 +164,8 @@ def select_probes(
             }
             for c in chosen
         ]
-    for question in _take_new(
-        [{"question": q, "source": HAND_PICKED_PROBES} for q in hand_picked], len(hand_picked), seen_questions, taken
-    ):
+    hand = [{"question": q, "source": HAND_PICKED_PROBES} for q in hand_picked]
+    for question in _take_new(hand, len(hand), seen, taken):
         probes.append(
             {
                 "question": question["question"],
@@ -159,23 +184,27 @@ def _shuffled(items: list[dict[str, str]], seed: str) -> Iterator[dict[str, str]
 
 
 def trained_names(package: str, split_questions: Iterable[str]) -> set[str]:
-    """Names of `package`'s documented objects that some split question asks about in a training phrasing."""
-    asked = {normalise_text(q) for q in split_questions}
+    """Names of `package`'s documented objects that some split question asks about in a training phrasing.
+
+    The split's questions are read once, one at a time, against the package's phrased questions (objects x
+    phrasings), so they are never held.
+    """
     try:
         objects = list(documented_objects(package))
     except DataError:
         return set()
-    return {
-        name
-        for name, kind, _ in objects
-        if any(
-            normalise_text(p.format(package=package, name=name, qualname=f"{package}.{name}", kind=kind)) in asked
-            for p in QUESTION_PHRASINGS
-        )
-    }
+    asking: dict[str, set[str]] = {}  # a normalised training question -> the names it asks about
+    for name, kind, _ in objects:
+        for phrasing in QUESTION_PHRASINGS:
+            question = phrasing.format(package=package, name=name, qualname=f"{package}.{name}", kind=kind)
+            asking.setdefault(normalise_text(question), set()).add(name)
+    asked: set[str] = set()
+    for question in split_questions:
+        asked |= asking.get(normalise_text(question), set())
+    return asked
 
 
-def on_topic_candidates(packages: Sequence[str], split_questions: Sequence[str], seed: str) -> Iterator[dict[str, str]]:
+def on_topic_candidates(packages: Sequence[str], split_questions: Iterable[str], seed: str) -> Iterator[dict[str, str]]:
     """Questions about the taught packages' objects in PROBE_PHRASINGS, seeded; only objects the training data
     asks about (all documented objects when it asks about none of them)."""
     trained = {package: trained_names(package, split_questions) for package in packages}
@@ -213,7 +242,7 @@ def _near_domain_candidates(taught: Sequence[str], seed: str) -> Iterator[dict[s
 
 
 def probe_candidates(
-    config: EvalConfig, taught: Sequence[str], split_questions: Sequence[str]
+    config: EvalConfig, taught: Sequence[str], split_questions: Iterable[str]
 ) -> dict[str, Iterator[dict[str, str]]]:
     """Per category with a count, its candidate probes `{"question", "source"}` in an order seeded by eval.probe_seed.
 
@@ -236,7 +265,7 @@ def look_counts(counts: Mapping[str, int], look: int) -> dict[str, int]:
     return {category: count * 2 ** (look - 1) for category, count in counts.items()}
 
 
-def look_probes(config: EvalConfig, taught: Sequence[str], seen: Sequence[str], look: int) -> list[dict[str, str]]:
+def look_probes(config: EvalConfig, taught: Sequence[str], seen: Iterable[str], look: int) -> list[dict[str, str]]:
     """The probes look `look` (2 or later) adds to the earlier looks', per category of PROBE_CATEGORIES.
 
     Each category's draw is the first `look_counts` new candidates of its seeded stream, so a larger draw begins

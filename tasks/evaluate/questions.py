@@ -1,7 +1,7 @@
 """The split's questions as evaluation reads them: test rows to score, the questions probes avoid, taught packages.
 
 Split files are read a batch at a time (`file_rows`): only what evaluation keeps (at most `eval.limit` test
-rows, the questions, the refusal targets) is held, never a whole split's columns at once.
+rows, the split's refusal sentences) is held, never a whole split's columns or questions at once.
 """
 
 from __future__ import annotations
@@ -90,15 +90,28 @@ def row_question(row: Mapping[str, Any], template: TemplateConfig) -> str:
     return row.get("question") or question_of(row["prompt"], template)
 
 
-def seen_questions(split_dir: Path, template: TemplateConfig) -> list[str]:
-    """The question of every train and test row of a split folder: a probe must be none of them, nor near one."""
-    seen: list[str] = []
-    for name in ("train.parquet", "test.parquet"):
-        path = split_dir / name
-        if path.is_file():
-            columns = ["prompt"] + [c for c in ("question",) if c in pq.read_schema(path).names]
-            seen += [row_question(r, template) for r in file_rows(path, columns)]
-    return seen
+class SplitQuestions:
+    """The question of every train and test row of a split folder, read from its files a batch at a time each time
+    it is iterated: the probes are checked against them without holding them (a large split's questions, indexed
+    for near-duplicates, took about 2 KB a row)."""
+
+    def __init__(self, split_dir: Path, template: TemplateConfig) -> None:
+        """In: the split folder (train.parquet, test.parquet) and the template its prompts were rendered with."""
+        self.split_dir, self.template = split_dir, template
+
+    def __iter__(self) -> Iterator[str]:
+        for name in ("train.parquet", "test.parquet"):
+            path = self.split_dir / name
+            if path.is_file():
+                columns = ["prompt"] + [c for c in ("question",) if c in pq.read_schema(path).names]
+                for row in file_rows(path, columns):
+                    yield row_question(row, self.template)
+
+
+def seen_questions(split_dir: Path, template: TemplateConfig) -> SplitQuestions:
+    """The question of every train and test row of a split folder (a probe must be none of them, nor near one), as
+    an iterable that reads the files again each time (`SplitQuestions`)."""
+    return SplitQuestions(split_dir, template)
 
 
 def taught_packages(split_dir: Path) -> list[str]:

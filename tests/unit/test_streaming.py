@@ -26,7 +26,7 @@ from pipeline.config import DataConfig, JsonlSource, SplitConfig, TemplateConfig
 from pipeline.digests import DigestLog
 from pipeline.progress import Progress
 from pipeline.rows import DataError, parquet_file, question_key, read_jsonl
-from tasks.collect import collect_to, source_rows
+from tasks.collect import collect_to, sample_membership, source_rows
 from tasks.split import shuffled_order, split_file, split_rows
 from tasks.template import template_file, template_rows
 from tasks.tokenize import tokenize_file, tokenize_rows
@@ -71,6 +71,18 @@ def test_split_order_is_random_shuffle_step_for_step(n_rows: int, seed: int):
     order = list(range(n_rows))
     random.Random(seed).shuffle(order)
     assert list(shuffled_order(n_rows, seed)) == order
+
+
+@pytest.mark.parametrize(("n", "k"), [(0, 0), (1, 1), (5, 3), (30, 5), (30, 6), (100, 40), (2000, 9), (2000, 1900)])
+def test_collect_draw_is_random_sample_step_for_step(n: int, k: int):
+    # Both of CPython's ways (a pool for small populations, a set of picks for large ones) are reached.
+    expected, rng = random.Random(f"3:{n}:{k}"), random.Random(f"3:{n}:{k}")
+    picks = expected.sample(range(n), k)
+    taken = sample_membership(n, k, rng)
+    assert np.flatnonzero(taken).tolist() == sorted(picks) and len(taken) == n
+    assert rng.random() == expected.random(), "the generator is left where sample leaves it"
+    with pytest.raises(ValueError, match="sample size"):
+        sample_membership(3, 4, rng)
 
 
 # --------------------------------------------------------------------------- the in-memory reference
