@@ -7,6 +7,10 @@ seconds on 2 cores, so tests that assert on the same run read this one instead o
 that needs to run the flow again on top of it (a rerun, a changed stage) works on `tiny_run.copy_store(...)`,
 where every stage the change does not touch comes back Cached. `tiny_stages` are the stage labels of one
 round of that config, in order.
+
+`make test` runs the tiers on 2 pytest-xdist workers (`-n 2 --dist loadgroup`): each test module is one group, run
+whole on one worker (its module fixtures are built once), and the modules that read one of the session's shared
+runs (SHARED_RUNS) are one group, so the run is made once, not once per worker.
 """
 
 import dataclasses
@@ -103,9 +107,42 @@ def tiny_run(prefect_harness, tmp_path_factory: pytest.TempPathFactory) -> TinyR
 TIER_BY_FOLDER = {"unit": "unit", "flows": "flow", "integration": "integration", "reliability": "reliability"}
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest's own hook deselects by -m
+# Session fixtures that each cost whole flow runs: every module that uses one (through any fixture) joins that
+# fixture's xdist group, so with `--dist loadgroup` it is built on one worker only.
+SHARED_RUNS = ("tiny_run", "concurrent_runs")
+
+
+def xdist_groups(items: list[pytest.Item]) -> dict[Path, str]:
+    """{test module: its xdist group}: the name of the shared run (SHARED_RUNS) the module uses, else its own path.
+
+    A module that uses two shared runs puts both in one group (named after the first in SHARED_RUNS), with every
+    other module that uses either, so neither run is built twice.
+    """
+    uses: dict[Path, set[str]] = {}
+    names: dict[Path, str] = {}
+    for item in items:
+        fixtures = getattr(item, "fixturenames", ())
+        uses.setdefault(item.path, set()).update(run for run in SHARED_RUNS if run in fixtures)
+        names.setdefault(item.path, item.nodeid.split("::", 1)[0])
+    joined = {run: run for run in SHARED_RUNS}  # each shared run's group, once modules have joined some
+
+    def group_of(run: str) -> str:
+        while joined[run] != run:
+            run = joined[run]
+        return run
+
+    for runs in uses.values():
+        roots = sorted({group_of(run) for run in runs}, key=SHARED_RUNS.index)
+        for root in roots[1:]:
+            joined[root] = roots[0]
+    return {
+        module: group_of(min(runs, key=SHARED_RUNS.index)) if runs else names[module] for module, runs in uses.items()
+    }
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest's own hook deselects by -m, and before xdist reads xdist_group
 def pytest_collection_modifyitems(config, items):
-    """Add the tier marker of the tests/ folder each collected test lives in."""
+    """Add the tier marker of the tests/ folder each collected test lives in, and its xdist group (xdist_groups)."""
     tests_dir = Path(__file__).resolve().parent
     for item in items:
         try:
@@ -115,3 +152,8 @@ def pytest_collection_modifyitems(config, items):
         tier = TIER_BY_FOLDER.get(folder)
         if tier is not None and item.get_closest_marker(tier) is None:
             item.add_marker(tier)
+    if config.pluginmanager.hasplugin("xdist"):
+        groups = xdist_groups(items)
+        for item in items:
+            if item.get_closest_marker("xdist_group") is None:
+                item.add_marker(pytest.mark.xdist_group(groups[item.path]))

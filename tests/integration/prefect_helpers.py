@@ -26,6 +26,9 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 SERVER_STARTUP_TIMEOUT_S = 180.0
 STOP_TIMEOUT_S = 20.0
 FINAL_STATES = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+# How often the tests ask a server or process whether what they wait for happened: each wait ends within this of
+# the event, and a local GET is nothing to the server.
+POLL_S = 0.25
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,7 +97,7 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 def wait_for(what: str, check, timeout_s: float, proc: subprocess.Popen, log_path: Path):
-    """Poll `check()` until it returns something truthy; fail with the log tail on timeout or exit."""
+    """Poll `check()` every POLL_S until it returns something truthy; fail with the log tail on timeout or exit."""
     deadline = time.monotonic() + timeout_s
     while True:
         try:
@@ -107,7 +110,7 @@ def wait_for(what: str, check, timeout_s: float, proc: subprocess.Popen, log_pat
             pytest.fail(f"{what}: the process exited with {proc.returncode}; output tail:\n{tail(log_path)}")
         if time.monotonic() > deadline:
             pytest.fail(f"{what}: not within {timeout_s:.0f} s; output tail:\n{tail(log_path)}")
-        time.sleep(1.0)
+        time.sleep(POLL_S)
 
 
 def running_prefect_server(

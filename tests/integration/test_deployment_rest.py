@@ -18,7 +18,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from prefect_helpers import FINAL_STATES, PrefectServer, flow_run_logs, start, stop, tail, wait_for
+from prefect_helpers import FINAL_STATES, POLL_S, PrefectServer, flow_run_logs, start, stop, tail, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -47,7 +47,7 @@ serve(*[d for d in deployments if d.name == "adhoc"])
 def served_adhoc(prefect_server: PrefectServer, tmp_path: Path) -> Iterator[dict]:
     """The `adhoc` deployment served from a child process; yields the deployment as the API returns it."""
     log_path = tmp_path / "serve.log"
-    env = prefect_server.env(PREFECT_RUNNER_POLL_FREQUENCY="2")  # pick the run up within 2 s, not 10
+    env = prefect_server.env(PREFECT_RUNNER_POLL_FREQUENCY="1")  # pick the run up within 1 s, not 10
     started = time.monotonic()
     proc = start([sys.executable, "-c", SERVE_ADHOC], env, log_path)
 
@@ -105,7 +105,7 @@ def test_adhoc_run_triggered_over_rest_completes(
             )
         if time.monotonic() > deadline:
             pytest.fail(f"flow run still {state} after {RUN_TIMEOUT_S:.0f} s; serve output tail:\n{tail(serve_log)}")
-        time.sleep(2.0)
+        time.sleep(POLL_S)
     print(f"flow run {flow_run['name']} {state} {time.monotonic() - started:.1f} s after it was created")
 
     assert state == "COMPLETED", (

@@ -39,6 +39,7 @@ import pytest
 import yaml
 from prefect_helpers import (
     FINAL_STATES,
+    POLL_S,
     REPO_ROOT,
     PrefectServer,
     clean_env,
@@ -176,7 +177,7 @@ class Cluster:
         while (run := self.flow_run(flow_run_id))["state_type"] not in FINAL_STATES:
             if time.monotonic() > deadline:
                 pytest.fail(f"flow run {run['name']} still {run['state_type']} after {timeout:.0f} s\n{self.tails()}")
-            time.sleep(1.0)
+            time.sleep(POLL_S)
         return run
 
     def tails(self) -> str:
@@ -270,8 +271,10 @@ def cluster(seaweedfs, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Clu
     # The store makes its bucket on first write; making it here lets the tests list keys before a run has written.
     cluster.s3.create_bucket(Bucket=cluster.store_uri.removeprefix("s3://").split("/", 1)[0])
     try:
-        for pool in ("cpu", "gpu"):  # a worker of type process creates its pool
-            worker = cluster.start_worker(pool, f"{pool}-1")
+        # Both workers start at once (each takes seconds to import Prefect); a worker of type process creates its pool.
+        for pool in ("cpu", "gpu"):
+            cluster.start_worker(pool, f"{pool}-1")
+        for pool, worker in cluster.workers.items():
             wait_for(
                 f"work pool {pool}",
                 lambda p=pool: httpx.get(f"{server.api_url}/work_pools/{p}", timeout=10).status_code == 200,

@@ -46,7 +46,7 @@ def on_promotion(prefect_server: PrefectServer, tmp_path_factory) -> Iterator[di
     log_path = tmp_path_factory.mktemp("on-promotion") / "serve.log"
     api = prefect_server.api_url
     proc = start(
-        [sys.executable, "-c", SERVE_ON_PROMOTION], prefect_server.env(PREFECT_RUNNER_POLL_FREQUENCY="2"), log_path
+        [sys.executable, "-c", SERVE_ON_PROMOTION], prefect_server.env(PREFECT_RUNNER_POLL_FREQUENCY="1"), log_path
     )
 
     def registered():
