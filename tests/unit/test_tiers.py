@@ -28,3 +28,39 @@ def test_every_test_folder_has_a_registered_tier_marker():
     registered = {marker.split(":")[0] for marker in options["markers"]}
     assert set(conftest.TIER_BY_FOLDER) >= _test_folders()
     assert set(conftest.TIER_BY_FOLDER.values()) <= registered
+
+
+def test_modules_sharing_a_session_run_are_one_xdist_group():
+    """`make test` runs on xdist workers with --dist loadgroup: a shared run must be built on one worker only."""
+    import importlib.util
+    from types import SimpleNamespace
+
+    spec = importlib.util.spec_from_file_location("_tests_root_conftest", TESTS / "conftest.py")
+    conftest = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(conftest)
+
+    def item(module: str, *fixtures: str) -> SimpleNamespace:
+        return SimpleNamespace(path=Path(module), nodeid=f"{module}::test_x", fixturenames=["tmp_path", *fixtures])
+
+    groups = conftest.xdist_groups(
+        [
+            item("a.py", "tiny_run"),
+            item("b.py"),
+            item("b.py", "tiny_run"),  # one test of the module uses it: the whole module joins
+            item("c.py", "concurrent_runs"),
+            item("d.py"),
+            item("e.py", "concurrent_runs"),
+        ]
+    )
+    assert groups == {
+        Path("a.py"): "tiny_run",
+        Path("b.py"): "tiny_run",
+        Path("c.py"): "concurrent_runs",
+        Path("d.py"): "d.py",
+        Path("e.py"): "concurrent_runs",
+    }
+    # A module that uses both runs puts them, and every module that uses either, in one group.
+    joined = conftest.xdist_groups(
+        [item("a.py", "tiny_run"), item("c.py", "concurrent_runs"), item("f.py", *conftest.SHARED_RUNS)]
+    )
+    assert set(joined.values()) == {"tiny_run"}
