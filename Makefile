@@ -43,8 +43,12 @@ lint: install
 	$(BIN)/ruff format --check .
 
 # Everything, as CI runs it (.ci/run): lint first, then every tier, each skip with its reason, the 15 slowest tests.
+# TEST_WORKERS="-n 2 --dist loadgroup" runs it on 2 pytest-xdist workers: each module runs whole on one worker, and
+# the modules sharing a session run (tiny_run, concurrent_runs) on the same one (tests/conftest.py, xdist_groups).
+# Not the default yet: its gain on 2 quiet cores is still to be measured.
+TEST_WORKERS ?=
 test: install lint
-	$(BIN)/python -m pytest -q -rs --durations=15
+	$(BIN)/python -m pytest -q -rs --durations=15 $(TEST_WORKERS)
 
 # The unit tier (marker `unit`, tests/unit): pure cores, under a minute. The path only spares collecting the
 # other tiers' modules; the marker is what selects.
