@@ -1,8 +1,12 @@
 """The test tiers: `make test` (pytest's testpaths, fast tier first) collects every folder of tests/ that holds
 tests, and each such folder has its tier marker (tests/conftest.py), so a new folder cannot silently drop out."""
 
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
+
+import pytest
 
 TESTS = Path(__file__).resolve().parents[1]
 
@@ -64,3 +68,29 @@ def test_modules_sharing_a_session_run_are_one_xdist_group():
         [item("a.py", "tiny_run"), item("c.py", "concurrent_runs"), item("f.py", *conftest.SHARED_RUNS)]
     )
     assert set(joined.values()) == {"tiny_run"}
+
+
+def test_xdist_loadgroup_keeps_a_group_on_one_worker(tmp_path: Path):
+    """The installed pytest and pytest-xdist honour xdist_group: a release pair that ignores it (pytest 9.2 with
+    xdist 3.8.0 did, silently) would build every shared run and module fixture on both workers."""
+    pytest.importorskip("xdist")
+    for name in ("a", "b"):
+        tests = "\n".join(f"def test_{i}():\n    pass\n" for i in range(4))
+        (tmp_path / f"test_{name}.py").write_text(
+            f"import pytest\npytestmark = pytest.mark.xdist_group('{name}')\n{tests}"
+        )
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-n", "2", "--dist", "loadgroup", "-v", "-p", "no:cacheprovider", "."],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    workers: dict[str, set[str]] = {}
+    for line in result.stdout.splitlines():
+        if line.startswith("[gw") and "PASSED" in line:
+            worker, nodeid = line.split()[0], line.split()[-1]
+            workers.setdefault(nodeid.split("::")[0], set()).add(worker)
+    assert set(workers) == {"test_a.py", "test_b.py"}, result.stdout
+    assert all(len(found) == 1 for found in workers.values()), workers
