@@ -8,7 +8,7 @@ that needs to run the flow again on top of it (a rerun, a changed stage) works o
 where every stage the change does not touch comes back Cached. `tiny_stages` are the stage labels of one
 round of that config, in order.
 
-On pytest-xdist workers (`make test TEST_WORKERS="-n 2 --dist loadgroup"`) each test module is one group, run whole
+On pytest-xdist workers (`make test` runs `-n 2 --dist loadgroup`) each test module is one group, run whole
 on one worker (its module fixtures are built once), and the modules that read one of the session's shared runs
 (SHARED_RUNS) are one group, so the run is made once, not once per worker.
 """

@@ -38,6 +38,11 @@ def question_of(prompt: str, template: TemplateConfig) -> str:
     return prompt
 
 
+def split_files(split_dir: Path) -> Iterator[Path]:
+    """The split folder's files that exist, train.parquet then test.parquet."""
+    return (path for path in (split_dir / "train.parquet", split_dir / "test.parquet") if path.is_file())
+
+
 def file_rows(path: Path, columns: list[str]) -> Iterator[dict[str, Any]]:
     """The rows of a split file (those columns only) in file order, read `BATCH_ROWS` at a time."""
     for batch in parquet_file(path).iter_batches(batch_size=BATCH_ROWS, columns=columns):
@@ -100,12 +105,10 @@ class SplitQuestions:
         self.split_dir, self.template = split_dir, template
 
     def __iter__(self) -> Iterator[str]:
-        for name in ("train.parquet", "test.parquet"):
-            path = self.split_dir / name
-            if path.is_file():
-                columns = ["prompt"] + [c for c in ("question",) if c in pq.read_schema(path).names]
-                for row in file_rows(path, columns):
-                    yield row_question(row, self.template)
+        for path in split_files(self.split_dir):
+            columns = ["prompt"] + [c for c in ("question",) if c in pq.read_schema(path).names]
+            for row in file_rows(path, columns):
+                yield row_question(row, self.template)
 
 
 def seen_questions(split_dir: Path, template: TemplateConfig) -> SplitQuestions:
@@ -117,9 +120,8 @@ def seen_questions(split_dir: Path, template: TemplateConfig) -> SplitQuestions:
 def taught_packages(split_dir: Path) -> list[str]:
     """Packages a docs source taught in this split (row source `docs:<package>`), in name order; [] for other data."""
     packages: set[str] = set()
-    for name in ("train.parquet", "test.parquet"):
-        path = split_dir / name
-        if path.is_file() and "source" in pq.read_schema(path).names:
+    for path in split_files(split_dir):
+        if "source" in pq.read_schema(path).names:
             for batch in parquet_file(path).iter_batches(batch_size=BATCH_ROWS, columns=["source"]):
                 sources = pc.unique(batch.column(0)).to_pylist()
                 packages.update(s.removeprefix("docs:") for s in sources if s and s.startswith("docs:"))
@@ -128,7 +130,6 @@ def taught_packages(split_dir: Path) -> list[str]:
 
 def split_targets(split_dir: Path) -> Iterator[str]:
     """Every target answer in the split (train, then test), one at a time: where the refusal sentences come from."""
-    for name in ("train.parquet", "test.parquet"):
-        if (split_dir / name).is_file():
-            for row in file_rows(split_dir / name, ["completion"]):
-                yield row["completion"]
+    for path in split_files(split_dir):
+        for row in file_rows(path, ["completion"]):
+            yield row["completion"]

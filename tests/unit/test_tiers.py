@@ -1,10 +1,12 @@
 """The test tiers: `make test` (pytest's testpaths, fast tier first) collects every folder of tests/ that holds
 tests, and each such folder has its tier marker (tests/conftest.py), so a new folder cannot silently drop out."""
 
+import importlib.util
 import subprocess
 import sys
 import tomllib
 from pathlib import Path
+from types import ModuleType, SimpleNamespace
 
 import pytest
 
@@ -22,12 +24,16 @@ def test_testpaths_name_every_test_folder_unit_first():
     assert {Path(path).name for path in testpaths} >= _test_folders(), testpaths
 
 
-def test_every_test_folder_has_a_registered_tier_marker():
-    import importlib.util
-
+def _root_conftest() -> ModuleType:
+    """tests/conftest.py as a module (pytest loads it as a plugin, not under an importable name)."""
     spec = importlib.util.spec_from_file_location("_tests_root_conftest", TESTS / "conftest.py")
     conftest = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(conftest)
+    return conftest
+
+
+def test_every_test_folder_has_a_registered_tier_marker():
+    conftest = _root_conftest()
     options = tomllib.loads((TESTS.parent / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]
     registered = {marker.split(":")[0] for marker in options["markers"]}
     assert set(conftest.TIER_BY_FOLDER) >= _test_folders()
@@ -36,12 +42,7 @@ def test_every_test_folder_has_a_registered_tier_marker():
 
 def test_modules_sharing_a_session_run_are_one_xdist_group():
     """`make test` runs on xdist workers with --dist loadgroup: a shared run must be built on one worker only."""
-    import importlib.util
-    from types import SimpleNamespace
-
-    spec = importlib.util.spec_from_file_location("_tests_root_conftest", TESTS / "conftest.py")
-    conftest = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(conftest)
+    conftest = _root_conftest()
 
     def item(module: str, *fixtures: str) -> SimpleNamespace:
         return SimpleNamespace(path=Path(module), nodeid=f"{module}::test_x", fixturenames=["tmp_path", *fixtures])
