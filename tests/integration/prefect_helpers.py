@@ -17,6 +17,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -29,6 +30,10 @@ FINAL_STATES = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 # How often the tests ask a server or process whether what they wait for happened: each wait ends within this of
 # the event, and a local GET is nothing to the server.
 POLL_S = 0.25
+# The statuses Prefect's own client retries (prefect.client.base, with backoff): the server answers 503 when its
+# SQLite database stays locked past the statement timeout on busy cores, having rolled the request back.
+RETRIED_STATUSES = frozenset({408, 429, 502, 503})
+API_ATTEMPTS = 6
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,6 +151,17 @@ def running_prefect_server(
         yield server
     finally:
         stop(proc)
+
+
+def call_api(method: str, url: str, body: dict[str, Any] | None = None, timeout: float = 30.0) -> Any:
+    """The JSON answer of one REST call to a test server, sent again with backoff (1, 2, 4, 8, 8 s) while the
+    server answers a status Prefect's client retries; any other error status raises httpx.HTTPStatusError."""
+    for attempt in range(API_ATTEMPTS):
+        response = httpx.request(method, url, json=body, timeout=timeout)
+        if response.status_code not in RETRIED_STATUSES or attempt == API_ATTEMPTS - 1:
+            break
+        time.sleep(min(2.0**attempt, 8.0))
+    return response.raise_for_status().json()
 
 
 def flow_run_logs(api_url: str, flow_run_id: str, limit: int = 80) -> str:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from prefect_helpers import FINAL_STATES, POLL_S, PrefectServer, flow_run_logs, start, stop, tail, wait_for
+from prefect_helpers import FINAL_STATES, POLL_S, PrefectServer, call_api, flow_run_logs, start, stop, tail, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -79,22 +79,21 @@ def test_adhoc_run_triggered_over_rest_completes(
     parameters = {"config_path": "configs/tiny.yaml", "overrides": [f"store.uri={store_dir}", NEW_GATE]}
 
     # The deployment's id by name, as a curl user would find it.
-    deployment = httpx.get(f"{api}/deployments/name/finetune/adhoc", timeout=10).raise_for_status().json()
+    deployment = call_api("GET", f"{api}/deployments/name/finetune/adhoc")
     assert deployment["id"] == served_adhoc["id"]
     assert deployment["entrypoint"] == "flows/finetune.py:finetune"
 
     started = time.monotonic()
-    created = (
-        httpx.post(f"{api}/deployments/{deployment['id']}/create_flow_run", timeout=30, json={"parameters": parameters})
-        .raise_for_status()
-        .json()
-    )
+    # A 503 (the server's database busy) is retried, as Prefect's client does; the idempotency key makes a retry
+    # that follows a lost answer return the same run rather than start a second.
+    body = {"parameters": parameters, "idempotency_key": f"adhoc-{tmp_path.name}"}
+    created = call_api("POST", f"{api}/deployments/{deployment['id']}/create_flow_run", body)
     flow_run_id = created["id"]
 
     proc, serve_log = served_adhoc["_proc"], served_adhoc["_log_path"]
     deadline = started + RUN_TIMEOUT_S
     while True:
-        flow_run = httpx.get(f"{api}/flow_runs/{flow_run_id}", timeout=30).raise_for_status().json()
+        flow_run = call_api("GET", f"{api}/flow_runs/{flow_run_id}")
         state = flow_run["state_type"]
         if state in FINAL_STATES:
             break
@@ -149,8 +148,8 @@ def test_prefect_yaml_registers_both_deployments(prefect_server: PrefectServer, 
         assert done.returncode == 0, f"{' '.join(command[2:])} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
 
     api = prefect_server.api_url
-    nightly = httpx.get(f"{api}/deployments/name/finetune/nightly", timeout=10).raise_for_status().json()
-    adhoc = httpx.get(f"{api}/deployments/name/finetune/adhoc", timeout=10).raise_for_status().json()
+    nightly = call_api("GET", f"{api}/deployments/name/finetune/nightly")
+    adhoc = call_api("GET", f"{api}/deployments/name/finetune/adhoc")
     for deployment in (nightly, adhoc):
         assert deployment["entrypoint"] == "flows/finetune.py:finetune"
         assert deployment["work_pool_name"] == "finetune-pool"
@@ -163,14 +162,13 @@ def test_prefect_yaml_registers_both_deployments(prefect_server: PrefectServer, 
     ]
     assert nightly["parameters"] == {"config_path": "configs/default.yaml", "overrides": []}
     assert adhoc["schedules"] == []
-    pool = httpx.get(f"{api}/work_pools/finetune-pool", timeout=10).raise_for_status().json()
+    pool = call_api("GET", f"{api}/work_pools/finetune-pool")
     assert pool["type"] == "process"
     # The promotion smoke test: its trigger became an automation that runs it on each promoted model.
-    smoke = httpx.get(f"{api}/deployments/name/smoke-test-promoted-model/on-promotion", timeout=10)
-    smoke = smoke.raise_for_status().json()
+    smoke = call_api("GET", f"{api}/deployments/name/smoke-test-promoted-model/on-promotion")
     assert smoke["entrypoint"] == "flows/promotion.py:smoke_test_promoted"
     assert smoke["work_pool_name"] == "finetune-pool"
-    related = httpx.get(f"{api}/automations/related-to/prefect.deployment.{smoke['id']}", timeout=10).json()
+    related = call_api("GET", f"{api}/automations/related-to/prefect.deployment.{smoke['id']}")
     (automation,) = related
     assert automation["trigger"]["expect"] == ["finetune.model.promoted"]
     assert [(a["type"], a["deployment_id"], a["parameters"]) for a in automation["actions"]] == [

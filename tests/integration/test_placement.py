@@ -42,6 +42,7 @@ from prefect_helpers import (
     POLL_S,
     REPO_ROOT,
     PrefectServer,
+    call_api,
     clean_env,
     flow_run_logs,
     running_prefect_server,
@@ -86,17 +87,6 @@ def _descendants(pid: int) -> list[int]:
             found.append(child)
             todo.append(child)
     return found
-
-
-def post_served(url: str, body: dict[str, Any]) -> httpx.Response:
-    """POST `body` to the test server, again while it answers 503: a server starved of CPU (the suite beside other
-    jobs) times out on its SQLite database now and then, and refuses the write rather than half-doing it."""
-    for attempt in range(5):
-        response = httpx.post(url, json=body, timeout=60)
-        if response.status_code != 503 or attempt == 4:
-            break
-        time.sleep(2.0 * (attempt + 1))
-    return response.raise_for_status()
 
 
 @dataclasses.dataclass
@@ -161,15 +151,13 @@ class Cluster:
 
     def start_run(self, name: str, *overrides: str) -> str:
         """A flow run of finetune/adhoc (on the cpu pool) for the tiny config; returns its id."""
-        deployment = httpx.get(f"{self.api}/deployments/name/finetune/adhoc", timeout=30).raise_for_status().json()
+        deployment = call_api("GET", f"{self.api}/deployments/name/finetune/adhoc")
         parameters = {"config_path": TINY, "overrides": self.overrides(*overrides)}
-        created = post_served(
-            f"{self.api}/deployments/{deployment['id']}/create_flow_run", {"parameters": parameters, "name": name}
-        )
-        return created.json()["id"]
+        body = {"parameters": parameters, "name": name}
+        return call_api("POST", f"{self.api}/deployments/{deployment['id']}/create_flow_run", body)["id"]
 
     def flow_run(self, flow_run_id: str) -> dict[str, Any]:
-        return httpx.get(f"{self.api}/flow_runs/{flow_run_id}", timeout=30).raise_for_status().json()
+        return call_api("GET", f"{self.api}/flow_runs/{flow_run_id}")
 
     def wait(self, flow_run_id: str, timeout: float = RUN_TIMEOUT_S) -> dict[str, Any]:
         """The flow run once it is final; fails with its logs and the workers' output on timeout."""
@@ -187,9 +175,7 @@ class Cluster:
         return f"{run['state'].get('message')}\n--- logs ---\n{flow_run_logs(self.api, run['id'])}\n{self.tails()}"
 
     def filter(self, what: str, body: dict[str, Any]) -> list[dict[str, Any]]:
-        return (
-            httpx.post(f"{self.api}/{what}/filter", json={**body, "limit": 200}, timeout=30).raise_for_status().json()
-        )
+        return call_api("POST", f"{self.api}/{what}/filter", {**body, "limit": 200})
 
     def children(self, parent_id: str) -> list[dict[str, Any]]:
         """The subflow runs of a parent run (the placed stages' flow runs)."""
@@ -227,12 +213,12 @@ class Cluster:
         return self.s3.get_object(Bucket=bucket, Key=key)["Body"].read()
 
 
-def _register(api: str, prefect_file: str, flow_name: str, names: set[str], pool: str) -> None:
+def _register(api_url: str, prefect_file: str, flow_name: str, names: set[str], pool: str) -> None:
     """Register the named deployments of a shipped prefect.yaml on `pool` over the REST API, as `prefect deploy`
     would (entrypoint, pull steps, parameters, tags), without its cost: it imports the flow (torch, transformers)
     to read the parameter schema, minutes on 2 busy cores."""
     spec = yaml.safe_load((REPO_ROOT / prefect_file).read_text())
-    flow_id = httpx.post(f"{api}/flows/", json={"name": flow_name}, timeout=30).raise_for_status().json()["id"]
+    flow_id = call_api("POST", f"{api_url}/flows/", {"name": flow_name})["id"]
     chosen = [d for d in spec["deployments"] if d["name"] in names]
     assert {d["name"] for d in chosen} == names, f"{prefect_file} lacks {names}"
     for deployment in chosen:
@@ -247,7 +233,7 @@ def _register(api: str, prefect_file: str, flow_name: str, names: set[str], pool
             "tags": deployment["tags"],
             "enforce_parameter_schema": False,
         }
-        post_served(f"{api}/deployments/", body)
+        call_api("POST", f"{api_url}/deployments/", body)
 
 
 @pytest.fixture(scope="module")
@@ -286,9 +272,7 @@ def cluster(seaweedfs, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Clu
             server.api_url, "deployments/stages.yaml", "finetune-stage", {"train", "evaluate", "benchmark"}, "gpu"
         )
         _register(server.api_url, "deployments/prefect.yaml", "finetune", {"adhoc"}, "cpu")
-        httpx.post(
-            f"{server.api_url}/v2/concurrency_limits/", json={"name": "gpu", "limit": 1}, timeout=30
-        ).raise_for_status()
+        call_api("POST", f"{server.api_url}/v2/concurrency_limits/", {"name": "gpu", "limit": 1})
         print(f"\nplacement setup (server, 2 pools and workers, 4 deployments) in {time.monotonic() - started:.1f} s")
         yield cluster
     finally:

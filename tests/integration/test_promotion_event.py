@@ -21,7 +21,17 @@ from pathlib import Path
 
 import httpx
 import pytest
-from prefect_helpers import FINAL_STATES, REPO_ROOT, PrefectServer, flow_run_logs, start, stop, tail, wait_for
+from prefect_helpers import (
+    FINAL_STATES,
+    REPO_ROOT,
+    PrefectServer,
+    call_api,
+    flow_run_logs,
+    start,
+    stop,
+    tail,
+    wait_for,
+)
 
 from pipeline.store import StoreSettings, open_store
 
@@ -68,15 +78,12 @@ def on_promotion(prefect_server: PrefectServer, tmp_path_factory) -> Iterator[di
 
 
 def _events(api: str) -> list[dict]:
-    response = httpx.post(
-        f"{api}/events/filter", json={"filter": {"event": {"name": [EVENT]}}, "limit": 50}, timeout=10
-    )
-    return response.raise_for_status().json()["events"]
+    return call_api("POST", f"{api}/events/filter", {"filter": {"event": {"name": [EVENT]}}, "limit": 50})["events"]
 
 
 def _runs_of(api: str, deployment_id: str) -> list[dict]:
     body = {"flow_runs": {"deployment_id": {"any_": [deployment_id]}}}
-    return httpx.post(f"{api}/flow_runs/filter", json=body, timeout=10).raise_for_status().json()
+    return call_api("POST", f"{api}/flow_runs/filter", body)
 
 
 def _run(prefect_server: PrefectServer, store_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
@@ -145,7 +152,7 @@ def test_a_passing_run_announces_its_model_and_the_automation_smoke_tests_it(
     assert run["created_by"]["type"] == "AUTOMATION"
     assert run["created_by"]["id"] == on_promotion["automations"][0]["id"]
     body = {"artifacts": {"key": {"any_": ["promoted-model-smoke-test"]}, "flow_run_id": {"any_": [run["id"]]}}}
-    (table,) = httpx.post(f"{api}/artifacts/filter", json=body, timeout=10).raise_for_status().json()
+    (table,) = call_api("POST", f"{api}/artifacts/filter", body)
     rows = json.loads(table["data"]) if isinstance(table["data"], str) else table["data"]
     assert [row["question"] for row in rows] == [
         "What can you answer questions about?",
