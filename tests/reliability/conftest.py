@@ -84,6 +84,7 @@ class WeedServer:
     ports: dict[str, int]
     helpers: Any
     proc: subprocess.Popen | None = None
+    wrote_canary: bool = False
 
     @property
     def endpoint_url(self) -> str:
@@ -91,9 +92,11 @@ class WeedServer:
 
     access_key = "reliability-access-key"
     secret_key = "reliability-secret-Qm4v9t"
+    # An object written at the first start: a restart counts as done once it reads back.
+    canary_bucket, canary_key, canary_body = "weed-readiness", "written-at-first-start", b"still here"
 
     def start(self, timeout: float = 60.0) -> None:
-        """Start the server (again) and wait until its S3 API accepts a signed request."""
+        """Start the server (again); wait until its S3 API accepts a signed request and reads back the canary."""
         weed = self.helpers._weed_binary()
         data = self.base / "data"
         data.mkdir(parents=True, exist_ok=True)
@@ -127,10 +130,12 @@ class WeedServer:
         with open(self.base / "weed.log", "ab") as log_file:
             self.proc = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env, cwd=self.base)
         deadline = time.monotonic() + timeout
-        while not self._answers():
+        # After a SIGKILL, weed answers signed requests before its volume is back: for some seconds (more on busy
+        # cores) reads of objects written before the kill fail with InternalError. Up means the canary reads back.
+        while not (self._answers() and self._reads_the_canary()):
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(
-                    f"weed mini did not come up at {self.endpoint_url}:\n"
+                    f"weed mini did not come up (or did not read back what it stored) at {self.endpoint_url}:\n"
                     f"{self.helpers._log_tail(self.base / 'weed.log')}"
                 )
             time.sleep(0.1)
@@ -149,6 +154,21 @@ class WeedServer:
 
     def _answers(self) -> bool:
         return self.helpers._s3_answers(self.endpoint_url, self.access_key, self.secret_key)
+
+    def _reads_the_canary(self) -> bool:
+        """Whether the object written at the first start reads back (writing it on the first call)."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        client = self.client()
+        try:
+            if not self.wrote_canary:
+                with contextlib.suppress(ClientError):  # it exists already: an earlier try made it
+                    client.create_bucket(Bucket=self.canary_bucket)
+                client.put_object(Bucket=self.canary_bucket, Key=self.canary_key, Body=self.canary_body)
+                self.wrote_canary = True
+            return client.get_object(Bucket=self.canary_bucket, Key=self.canary_key)["Body"].read() == self.canary_body
+        except (BotoCoreError, ClientError):
+            return False
 
     def client(self) -> Any:
         """A plain boto3 client for looking into the bucket from outside the pipeline."""

@@ -180,7 +180,9 @@ def test_the_server_dying_during_a_run_fails_it_and_a_rerun_reuses_what_finished
     assert len(logs.retries()) >= 2  # the requests were retried by botocore, with backoff, before giving up
 
     weed_server.start()
-    store = open_store(settings)
+    # Reads of what was stored before the kill may still fail for a while on busy cores (see the test above):
+    # the test's own checks ride that out with more botocore attempts; the rerun keeps the run's 3.
+    store = open_store(settings.model_copy(update={"retry_attempts": 12}))
     committed = checks.assert_every_manifest_verifies(store)
     assert {uri.split("/")[0] for uri in committed} == {*BEFORE_TRAIN, "checkpoints"}, committed
     assert not any(uri.startswith("train/") for uri in committed)
