@@ -132,7 +132,8 @@ class WeedServer:
         deadline = time.monotonic() + timeout
         # After a SIGKILL, weed answers signed requests before its volume is back: for some seconds (more on busy
         # cores) reads of objects written before the kill fail with InternalError. Up means the canary reads back.
-        while not (self._answers() and self._reads_the_canary()):
+        client = self.client()  # one for the whole wait: making a boto3 client costs more than the request
+        while not (self._answers() and self._reads_the_canary(client)):
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(
                     f"weed mini did not come up (or did not read back what it stored) at {self.endpoint_url}:\n"
@@ -155,11 +156,10 @@ class WeedServer:
     def _answers(self) -> bool:
         return self.helpers._s3_answers(self.endpoint_url, self.access_key, self.secret_key)
 
-    def _reads_the_canary(self) -> bool:
-        """Whether the object written at the first start reads back (writing it on the first call)."""
+    def _reads_the_canary(self, client: Any) -> bool:
+        """Whether the object written at the first start reads back through `client` (writing it on the first call)."""
         from botocore.exceptions import BotoCoreError, ClientError
 
-        client = self.client()
         try:
             if not self.wrote_canary:
                 with contextlib.suppress(ClientError):  # it exists already: an earlier try made it
