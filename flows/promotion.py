@@ -17,7 +17,6 @@ from prefect.artifacts import create_table_artifact
 
 from pipeline.models import find_model, load_model, load_tokenizer
 from pipeline.store import StoreSettings, open_store
-from tasks.evaluate import generate_answers
 
 SMOKE_QUESTIONS = ["What can you answer questions about?", "What is the capital of France?"]
 """One question for the model's own subject and one it should decline, unless the trigger passes others."""
@@ -33,6 +32,9 @@ def smoke_test_promoted(
     Out: the model's folder and every question with its answer. Raises when the model cannot be found or loaded,
     or carries no chat template: the run fails, and the promotion gets a second look.
     """
+    # torch and transformers come in here, when the smoke test runs, not when deployments/serve.py imports the flow.
+    from tasks.evaluate import generate_answers
+
     log = get_run_logger()
     store = open_store(StoreSettings(uri=store_uri))  # credentials and endpoint, for S3, from the environment
     folder = find_model(model, store)

@@ -6,9 +6,12 @@ Shared by the train stage (it wraps the model with adapters on these modules) an
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from pipeline.config import LoraConfig
+
+if TYPE_CHECKING:  # only annotations: the train stage imports this module before any model is built
+    import torch
 
 # LoRA targets per architecture (config.model_type): every attention projection, which
 # adapts better than peft's default of q and v only at the same small cost.
@@ -48,6 +51,8 @@ def lora_targets(model_type: str, config: LoraConfig) -> list[str]:
 
 def adaptable_module_names(model: torch.nn.Module) -> list[str]:
     """Full names of the modules LoRA can adapt (linear, 1-D convolution and embedding layers)."""
+    import torch
+
     kinds = (torch.nn.Linear, torch.nn.Embedding)
     return [
         name

@@ -10,6 +10,10 @@ A train artifact holds `model/` (a full Hugging Face folder; with LoRA the adapt
 into the base weights) and, with LoRA, `adapter/` (the adapter alone, whose
 `adapter_config.json` names the base model spec). `load_model` loads either: an adapter
 folder is loaded onto its base model through peft and merged for inference.
+
+torch and transformers are imported inside the functions that use them: the flow, the CLI and the stages
+import this module for its folders, aliases and checks, and a process whose stages all come back Cached (or a
+`finetune validate`) should not spend seconds of CPU importing them.
 """
 
 from __future__ import annotations
@@ -19,15 +23,16 @@ import json
 import re
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
-
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from typing import TYPE_CHECKING, Any
 
 from pipeline.assets import UnknownModelError, resolve_model
 from pipeline.config import ModelConfig, TrainConfig
 from pipeline.refs import Ref
 from pipeline.store import ArtifactNotFound, ArtifactStore
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 MODEL_SUBDIR = "model"
 ADAPTER_SUBDIR = "adapter"
@@ -123,6 +128,8 @@ def check_model_spec(spec: str) -> None:
 
 def pick_device() -> str:
     """'cuda' when a GPU is there, else 'mps' on Apple silicon, else 'cpu'."""
+    import torch
+
     if torch.cuda.is_available():
         return "cuda"
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
@@ -133,6 +140,8 @@ def pick_device() -> str:
 def bf16_supported(device: str) -> bool:
     """Whether bfloat16 autocast is worth using on `device` (CUDA with bf16 support; CPU and MPS run it too)."""
     if device == "cuda":
+        import torch
+
         return torch.cuda.is_bf16_supported()
     return device in ("cpu", "mps")
 
@@ -150,7 +159,7 @@ def training_precision(requested: str, device: str, weights: str = "float32") ->
     if requested == "auto" and weights in ("bfloat16", "float16"):
         requested, key = weights, "model.dtype"
     if requested == "auto":
-        return "bf16" if device == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+        return "bf16" if device == "cuda" and bf16_supported(device) else "fp32"
     if requested == "float32":
         return "fp32"
     if requested == "float16":
@@ -165,12 +174,18 @@ def training_precision(requested: str, device: str, weights: str = "float32") ->
     return "bf16"
 
 
-WEIGHT_DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-}
-"""model.dtype's names and the torch dtypes the weights load in."""
+WEIGHT_DTYPES = ("float32", "bfloat16", "float16")
+"""model.dtype's names: each is the name of the torch dtype the weights load in (`weight_dtype`)."""
+
+
+def weight_dtype(name: str) -> torch.dtype:
+    """The torch dtype of one of WEIGHT_DTYPES' names ('bfloat16' -> torch.bfloat16)."""
+    if name not in WEIGHT_DTYPES:
+        raise ValueError(f"model.dtype: expected one of {', '.join(WEIGHT_DTYPES)}, found {name!r}")
+    import torch
+
+    return getattr(torch, name)
+
 
 QLORA_PACKAGE = "bitsandbytes"
 """The package behind train.method=qlora's 4-bit weights: optional (the `qlora` extra), CUDA only."""
@@ -226,13 +241,15 @@ def four_bit_config(compute: str) -> Any:
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=WEIGHT_DTYPES[compute],
+        bnb_4bit_compute_dtype=weight_dtype(compute),
     )
 
 
 def inference_dtype(device: str) -> torch.dtype:
     """The dtype to run a model in for inference: bfloat16 on CUDA when supported, else float32."""
-    return torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    import torch
+
+    return torch.bfloat16 if device == "cuda" and bf16_supported(device) else torch.float32
 
 
 # --------------------------------------------------------------------------- folders and loading
@@ -290,6 +307,8 @@ def load_tokenizer(
     folder: str, *, padding_side: str = "right", trust_remote_code: bool = False
 ) -> PreTrainedTokenizerBase:
     """The model's own tokenizer; pad token = EOS when the tokenizer has none."""
+    from transformers import AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     if tokenizer.eos_token is None:
         raise ValueError(f"model {folder}: its tokenizer has no EOS token; set one in tokenizer_config.json")
@@ -306,6 +325,8 @@ def load_model(folder: str, *, device: str | None = None, trust_remote_code: boo
     In: a full model folder (or hub id), or an adapter folder, whose base model is
     resolved from the spec in its adapter_config.json and the adapter merged in.
     """
+    from transformers import AutoModelForCausalLM
+
     device = device or pick_device()
     dtype = inference_dtype(device)
     if Path(folder).is_dir():

@@ -10,10 +10,12 @@ config loads).
 from __future__ import annotations
 
 import json
-
-from transformers import PreTrainedTokenizerBase
+from typing import TYPE_CHECKING
 
 from pipeline.config import TemplateConfig
+
+if TYPE_CHECKING:  # only annotations: rendering a prompt needs no transformers import
+    from transformers import PreTrainedTokenizerBase
 
 QA_PROMPT = "### Question:\n{question}\n\n### Answer:\n"
 QA_INPUT_PROMPT = "### Question:\n{question}\n\n### Input:\n{input}\n\n### Answer:\n"

@@ -20,15 +20,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
-
-from transformers import PreTrainedTokenizerBase
+from typing import TYPE_CHECKING, Any
 
 from pipeline.config import ModelConfig, TemplateConfig
 from pipeline.progress import Progress
 from pipeline.prompts import custom_parts, render_prompt
 from pipeline.rows import DataError, is_text_row
 from pipeline.stage import stage_task
+
+if TYPE_CHECKING:  # only annotations: the tokenizer is loaded (and transformers imported) when a chat template is used
+    from transformers import PreTrainedTokenizerBase
 
 
 def apply_template(row: dict, config: TemplateConfig, tokenizer: PreTrainedTokenizerBase | None = None) -> dict:

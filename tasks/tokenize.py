@@ -25,11 +25,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from transformers import PreTrainedTokenizerBase
 
 from pipeline.assets import resolve_model
 from pipeline.config import ModelConfig, TokenizeConfig
@@ -37,6 +36,9 @@ from pipeline.models import IGNORE_INDEX, load_tokenizer
 from pipeline.progress import Progress
 from pipeline.rows import BATCH_ROWS, DataError, DropLog, jsonl_batches, question_key
 from pipeline.stage import stage_task
+
+if TYPE_CHECKING:  # only annotations: load_tokenizer imports transformers when a tokenize stage runs
+    from transformers import PreTrainedTokenizerBase
 
 
 def truncate_pair(n_prompt: int, n_completion: int, config: TokenizeConfig) -> tuple[int, int]:

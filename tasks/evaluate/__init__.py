@@ -55,106 +55,78 @@ or an empty prompt (plain-text rows: nothing to ask) are excluded and counted.
 Modules: `questions` (the split's test rows and questions), `probes` (choosing the moderation probes),
 `generation` (batched greedy answers), `scoring` (per-answer metrics, refusals, error categories), `summary`
 (the aggregates) and `stage` (`evaluate_model`, the `evaluate` task and the `probe` task, which answers the
-probes a later look adds when a probe gate is inconclusive). This module re-exports their public
-names.
+probes a later look adds when a probe gate is inconclusive). This module re-exports their public names, each
+imported on first use (PEP 562, `pipeline.lazy_exports`): a flow process imports this package for its tasks, and
+`generation` and `scoring` import torch, transformers and sentence-transformers, which only a stage body that
+generates or scores needs.
 """
 
 from __future__ import annotations
 
-from tasks.evaluate.generation import cut_at_stop, generate_answers, left_pad, prompt_room, stop_token_ids
-from tasks.evaluate.probes import (
-    NEAR_DUPLICATE_JACCARD,
-    NearDuplicates,
-    expected_behaviour,
-    jaccard,
-    look_counts,
-    look_probes,
-    on_topic_candidates,
-    probe_candidates,
-    select_probes,
-    trained_names,
-)
-from tasks.evaluate.questions import (
-    REQUIRED_TEST_COLUMNS,
-    EmptyTestSplit,
-    SplitQuestions,
-    file_rows,
-    question_of,
-    read_test_rows,
-    row_question,
-    seen_questions,
-    split_targets,
-    taught_packages,
-)
-from tasks.evaluate.scoring import (
-    GENERIC_REFUSAL,
-    RefusalDetector,
-    categorise,
-    embed,
-    exact_match,
-    length_ratio,
-    load_encoder,
-    mask_subjects,
-    refusal_by_rules,
-    refusal_references,
-    repetition,
-    rouge_l,
-    score_answers,
-    similarities,
-    token_f1,
-    word_count,
-)
-from tasks.evaluate.stage import ANSWER_COLUMNS, EvalResult, evaluate, evaluate_model, probe, write_outputs
-from tasks.evaluate.summary import probe_figures, summarise
+from pipeline.lazy_exports import lazy_exports
 
-__all__ = [
-    "ANSWER_COLUMNS",
-    "GENERIC_REFUSAL",
-    "NEAR_DUPLICATE_JACCARD",
-    "REQUIRED_TEST_COLUMNS",
-    "EmptyTestSplit",
-    "EvalResult",
-    "NearDuplicates",
-    "RefusalDetector",
-    "SplitQuestions",
-    "categorise",
-    "cut_at_stop",
-    "embed",
-    "evaluate",
-    "evaluate_model",
-    "exact_match",
-    "expected_behaviour",
-    "file_rows",
-    "generate_answers",
-    "jaccard",
-    "left_pad",
-    "length_ratio",
-    "load_encoder",
-    "look_counts",
-    "look_probes",
-    "mask_subjects",
-    "on_topic_candidates",
-    "probe",
-    "probe_candidates",
-    "probe_figures",
-    "prompt_room",
-    "question_of",
-    "read_test_rows",
-    "refusal_by_rules",
-    "refusal_references",
-    "repetition",
-    "rouge_l",
-    "row_question",
-    "score_answers",
-    "seen_questions",
-    "select_probes",
-    "similarities",
-    "split_targets",
-    "stop_token_ids",
-    "summarise",
-    "taught_packages",
-    "token_f1",
-    "trained_names",
-    "word_count",
-    "write_outputs",
-]
+# The submodule that defines each re-exported name.
+EXPORTS: dict[str, tuple[str, ...]] = {
+    "generation": (
+        "cut_at_stop",
+        "generate_answers",
+        "left_pad",
+        "prompt_room",
+        "stop_token_ids",
+    ),
+    "probes": (
+        "NEAR_DUPLICATE_JACCARD",
+        "NearDuplicates",
+        "expected_behaviour",
+        "jaccard",
+        "look_counts",
+        "look_probes",
+        "on_topic_candidates",
+        "probe_candidates",
+        "select_probes",
+        "trained_names",
+    ),
+    "questions": (
+        "EmptyTestSplit",
+        "REQUIRED_TEST_COLUMNS",
+        "SplitQuestions",
+        "file_rows",
+        "question_of",
+        "read_test_rows",
+        "row_question",
+        "seen_questions",
+        "split_targets",
+        "taught_packages",
+    ),
+    "scoring": (
+        "GENERIC_REFUSAL",
+        "RefusalDetector",
+        "categorise",
+        "embed",
+        "exact_match",
+        "length_ratio",
+        "load_encoder",
+        "mask_subjects",
+        "refusal_by_rules",
+        "refusal_references",
+        "repetition",
+        "rouge_l",
+        "score_answers",
+        "similarities",
+        "token_f1",
+        "word_count",
+    ),
+    "stage": (
+        "ANSWER_COLUMNS",
+        "EvalResult",
+        "evaluate",
+        "evaluate_model",
+        "probe",
+        "write_outputs",
+    ),
+    "summary": (
+        "probe_figures",
+        "summarise",
+    ),
+}
+__getattr__, __dir__, __all__ = lazy_exports(__name__, EXPORTS, globals())

@@ -11,14 +11,15 @@ import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from pipeline.answers import normalise_answer
 from pipeline.assets import embedding_model_path
 from pipeline.config import EvalConfig
 from pipeline.docs_source import REFUSAL
+
+if TYPE_CHECKING:  # only annotations: the encoder, loaded on first use, brings torch in
+    import torch
 
 GENERIC_REFUSAL = REFUSAL.format(package="requested")
 """The refusal sentence with a generic subject: a reference even when the split holds no refusal."""

@@ -23,7 +23,6 @@ from pipeline.config import EvalConfig, ModelConfig, TemplateConfig
 from pipeline.models import check_tokenizer_files, load_model, load_tokenizer, pick_device, trained_model_folder
 from pipeline.prompts import render_prompt
 from pipeline.stage import Artifact, stage_task
-from tasks.evaluate.generation import generate_answers
 from tasks.evaluate.probes import look_probes, probe_candidates, select_probes
 from tasks.evaluate.questions import read_test_rows, row_question, seen_questions, split_targets, taught_packages
 from tasks.evaluate.scoring import RefusalDetector, load_encoder, refusal_references, score_answers
@@ -48,6 +47,9 @@ def evaluate_model(
 
     Checks that can fail (empty split, missing tokenizer) run before the model loads.
     """
+    # generation imports torch: imported where a model answers, so a flow whose evaluate is Cached never does.
+    from tasks.evaluate.generation import generate_answers
+
     test_rows, excluded = read_test_rows(split_dir / "test.parquet", config.limit)
     check_tokenizer_files(folder)
     seen, taught = seen_questions(split_dir, template), taught_packages(split_dir)
@@ -203,6 +205,8 @@ def probe(
     Out: probes.parquet in `out` (the new probes only; the gate stage joins them to the evaluate stage's); returns
     the look, the probes answered and how many declined, per category.
     """
+    from tasks.evaluate.generation import generate_answers  # torch, only where a model answers (evaluate_model)
+
     folder = trained_model_folder(tuned.path) if tuned is not None else resolve_model(model.name)
     check_tokenizer_files(folder)
     seen, taught = seen_questions(split_data, template), taught_packages(split_data)

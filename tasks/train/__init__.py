@@ -28,23 +28,22 @@ goes to padding.
 
 Modules: `errors` (why training stopped), `trainer` (the Trainer customised: rows, LoRA, arguments, length
 grouping, metering), `checkpoints` (checkpoints in the store), `report` (the report, the loss plot and the UI's
-markdown), `process` (inside a training process: `fine_tune` and `main`), `launch` (starting the process(es))
-and `stage` (the `train` task); `__main__` makes `python -m tasks.train` run `main`. This module re-exports
-their public names, each imported on first use (PEP 562): `python -m tasks.train` imports this package first, and a
-training process has no use for `stage` and the Prefect it imports (about 2 s of CPU per training started).
+markdown), `job` (what a training process is asked to do), `process` (inside a training process: `fine_tune`
+and `main`), `launch` (starting the process(es)) and `stage` (the `train` task); `__main__` makes
+`python -m tasks.train` run `main`. This module re-exports their public names, each imported on first use (PEP
+562): a training process has no use for `stage` and the Prefect it imports (about 2 s of CPU per training
+started), and a flow process has no use for torch and transformers until a stage body trains or evaluates.
 """
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from pipeline.lazy_exports import lazy_exports
 
 # The submodule that defines each re-exported name.
-_EXPORTS: dict[str, tuple[str, ...]] = {
+EXPORTS: dict[str, tuple[str, ...]] = {
     "checkpoints": (
         "CHECKPOINT_DIR_PREFIX",
         "CHECKPOINTS_PREFIX",
-        "StoreCheckpoints",
         "checkpoint_prefix",
         "checkpoint_step",
         "restore_checkpoints",
@@ -68,8 +67,8 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
         "training_env",
         "training_failure",
     ),
+    "job": ("TrainJob",),
     "process": (
-        "TrainJob",
         "export_model",
         "final_eval_loss",
         "fine_tune",
@@ -94,6 +93,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
         "LengthGroupedSampler",
         "MeteredTrainer",
         "StepTimer",
+        "StoreCheckpoints",
         "TokenMeter",
         "apply_lora",
         "checkpointing_arguments",
@@ -103,16 +103,4 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
         "training_rows",
     ),
 }
-_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
-__all__ = sorted(_MODULE_OF)
-
-
-def __getattr__(name: str) -> Any:
-    """A re-exported name, from its submodule (imported now if it was not yet)."""
-    if name not in _MODULE_OF:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{_MODULE_OF[name]}"), name)
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+__getattr__, __dir__, __all__ = lazy_exports(__name__, EXPORTS, globals())

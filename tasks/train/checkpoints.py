@@ -1,7 +1,8 @@
 """Training checkpoints kept in the artifact store, so a killed training run resumes instead of starting over.
 
 Checkpoints live under `checkpoints/<train key>/checkpoint-<step>/` (manifest last); `StoreCheckpoints`
-mirrors the Trainer's local ones after every save and `restore_checkpoints` brings them back for a rerun.
+(`tasks.train.trainer`, a Trainer callback) mirrors the Trainer's local ones after every save and
+`restore_checkpoints` brings them back for a rerun.
 """
 
 from __future__ import annotations
@@ -9,9 +10,6 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Any
-
-from transformers import TrainerCallback, TrainingArguments
 
 from pipeline.store import ArtifactStore
 
@@ -90,19 +88,3 @@ def _repoint_best_checkpoint(state_file: Path, output_dir: Path) -> None:
     if best:
         state["best_model_checkpoint"] = str(output_dir / Path(best).name)
         state_file.write_text(json.dumps(state, indent=2), encoding="utf-8")
-
-
-class StoreCheckpoints(TrainerCallback):
-    """After every save, mirror the Trainer's checkpoints into the store (main process only).
-
-    The checkpoint saved at the very end is not uploaded: the finished model is committed
-    moments later, and its checkpoints are deleted then.
-    """
-
-    def __init__(self, store: ArtifactStore, prefix: str) -> None:
-        self.store, self.prefix = store, prefix
-
-    def on_save(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
-        """Upload new checkpoints and drop rotated ones."""
-        if state.is_world_process_zero and state.global_step < state.max_steps:
-            sync_checkpoints(self.store, self.prefix, Path(args.output_dir))

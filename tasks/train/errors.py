@@ -6,8 +6,6 @@ The process writes a known error (`KNOWN_ERRORS`) by name and message to `ERROR_
 
 from __future__ import annotations
 
-import torch
-
 from pipeline.config import TrainConfig
 from pipeline.lora import LoraTargetError
 from pipeline.models import MissingRequirement, UnsupportedPrecision
@@ -63,6 +61,8 @@ def out_of_memory_error(
 
 def is_out_of_memory(error: BaseException) -> bool:
     """True for torch's OutOfMemoryError and for the RuntimeErrors other backends raise when memory runs out."""
+    import torch  # called in the training process, which has it loaded; the stage that imports this module has not
+
     return isinstance(error, torch.OutOfMemoryError) or (
         isinstance(error, RuntimeError) and "out of memory" in str(error).lower()
     )

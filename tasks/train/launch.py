@@ -17,7 +17,7 @@ from pathlib import Path
 from pipeline.config import TrainConfig
 from pipeline.store import StoreSettings
 from tasks.train.errors import ERROR_FILE, KNOWN_ERRORS, TrainingError, TrainingOutOfMemory
-from tasks.train.process import TrainJob
+from tasks.train.job import TrainJob
 from tasks.train.report import REPORT_FILE
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

@@ -11,10 +11,9 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict
 from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, PreTrainedModel, Trainer, set_seed
 
 from pipeline.assets import model_load_kwargs
@@ -23,49 +22,29 @@ from pipeline.models import (
     ADAPTER_SUBDIR,
     IGNORE_INDEX,
     MODEL_SUBDIR,
-    WEIGHT_DTYPES,
     four_bit_config,
     load_tokenizer,
     pick_device,
     training_precision,
+    weight_dtype,
 )
 from pipeline.prompts import chat_template_for
-from pipeline.store import StoreSettings, open_store
-from tasks.train.checkpoints import StoreCheckpoints, checkpoint_step, restore_checkpoints
+from pipeline.store import open_store
+from tasks.train.checkpoints import checkpoint_step, restore_checkpoints
 from tasks.train.errors import ERROR_FILE, EXIT_KNOWN_ERROR, KNOWN_ERRORS, is_out_of_memory, out_of_memory_error
+from tasks.train.job import TrainJob
 from tasks.train.report import LOSS_PLOT_FILE, REPORT_FILE, build_report, plot_loss
 from tasks.train.trainer import (
     EvalProgress,
     MeteredTrainer,
     StepTimer,
+    StoreCheckpoints,
     TokenMeter,
     apply_lora,
     nested_share,
     training_arguments,
     training_rows,
 )
-
-
-class TrainJob(BaseModel):
-    """Everything a training process needs, written to job.json by the task.
-
-    Store credentials are never part of it: they reach the process in its environment.
-    """
-
-    model_config = ConfigDict(frozen=True)
-
-    base_folder: str
-    base_spec: str
-    trust_remote_code: bool = False
-    weights: Literal["float32", "bfloat16", "float16"] = "float32"
-    """model.dtype: what the base weights load, train and are saved in."""
-    split_dir: str
-    out_dir: str
-    work_dir: str
-    config: TrainConfig
-    template: TemplateConfig = TemplateConfig()
-    store: StoreSettings | None = None
-    checkpoint_prefix: str | None = None
 
 
 def fine_tune(job: TrainJob) -> dict | None:
@@ -155,7 +134,7 @@ def load_base_model(job: TrainJob) -> PreTrainedModel:
         # 4-bit layers run only on the GPU that holds them: the whole model goes to this process's GPU (LOCAL_RANK
         # under torchrun), as the Trainer expects of a quantized model.
         kwargs |= {"quantization_config": four_bit_config(job.weights), "device_map": {"": local_gpu()}}
-    model = AutoModelForCausalLM.from_pretrained(job.base_folder, dtype=WEIGHT_DTYPES[job.weights], **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(job.base_folder, dtype=weight_dtype(job.weights), **kwargs)
     if job.config.method == "qlora":
         from peft import prepare_model_for_kbit_training
 
@@ -244,7 +223,7 @@ def merged_over_full_base(trained: Any, job: TrainJob, adapter_dir: Path) -> Any
     from peft import PeftModel
 
     base = AutoModelForCausalLM.from_pretrained(
-        job.base_folder, dtype=WEIGHT_DTYPES[job.weights], **model_load_kwargs(job.trust_remote_code)
+        job.base_folder, dtype=weight_dtype(job.weights), **model_load_kwargs(job.trust_remote_code)
     )
     base.generation_config = trained.generation_config
     return PeftModel.from_pretrained(base, adapter_dir)

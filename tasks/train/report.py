@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import base64
 from pathlib import Path
-from typing import Any
-
-from transformers import Trainer
+from typing import TYPE_CHECKING, Any
 
 from pipeline.config import TrainConfig
-from tasks.train.trainer import TokenMeter
+
+if TYPE_CHECKING:  # only annotations: the train stage reads this module's names without training
+    from transformers import Trainer
+
+    from tasks.train.trainer import TokenMeter
 
 REPORT_FILE = "report.json"
 

@@ -19,10 +19,9 @@ from pipeline.models import alias_name, check_training_device, pick_device, writ
 from pipeline.refs import Ref
 from pipeline.stage import StageRun, run_logger, stage_task
 from tasks.train.checkpoints import checkpoint_prefix
+from tasks.train.job import TrainJob
 from tasks.train.launch import job_store, run_training
-from tasks.train.process import TrainJob
 from tasks.train.report import LOSS_PLOT_FILE, REPORT_FILE, report_markdown
-from tasks.train.trainer import model_structure
 
 
 def check_before_launch(base_folder: str, config: TrainConfig, model: ModelConfig) -> None:
@@ -30,6 +29,8 @@ def check_before_launch(base_folder: str, config: TrainConfig, model: ModelConfi
     lacks, LoRA targets the model lacks."""
     check_training_device(model, config, pick_device())
     if config.method in ("lora", "qlora"):
+        from tasks.train.trainer import model_structure  # torch and transformers: only when LoRA is checked
+
         model_type, names = model_structure(base_folder, model.trust_remote_code)
         check_lora_targets(lora_targets(model_type, config.lora), names, model_type)
 

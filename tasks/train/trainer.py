@@ -20,6 +20,8 @@ from transformers import AutoModelForCausalLM, PreTrainedModel, Trainer, Trainer
 from pipeline.config import TrainConfig
 from pipeline.lora import adaptable_module_names, check_lora_targets, lora_targets
 from pipeline.progress import DEFAULT_EVERY_SECONDS, Progress
+from pipeline.store import ArtifactStore
+from tasks.train.checkpoints import sync_checkpoints
 
 
 def training_rows(path: Path, max_rows: int | None = None, seed: int = 0) -> list[dict[str, list[int]]]:
@@ -274,3 +276,19 @@ class StepTimer(TrainerCallback):
         self.meter.step_seconds.append(time.perf_counter() - self._start)
         self.meter.step_tokens.append(self.meter.real - self._real)
         self.meter.step_padded.append(self.meter.padded - self._padded)
+
+
+class StoreCheckpoints(TrainerCallback):
+    """After every save, mirror the Trainer's checkpoints into the store (main process only).
+
+    The checkpoint saved at the very end is not uploaded: the finished model is committed
+    moments later, and its checkpoints are deleted then.
+    """
+
+    def __init__(self, store: ArtifactStore, prefix: str) -> None:
+        self.store, self.prefix = store, prefix
+
+    def on_save(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
+        """Upload new checkpoints and drop rotated ones."""
+        if state.is_world_process_zero and state.global_step < state.max_steps:
+            sync_checkpoints(self.store, self.prefix, Path(args.output_dir))

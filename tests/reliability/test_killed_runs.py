@@ -62,7 +62,7 @@ def test_killed_three_times_then_finishes_like_an_uninterrupted_run(
     assert checks.assert_every_manifest_verifies(store) == committed  # the checkpoint is still there
 
     # 3. Rerun, killed inside the first evaluation (after train committed).
-    run = flow_process(str(root), "3-killed-in-evaluation", kill_at="tasks.evaluate.stage:generate_answers")
+    run = flow_process(str(root), "3-killed-in-evaluation", kill_at="tasks.evaluate.generation:generate_answers")
     assert run.wait() == -signal.SIGKILL, run.tail()
     states = run.task_states()
     assert all(states[stage] == "Cached" for stage in BEFORE_TRAIN) and states["train"] == "Completed", states

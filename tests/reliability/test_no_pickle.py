@@ -85,11 +85,14 @@ def test_an_adapter_with_pickled_weights_is_refused(tmp_path: Path):
 
 
 def test_loaders_ask_for_safetensors_and_no_remote_code_unless_told(tiny_folder: Path, monkeypatch: pytest.MonkeyPatch):
+    import transformers
+
     import pipeline.models as models
     from pipeline.assets import model_load_kwargs
 
     calls: list[dict] = []
-    real_model, real_tokenizer = models.AutoModelForCausalLM.from_pretrained, models.AutoTokenizer.from_pretrained
+    auto_model, auto_tokenizer = transformers.AutoModelForCausalLM, transformers.AutoTokenizer  # what models loads
+    real_model, real_tokenizer = auto_model.from_pretrained, auto_tokenizer.from_pretrained
 
     def spy(real):
         def call(*args, **kwargs):
@@ -98,8 +101,8 @@ def test_loaders_ask_for_safetensors_and_no_remote_code_unless_told(tiny_folder:
 
         return call
 
-    monkeypatch.setattr(models.AutoModelForCausalLM, "from_pretrained", spy(real_model))
-    monkeypatch.setattr(models.AutoTokenizer, "from_pretrained", spy(real_tokenizer))
+    monkeypatch.setattr(auto_model, "from_pretrained", spy(real_model))
+    monkeypatch.setattr(auto_tokenizer, "from_pretrained", spy(real_tokenizer))
     models.load_model(str(tiny_folder), device="cpu")
     models.load_tokenizer(str(tiny_folder))
     assert calls[0]["use_safetensors"] is True and calls[0]["trust_remote_code"] is False
