@@ -1,10 +1,12 @@
 """Credentials never appear in logs, artifacts, manifests, error messages or the Prefect UI.
 
 A SeaweedFS server of its own accepts only distinctive canary credentials. The tiny flow runs against it
-through the CLI (credentials from the environment, as documented), a second run passes them with
-`--set store.access_key_id=... --set store.secret_access_key=...`, and a third run uses a wrong secret and
-a session token and fails. Then every place a credential could leak is read and searched for every canary
-(raw, URL-encoded, UTF-16 and base64 at any alignment):
+through the CLI (credentials from the environment, as documented); the same flow run as from a second machine
+(a fresh local cache, the same bucket) finds every stage Cached, and the bucket holds the artifacts and
+Prefect's cache records (this is also the suite's whole flow on S3); a third run passes the credentials with
+`--set store.access_key_id=... --set store.secret_access_key=...`, and a fourth uses a wrong secret and a
+session token and fails. Then every place a credential could leak is read and searched for every canary (raw,
+URL-encoded, UTF-16 and base64 at any alignment):
 
 * every log record of the process (caplog at DEBUG, all loggers) and everything printed (stdout, stderr);
 * the Prefect API: flow runs (parameters, states), task runs, logs, artifacts, block documents (with
@@ -37,8 +39,9 @@ from urllib.parse import quote
 import pytest
 from pydantic import SecretStr
 
-import flows.finetune  # noqa: F401  Prefect sets up its console log handler on import: not inside a test's capture
 from finetune.cli import main
+from flows.finetune import finetune  # Prefect sets up its console log handler on import: not inside a test's capture
+from pipeline.store import StoreSettings, open_store
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = str(REPO / "configs" / "tiny.yaml")
@@ -257,6 +260,21 @@ def test_credentials_appear_nowhere(prefect_harness, canary_s3, aws_env, tmp_pat
     printed = capsys.readouterr()
     assert "Artifacts: s3://canary-bucket/runs" in printed.out
 
+    # 1b. A second machine (a fresh local cache) pointed at the same bucket: every stage is Cached, read from S3.
+    second_machine = finetune(
+        config_path=TINY,
+        overrides=["store.uri=s3://canary-bucket/runs", f"store.cache_dir={tmp_path / 'cache-b'}", "train.max_steps=2"],
+    )
+    assert {entry["state"] for entry in second_machine["stages"]} == {"Cached"}, second_machine["stages"]
+    bucket = open_store(StoreSettings(uri="s3://canary-bucket/runs", cache_dir=str(tmp_path / "cache-b")))
+    stored = bucket.list("")
+    assert any(path.startswith("_prefect/") for path in stored), "Prefect's cache records are in the bucket"
+    assert all(bucket.has_artifact(entry["uri"]) for entry in second_machine["stages"])
+    model_files = bucket.list(next(e["uri"] for e in second_machine["stages"] if e["stage"] == "train"))
+    assert any(path.endswith("model/model.safetensors") for path in model_files)
+    assert not any(path.endswith((".bin", ".pkl", ".pt")) for path in stored), "nothing pickled in the store"
+    cached_printed = capsys.readouterr()
+
     # 2. Credentials given with --set: they must not become flow parameters (stops at a data error, fast).
     aws_env.delenv("AWS_ACCESS_KEY_ID")
     aws_env.delenv("AWS_SECRET_ACCESS_KEY")
@@ -299,7 +317,7 @@ def test_credentials_appear_nowhere(prefect_harness, canary_s3, aws_env, tmp_pat
             found[where] = hits
 
     everything = (*SECRETS, ACCESS_KEY)
-    for number, stream in enumerate((printed, second, failed), start=1):
+    for number, stream in enumerate((printed, cached_printed, second, failed), start=1):
         check(f"run {number} stdout", stream.out, everything)
         check(f"run {number} stderr", stream.err, everything)
     texts = [record_text(record) for record in caplog.records]
