@@ -6,10 +6,11 @@ stages import torch, transformers, peft, datasets and sentence-transformers only
 scores (`pipeline.lazy_exports`, local imports), so a run whose stages all come back Cached, and every process
 that only orchestrates, never loads them.
 
-The baseline, measured in the same run, is the same import followed by the modules the flow used to load with
-it (the training process's module and the evaluate stage's generation and scoring, which bring in all of those
-libraries): what every such process paid before. Each is run `--repeat` times in a fresh interpreter and the
-least CPU time (user + system, of the child) counts, as `timeit` does: noise only ever adds time.
+The baseline, measured in the same run, is the same import followed by the two modules the flow used to load with it
+at the top of its stages (the training process's module and the evaluate stage's generation, which bring in torch,
+transformers, peft, datasets and accelerate): what every such process paid before. Each is run `--repeat` times in a
+fresh interpreter and the least CPU time (user + system, of the child) counts, as `timeit` does: noise only ever
+adds time.
 
 Run from the repository root:
 
@@ -27,7 +28,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 LAZY = "import flows.finetune"
-EAGER = LAZY + "; import tasks.train.process, tasks.evaluate.generation, tasks.evaluate.scoring, sentence_transformers"
+EAGER = LAZY + "; import tasks.train.process, tasks.evaluate.generation"
 
 
 def child_cpu_seconds(code: str) -> float:

@@ -443,7 +443,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "sweep":
         return sweep(config, args.config, secrets_to_environment(args.overrides))
     from pipeline.assets import UnknownModelError
-    from pipeline.models import UnsupportedPrecision, check_model_spec, check_training_device, pick_device
+    from pipeline.models import UnsupportedPrecision, check_model_spec, check_training_device
 
     try:  # before the flow starts: nothing is written to the store for a model that cannot load
         check_model_spec(config.model.name)
@@ -452,7 +452,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     try:  # QLoRA without CUDA or bitsandbytes, float16 on a CPU: refused before collect spends any time
         if config.placement.train is None:  # a placed train stage is checked on its own pool's machine
-            check_training_device(config.model, config.train, pick_device())
+            check_training_device(config.model, config.train)
     except UnsupportedPrecision as exc:
         print(f"config error:\n{args.config}: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -195,14 +195,19 @@ class MissingRequirement(UnsupportedPrecision):
     """The config asks for something this machine lacks (a CUDA GPU, the bitsandbytes package); says which."""
 
 
-def check_training_device(model: ModelConfig, train: TrainConfig, device: str) -> None:
+def check_training_device(model: ModelConfig, train: TrainConfig, device: str | None = None) -> None:
     """Fail before any work when this machine cannot train as configured; every problem in one message.
 
-    In: the model and train sections and the device training would use (`pick_device()`). Raises
+    In: the model and train sections and the device training would use; None picks it (`pick_device()`, which
+    imports torch) only when the config asks for something a device may lack, so `finetune run` on float32
+    weights checks without loading torch before a run whose stages may all come back Cached. Raises
     MissingRequirement for train.method=qlora without a CUDA GPU or without bitsandbytes installed,
     UnsupportedPrecision for a dtype the device lacks (model.dtype or train.dtype float16 off CUDA, bfloat16
     on a GPU without it).
     """
+    if train.method != "qlora" and model.dtype == "float32" and train.dtype in ("auto", "float32"):
+        return  # float32 weights at float32 or automatic precision: every device trains them
+    device = device or pick_device()
     missing = []
     if train.method == "qlora":
         if device != "cuda":

@@ -161,7 +161,7 @@ class PipelineConfig(Section):
     @model_validator(mode="after")
     def _weights_and_training_agree(self) -> PipelineConfig:
         # Checks of the config alone; what the machine must have (CUDA, bitsandbytes) is checked before a run starts
-        # (pipeline.precision.check_training_device), since a config may be validated on another machine.
+        # (pipeline.models.check_training_device), since a config may be validated on another machine.
         weights, method, autocast = self.model.dtype, self.train.method, self.train.dtype
         if weights == "float16" and method == "full":
             raise ValueError(

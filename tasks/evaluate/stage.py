@@ -205,7 +205,7 @@ def probe(
     Out: probes.parquet in `out` (the new probes only; the gate stage joins them to the evaluate stage's); returns
     the look, the probes answered and how many declined, per category.
     """
-    from tasks.evaluate.generation import generate_answers  # torch, only where a model answers (evaluate_model)
+    from tasks.evaluate.generation import generate_answers  # torch: imported here, as in evaluate_model
 
     folder = trained_model_folder(tuned.path) if tuned is not None else resolve_model(model.name)
     check_tokenizer_files(folder)

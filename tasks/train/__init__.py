@@ -26,13 +26,13 @@ the latest one (weights, optimizer, scheduler, RNG states, data position) instea
 starting over. Batches are padded per batch and grouped by length, so little compute
 goes to padding.
 
-Modules: `errors` (why training stopped), `trainer` (the Trainer customised: rows, LoRA, arguments, length
-grouping, metering), `checkpoints` (checkpoints in the store), `report` (the report, the loss plot and the UI's
-markdown), `job` (what a training process is asked to do), `process` (inside a training process: `fine_tune`
-and `main`), `launch` (starting the process(es)) and `stage` (the `train` task); `__main__` makes
-`python -m tasks.train` run `main`. This module re-exports their public names, each imported on first use (PEP
-562): a training process has no use for `stage` and the Prefect it imports (about 2 s of CPU per training
-started), and a flow process has no use for torch and transformers until a stage body trains or evaluates.
+Modules: `errors` (why training stopped), `trainer` (the Trainer customised: rows, LoRA, arguments, length grouping,
+metering, checkpoint upload), `checkpoints` (checkpoints in the store), `report` (the report, the loss plot and the
+UI's markdown), `job` (what a training process is asked to do), `process` (inside a training process: `fine_tune`
+and `main`), `launch` (starting the process(es)) and `stage` (the `train` task); `__main__` makes `python -m
+tasks.train` run `main`. This module re-exports their public names, each imported on first use (PEP 562): a training
+process has no use for `stage` and the Prefect it imports (about 2 s of CPU per training started), and a flow
+process has no use for torch and transformers until a stage body trains or evaluates.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""What runs inside a training process: the job it is given, training, the export and the peak memory.
+"""What runs inside a training process: training as its job (`tasks.train.job`) says, the export and the peak memory.
 
 `main` is the entry point of `python -m tasks.train <job.json>` (tasks/train/__main__.py, also the torchrun
 and `accelerate launch` target); `fine_tune` is the core.

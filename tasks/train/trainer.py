@@ -1,7 +1,8 @@
 """The Hugging Face Trainer as the train stage customises it: rows, LoRA, arguments, length grouping, metering.
 
 `MeteredTrainer` counts real and padded tokens, batches rows of similar length (`LengthGroupedSampler`) and
-saves checkpoints under the model's own parameter names; `StepTimer` times each optimizer step.
+saves checkpoints under the model's own parameter names; `StepTimer` times each optimizer step;
+`StoreCheckpoints` mirrors each saved checkpoint into the artifact store (`tasks.train.checkpoints`).
 """
 
 from __future__ import annotations

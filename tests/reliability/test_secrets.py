@@ -181,6 +181,8 @@ def prefect_api_dump() -> dict[str, str]:
                 "variables": await client.read_variables(),
                 "deployments": await client.read_deployments(),
             }
+            for kind in ("flow_runs", "task_runs", "artifacts"):  # one page holds them all, or the search is partial
+                assert len(dump[kind]) < 200, f"{len(dump[kind])} {kind}: read them page by page"
             states = []
             for run in dump["flow_runs"]:
                 states += await client.read_flow_run_states(run.id)
@@ -247,7 +249,7 @@ def aws_env(monkeypatch: pytest.MonkeyPatch, canary_s3: str):
     return monkeypatch
 
 
-def test_credentials_appear_nowhere(prefect_harness, canary_s3, aws_env, tmp_path, caplog, capsys):
+def test_credentials_appear_nowhere(prefect_harness, canary_s3, aws_env, tmp_path, caplog, capsys, tiny_stages):
     import prefect.settings
 
     caplog.set_level(logging.DEBUG)
@@ -260,11 +262,12 @@ def test_credentials_appear_nowhere(prefect_harness, canary_s3, aws_env, tmp_pat
     printed = capsys.readouterr()
     assert "Artifacts: s3://canary-bucket/runs" in printed.out
 
-    # 1b. A second machine (a fresh local cache) pointed at the same bucket: every stage is Cached, read from S3.
+    # 2. A second machine (a fresh local cache) pointed at the same bucket: every stage is Cached, read from S3.
     second_machine = finetune(
         config_path=TINY,
         overrides=["store.uri=s3://canary-bucket/runs", f"store.cache_dir={tmp_path / 'cache-b'}", "train.max_steps=2"],
     )
+    assert [entry["stage"] for entry in second_machine["stages"]] == tiny_stages
     assert {entry["state"] for entry in second_machine["stages"]} == {"Cached"}, second_machine["stages"]
     bucket = open_store(StoreSettings(uri="s3://canary-bucket/runs", cache_dir=str(tmp_path / "cache-b")))
     stored = bucket.list("")
@@ -275,7 +278,7 @@ def test_credentials_appear_nowhere(prefect_harness, canary_s3, aws_env, tmp_pat
     assert not any(path.endswith((".bin", ".pkl", ".pt")) for path in stored), "nothing pickled in the store"
     cached_printed = capsys.readouterr()
 
-    # 2. Credentials given with --set: they must not become flow parameters (stops at a data error, fast).
+    # 3. Credentials given with --set: they must not become flow parameters (stops at a data error, fast).
     aws_env.delenv("AWS_ACCESS_KEY_ID")
     aws_env.delenv("AWS_SECRET_ACCESS_KEY")
     missing = tmp_path / "missing.jsonl"
@@ -296,10 +299,10 @@ def test_credentials_appear_nowhere(prefect_harness, canary_s3, aws_env, tmp_pat
         )
         == 2
     )
-    second = capsys.readouterr()
-    assert "expected a file, found nothing" in second.err
+    given_with_set = capsys.readouterr()
+    assert "expected a file, found nothing" in given_with_set.err
 
-    # 3. A wrong secret and a session token: the run fails and says why, naming neither.
+    # 4. A wrong secret and a session token: the run fails and says why, naming neither.
     aws_env.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY)
     aws_env.setenv("AWS_SECRET_ACCESS_KEY", WRONG_SECRET)
     aws_env.setenv("AWS_SESSION_TOKEN", SESSION_TOKEN)
@@ -317,7 +320,7 @@ def test_credentials_appear_nowhere(prefect_harness, canary_s3, aws_env, tmp_pat
             found[where] = hits
 
     everything = (*SECRETS, ACCESS_KEY)
-    for number, stream in enumerate((printed, cached_printed, second, failed), start=1):
+    for number, stream in enumerate((printed, cached_printed, given_with_set, failed), start=1):  # the numbers above
         check(f"run {number} stdout", stream.out, everything)
         check(f"run {number} stderr", stream.err, everything)
     texts = [record_text(record) for record in caplog.records]
