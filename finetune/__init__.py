@@ -8,16 +8,7 @@ Layering: finetune -> flows -> tasks -> pipeline; nothing below imports what is 
 (tests/unit/test_layering.py).
 """
 
-from typing import Any
+from pipeline.lazy_exports import lazy_exports
 
-
-def __getattr__(name: str) -> Any:
-    # Imported lazily: `finetune.cli` must set its environment defaults before Prefect is imported.
-    if name in ("FineTuner", "RunReport"):
-        from finetune import api
-
-        return getattr(api, name)
-    raise AttributeError(f"module 'finetune' has no attribute {name!r}")
-
-
-__all__ = ["FineTuner", "RunReport"]
+# Imported lazily: `finetune.cli` must set its environment defaults before Prefect is imported.
+__getattr__, __dir__, __all__ = lazy_exports(__name__, {"api": ("FineTuner", "RunReport")}, globals())

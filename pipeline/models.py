@@ -23,10 +23,11 @@ import json
 import re
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, get_args
 
 from pipeline.assets import UnknownModelError, resolve_model
 from pipeline.config import ModelConfig, TrainConfig
+from pipeline.config.training import WeightDtype
 from pipeline.refs import Ref
 from pipeline.store import ArtifactNotFound, ArtifactStore
 
@@ -174,7 +175,7 @@ def training_precision(requested: str, device: str, weights: str = "float32") ->
     return "bf16"
 
 
-WEIGHT_DTYPES = ("float32", "bfloat16", "float16")
+WEIGHT_DTYPES: tuple[str, ...] = get_args(WeightDtype)
 """model.dtype's names: each is the name of the torch dtype the weights load in (`weight_dtype`)."""
 
 

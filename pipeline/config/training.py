@@ -8,6 +8,9 @@ from pydantic import Field, model_validator
 
 from pipeline.config.base import Section
 
+WeightDtype = Literal["float32", "bfloat16", "float16"]
+"""model.dtype's values: the torch dtype the base weights load, train and are saved in."""
+
 
 class ModelConfig(Section):
     """Which causal language model to fine-tune."""
@@ -19,7 +22,7 @@ class ModelConfig(Section):
     trust_remote_code: bool = Field(
         False, description="Run code shipped with a hub model. Off unless you trust its author."
     )
-    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+    dtype: WeightDtype = Field(
         "float32",
         # Left out of the dump (and so of every content key) at float32, so adding this knob did not change the
         # key of any existing run's config.

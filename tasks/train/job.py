@@ -6,11 +6,10 @@ without importing torch and transformers, which only the training process needs.
 
 from __future__ import annotations
 
-from typing import Literal
-
 from pydantic import BaseModel, ConfigDict
 
 from pipeline.config import TemplateConfig, TrainConfig
+from pipeline.config.training import WeightDtype
 from pipeline.store import StoreSettings
 
 
@@ -25,7 +24,7 @@ class TrainJob(BaseModel):
     base_folder: str
     base_spec: str
     trust_remote_code: bool = False
-    weights: Literal["float32", "bfloat16", "float16"] = "float32"
+    weights: WeightDtype = "float32"
     """model.dtype: what the base weights load, train and are saved in."""
     split_dir: str
     out_dir: str
