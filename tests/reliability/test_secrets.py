@@ -268,6 +268,8 @@ def test_credentials_appear_nowhere(prefect_harness, canary_s3, aws_env, tmp_pat
     assert main(["run", "--config", TINY, *store, "--set", "train.max_steps=2"]) == 0
     printed = capsys.readouterr()
     assert "Artifacts: s3://canary-bucket/runs" in printed.out
+    for stage in tiny_stages:  # the run's summary table: a fresh bucket, so every stage computed
+        assert f"| 1 | {stage} | Completed |" in printed.out, printed.out[-3000:]
 
     # 2. A second machine (a fresh local cache) pointed at the same bucket: every stage is Cached, read from S3.
     second_machine = finetune(
