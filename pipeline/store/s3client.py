@@ -15,8 +15,10 @@ Used by the S3 store (s3.py) and the S3 data source (tasks/collect/sources.py).
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -69,15 +71,13 @@ def make_s3_client(settings: StoreSettings) -> Any:
     A private session: no state shared with other boto3 users in the process.
     Raises StoreError naming the endpoint when it is malformed.
     """
-    import boto3
-
     kwargs: dict[str, Any] = {"region_name": resolve_region(settings), "config": s3_client_config(settings)}
     if settings.endpoint_url:
         kwargs["endpoint_url"] = settings.endpoint_url
     if settings.access_key_id is not None and settings.secret_access_key is not None:
         kwargs["aws_access_key_id"] = settings.access_key_id.get_secret_value()
         kwargs["aws_secret_access_key"] = settings.secret_access_key.get_secret_value()
-    session = boto3.session.Session()
+    session = new_boto3_session()
     try:
         client = session.client("s3", **kwargs)
     except ValueError as exc:  # e.g. a malformed endpoint URL
@@ -90,6 +90,37 @@ def make_s3_client(settings: StoreSettings) -> Any:
             _redact_in_logs(*credentials.get_frozen_credentials())
     watch_retries(client, settings.retry_attempts)
     return client
+
+
+_LOADER_LOCK = threading.Lock()
+
+
+@functools.cache
+def _shared_data_loader() -> Any:
+    """botocore's loader of service models (JSON), made once per process and shared by every client's session."""
+    import botocore.loaders
+
+    return botocore.loaders.create_loader()
+
+
+def new_boto3_session() -> Any:
+    """Out: a new boto3 Session that shares this process's loader of botocore's service models.
+
+    Each store gets a session of its own, so credentials resolve afresh (from the settings or boto3's chain) and
+    no state but static data is shared. A fresh session would otherwise parse botocore's S3 model and endpoint
+    files again (about 0.15 CPU s; bench/s3_client.py), and a run opens its store a few dozen times.
+    """
+    import boto3
+    import botocore.session
+
+    core = botocore.session.get_session()
+    with _LOADER_LOCK:
+        loader = _shared_data_loader()
+        core.register_component("data_loader", loader)
+        session = boto3.session.Session(botocore_session=core)
+        # boto3 appends its own data folder to the loader's search path for every session: keep it there once.
+        loader.search_paths[:] = list(dict.fromkeys(loader.search_paths))
+    return session
 
 
 # --------------------------------------------------------------------------- what botocore's retries did
