@@ -19,8 +19,10 @@ import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import pytest
+from prefect_database import seed_database
 
 # Relative to the repository root, where the tests run, as every flow test names it (a model card records it).
 TINY_CONFIG = "configs/tiny.yaml"
@@ -40,21 +42,40 @@ TINY_STAGES = (
     "gate (look 1)",
 )
 
+HARNESS_DATABASE = "prefect-test.db"
+"""The file name prefect_test_harness gives its server's database, in the folder it makes."""
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# No terminal reads the tests' output: Prefect's console handler need not run rich's highlighter over every line.
+os.environ.setdefault("PREFECT_LOGGING_COLORS", "false")
 
 
 @pytest.fixture(scope="session")
-def prefect_harness():
-    """Run flows against a throwaway Prefect server whose home is a temporary folder."""
+def prefect_harness(tmp_path_factory: pytest.TempPathFactory):
+    """Run flows against a throwaway Prefect server whose home is a temporary folder.
+
+    Prefect's harness puts the server's SQLite database in a new temporary folder; that folder is given a copy of
+    the session's migrated database first (tests/prefect_database.py), so the server starts without migrating.
+    """
     home = tempfile.mkdtemp(prefix="prefect-home-")
     os.environ["PREFECT_HOME"] = home
-    from prefect.testing.utilities import prefect_test_harness
+    from prefect.settings import PREFECT_SERVER_DATABASE_CONNECTION_URL
+    from prefect.testing import utilities
 
-    # The harness's server can take minutes to answer on 2 busy cores; a session fixture that fails
-    # once errors every flow test, so wait long rather than flake.
-    with prefect_test_harness(server_startup_timeout=300):
+    database_folder = Path(tempfile.mkdtemp(prefix="prefect-harness-db-"))
+    seed_database(tmp_path_factory, database_folder / HARNESS_DATABASE)
+    # The harness names its folder with tempfile.mkdtemp (prefect.testing.utilities); patch.object fails loudly
+    # should that name go, and the check below tells whether the server opened the seeded file. The harness's
+    # server can take minutes to answer on 2 busy cores; a session fixture that fails once errors every flow
+    # test, so wait long rather than flake.
+    with (
+        mock.patch.object(utilities, "mkdtemp", lambda: str(database_folder)),
+        utilities.prefect_test_harness(server_startup_timeout=300),
+    ):
+        used = PREFECT_SERVER_DATABASE_CONNECTION_URL.value()
+        assert used.endswith(str(database_folder / HARNESS_DATABASE)), f"the harness's database moved: {used}"
         yield
 
 

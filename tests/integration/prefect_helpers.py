@@ -21,6 +21,7 @@ from typing import Any
 
 import httpx
 import pytest
+from prefect_database import seed_database
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # Generous: 2 cores, possibly shared with other jobs. Measured unloaded: server ~18 s.
@@ -59,6 +60,7 @@ def clean_env(**settings: str) -> dict[str, str]:
             "TOKENIZERS_PARALLELISM": "false",
             "PYTHONUNBUFFERED": "1",
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PREFECT_LOGGING_COLORS": "false",  # as tests/conftest.py: no terminal reads it
         }
     )
     env.update(settings)
@@ -121,8 +123,8 @@ def wait_for(what: str, check, timeout_s: float, proc: subprocess.Popen, log_pat
 def running_prefect_server(
     tmp_path_factory: pytest.TempPathFactory, startup_timeout_s: float = SERVER_STARTUP_TIMEOUT_S, **settings: str
 ) -> Iterator[PrefectServer]:
-    """`prefect server start` on a free port of 127.0.0.1, home and database in a temp folder; `settings` are
-    extra PREFECT_* settings for the server process."""
+    """`prefect server start` on a free port of 127.0.0.1, home and database (a migrated copy) in a temp folder;
+    `settings` are extra PREFECT_* settings for the server process."""
     base = tmp_path_factory.mktemp("prefect-server")
     home = base / "home"
     home.mkdir()
@@ -131,7 +133,13 @@ def running_prefect_server(
     # SQLite waits up to 60 s for a lock (PRAGMA busy_timeout) but the driver gives up after the statement
     # timeout (10 s by default): on 2 busy cores, workers' heartbeats and runs' state changes then get
     # 503 "database is locked". A server for several workers should use PostgreSQL (deployments/README.md).
-    settings = {"PREFECT_SERVER_DATABASE_TIMEOUT": "60", **settings}
+    # A copy of the session's migrated database (tests/prefect_database.py): the server has no migration to run.
+    database = seed_database(tmp_path_factory, home / "prefect.db")
+    settings = {
+        "PREFECT_SERVER_DATABASE_TIMEOUT": "60",
+        "PREFECT_SERVER_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{database}",
+        **settings,
+    }
     env = clean_env(PREFECT_HOME=str(home), PREFECT_UI_ENABLED="false", **settings)
     started = time.monotonic()
     proc = start(
