@@ -41,7 +41,6 @@ import pytest
 import yaml
 from prefect_helpers import (
     FINAL_STATES,
-    POLL_S,
     REPO_ROOT,
     PrefectServer,
     call_api,
@@ -61,6 +60,13 @@ AFTER_TRAIN = ("evaluate", "benchmark", "gate")
 # The workers' heartbeat; the server marks a worker offline after 3 missed (15 s), checked every second. Shorter
 # risks a false "offline" on 2 busy cores.
 HEARTBEAT_SECONDS = "5"
+# How often a worker asks for runs to start (Prefect's default: 10 s), and how often the tests ask whether a run
+# ended: each run waits a little longer, but the server answers fewer requests on cores the rest of the suite uses.
+WORKER_QUERY_SECONDS = "5"
+RUN_POLL_S = 2.0
+# The server's services this module has no use for (no schedules, automations, pauses or cancellations); each
+# loops every few seconds. The repossessor stays: it frees the `gpu` slot a killed run's lease still holds.
+UNUSED_SERVICES = ("SCHEDULER", "LATE_RUNS", "PAUSE_EXPIRATIONS", "CANCELLATION_CLEANUP", "TRIGGERS")
 RUN_TIMEOUT_S = 420.0
 WORKER_STARTUP_TIMEOUT_S = 300.0
 
@@ -114,7 +120,7 @@ class Cluster:
             PREFECT_API_URL=self.api,
             PREFECT_HOME=str(folder / "home"),
             PREFECT_WORKER_HEARTBEAT_SECONDS=HEARTBEAT_SECONDS,
-            PREFECT_WORKER_QUERY_SECONDS="1",
+            PREFECT_WORKER_QUERY_SECONDS=WORKER_QUERY_SECONDS,
             FINETUNE_REPO=str(REPO_ROOT),  # the deployments' pull step moves each run into the checkout
             XDG_CACHE_HOME=str(folder / "cache"),  # its own S3 download cache: nothing shared through local files
             AWS_ACCESS_KEY_ID=self.access_key,  # the store's credentials: the worker's environment, nowhere else
@@ -167,7 +173,7 @@ class Cluster:
         while (run := self.flow_run(flow_run_id))["state_type"] not in FINAL_STATES:
             if time.monotonic() > deadline:
                 pytest.fail(f"flow run {run['name']} still {run['state_type']} after {timeout:.0f} s\n{self.tails()}")
-            time.sleep(POLL_S)
+            time.sleep(RUN_POLL_S)
         return run
 
     def tails(self) -> str:
@@ -245,7 +251,8 @@ def cluster(seaweedfs, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Clu
     concurrency limit `gpu` of 1 slot, and an empty S3 store."""
     started = time.monotonic()
     # A longer wait than the other modules': this module's whole setup is one fixture, worth waiting for.
-    servers = running_prefect_server(tmp_path_factory, 600.0, PREFECT_SERVER_SERVICES_FOREMAN_LOOP_SECONDS="1")
+    off = {f"PREFECT_SERVER_SERVICES_{service}_ENABLED": "false" for service in UNUSED_SERVICES}
+    servers = running_prefect_server(tmp_path_factory, 600.0, PREFECT_SERVER_SERVICES_FOREMAN_LOOP_SECONDS="1", **off)
     server = next(servers)
     folder = tmp_path_factory.mktemp("placement")
     cluster = Cluster(
