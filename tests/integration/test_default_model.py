@@ -1,6 +1,8 @@
 """The default model (SmolLM2-135M-Instruct) converted from its packaged GGUF really works.
 
-Slow (about 45 s to convert once, in a temporary cache), so marked `integration`.
+Slow (about 45 s to convert), so marked `integration`. It is converted where the pipeline converts it, into the
+machine's asset cache (FINETUNE_CACHE_DIR, else ~/.cache/finetune-pipeline), once: a fresh machine (CI) converts it
+in whichever test of the suite asks for it first, and every later one (this module included) reads that folder.
 """
 
 from __future__ import annotations
@@ -24,12 +26,11 @@ def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture(scope="module")
-def converted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, str]]:
-    """(cache dir, model folder): the default model converted once for this module."""
+def converted() -> Iterator[tuple[Path, str]]:
+    """(cache dir, model folder): the default model, converted into the asset cache if no test did so before."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("HF_HUB_OFFLINE", "1")
-        cache_dir = tmp_path_factory.mktemp("default-model-cache")
-        yield cache_dir, assets.resolve_model(assets.DEFAULT_MODEL, cache_dir)
+        yield assets.default_cache_dir(), assets.resolve_model(assets.DEFAULT_MODEL)
 
 
 @pytest.fixture(scope="module")
