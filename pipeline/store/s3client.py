@@ -68,7 +68,8 @@ def make_s3_client(settings: StoreSettings) -> Any:
 
     Endpoint and credentials are passed only when set in the settings, so otherwise
     boto3's own chain applies (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ~/.aws, roles).
-    A private session: no state shared with other boto3 users in the process.
+    A session of its own (`new_boto3_session`: only botocore's static service models are shared), so
+    credentials resolve afresh and no state is shared with other boto3 users in the process.
     Raises StoreError naming the endpoint when it is malformed.
     """
     kwargs: dict[str, Any] = {"region_name": resolve_region(settings), "config": s3_client_config(settings)}

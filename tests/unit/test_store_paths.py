@@ -152,6 +152,27 @@ def test_s3_requests_retry_in_botocore_only(caplog: pytest.LogCaptureFixture) ->
     assert "store.retry_backoff_seconds is deprecated and has no effect" in caplog.text
 
 
+def test_each_client_resolves_its_own_credentials_while_sharing_the_service_models(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Clients share botocore's loader (parsed once), never credentials: a changed environment is read afresh."""
+    from pipeline.store import s3client
+
+    settings = StoreSettings(uri="s3://b/p", endpoint_url="http://127.0.0.1:9")
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAFIRSTCLIENT00000")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "first-secret-for-this-test")
+    first = store_module.make_s3_client(settings)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIASECONDCLIENT0000")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "second-secret-for-this-test")
+    second = store_module.make_s3_client(settings)
+    keys = [client._request_signer._credentials.get_frozen_credentials().access_key for client in (first, second)]
+    assert keys == ["AKIAFIRSTCLIENT00000", "AKIASECONDCLIENT0000"]
+    loader = s3client._shared_data_loader()
+    assert s3client.new_boto3_session()._loader is loader
+    assert len(loader.search_paths) == len(set(loader.search_paths))  # boto3's folder is not added once a session
+
+
 # --------------------------------------------------------------------------- local artifacts
 
 
