@@ -253,6 +253,11 @@ def serve_command(name: str, host: str, port: int, trust_remote_code: bool = Fal
     return command + (["--trust-remote-code"] if trust_remote_code else [])
 
 
+def _exit_cleanly(_signum: int, _frame: object) -> None:
+    """Signal handler: exit with code 0 through Python's exit handlers (atexit, multiprocessing's finalizers)."""
+    sys.exit(0)
+
+
 def serve_main(argv: list[str] | None = None) -> None:
     """The server process (`python -m finetune.handoff NAME --host H --port P --dtype D`): `transformers serve`
     pinned to NAME, whose app also answers a request its chat template refuses (a system message or several turns
@@ -286,7 +291,16 @@ def serve_main(argv: list[str] | None = None) -> None:
         return app
 
     server.build_server = build_server_refusing_bad_conversations  # Serve imports it when it is constructed
+    # No progress bars in a server's log, in this process or in the model's (transformers >= 5.25 spawns it, and
+    # it reads this variable when it imports transformers); there tqdm's lock would be a semaphore left behind.
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
     transformers_logging.disable_progress_bar()
+    # uvicorn re-raises the stop signal once the server has shut down. Under the default handler SIGTERM would
+    # then kill this process before Python's exit handlers run, and transformers >= 5.25 keeps the model in a
+    # process of its own, fed through multiprocessing queues: their semaphores and temporary folder would be
+    # left behind. A normal exit runs multiprocessing's clean-up (as `transformers serve --api-server-count` does).
+    for stop_signal in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(stop_signal, _exit_cleanly)
     transformers_serve.Serve(
         force_model=args.name,
         host=args.host,
