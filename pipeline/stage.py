@@ -41,6 +41,7 @@ every stage `Cached`.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import json
@@ -48,7 +49,7 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import UnionType
 from typing import Any, NamedTuple, Union, get_args, get_origin, get_type_hints
@@ -273,7 +274,12 @@ class StageRun:
     stage: str
     key: str
     inputs: dict[str, Any]
-    dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="finetune-stage-")))
+
+    @functools.cached_property
+    def dir(self) -> Path:
+        """The staging folder the body writes into, made on first use: a stage found committed, or one whose
+        store cannot be reached, leaves no empty folder behind in the temporary directory."""
+        return Path(tempfile.mkdtemp(prefix="finetune-stage-"))
 
     @property
     def uri(self) -> str:
@@ -306,8 +312,11 @@ class StageRun:
             self.discard()
 
     def discard(self) -> None:
-        """Remove the staging folder (after a commit, or when the body failed: a half-written model is large)."""
-        shutil.rmtree(self.dir, ignore_errors=True)
+        """Remove the staging folder if it was made (after a commit, or when the body failed: a half-written model
+        is large)."""
+        made = self.__dict__.pop("dir", None)  # functools.cached_property keeps it in the instance's __dict__
+        if made is not None:
+            shutil.rmtree(made, ignore_errors=True)
 
 
 def _jsonable(value: Any) -> Any:
@@ -462,7 +471,6 @@ def stage_task(
             parameters = dict(bound.arguments)
             stage = open_stage(name, version, parameters)
             if stage.committed:
-                stage.discard()
                 ref = stage.ref
                 if on_cached is not None:
                     on_cached(ref, stage)

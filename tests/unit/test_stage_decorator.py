@@ -7,6 +7,7 @@ check, fetch, commit, hooks) is the decorator's, not Prefect's.
 from __future__ import annotations
 
 import inspect
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ import pytest
 from pipeline.config import StoreConfig
 from pipeline.refs import Ref
 from pipeline.stage import Artifact, StageRun, stage_task
-from pipeline.store import open_store
+from pipeline.store import StoreUnavailable, open_store
 
 CALLS: list[str] = []
 
@@ -93,6 +94,26 @@ def test_a_failing_body_commits_nothing_and_leaves_no_staging_folder(tmp_path: P
         broken.fn(first=a, store=store)
     assert list(staging.iterdir()) == []
     assert open_store(store).list("broken") == []
+
+
+def test_a_stage_that_never_runs_its_body_makes_no_staging_folder(tmp_path: Path, monkeypatch):
+    """Found committed, or its store unreachable: no staging folder is made, none is left in the temp dir."""
+    store = StoreConfig(uri=str(tmp_path / "store"))
+    a = _source(store, "a", "x", tmp_path)
+    concat.fn(first=a, rest=[], tagged=None, sep="-", store=store)
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(staging))  # where a staging folder would be made
+    assert concat.fn(first=a, rest=[], tagged=None, sep="-", store=store).kind == "concat"  # cached
+    with socket.socket() as probe:  # a port nothing listens on: the store cannot be reached
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    unreachable = StoreConfig(uri="s3://bucket/runs", endpoint_url=f"http://127.0.0.1:{port}", retry_attempts=1)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
+    with pytest.raises(StoreUnavailable):
+        concat.fn(first=a, rest=[], tagged=None, sep="-", store=unreachable)
+    assert [path.name for path in staging.iterdir() if path.name.startswith("finetune-stage-")] == []
 
 
 def test_a_body_without_an_output_folder_is_refused():
