@@ -33,3 +33,5 @@ class TrainJob(BaseModel):
     template: TemplateConfig = TemplateConfig()
     store: StoreSettings | None = None
     checkpoint_prefix: str | None = None
+    save_model: bool = True
+    """False: train and write the report only, no model (the planner's probe measures a run and keeps nothing)."""

@@ -50,8 +50,8 @@ from tasks.train.trainer import (
 def fine_tune(job: TrainJob) -> dict | None:
     """Train as `job` says; runs inside each training process.
 
-    Out: the report (also written with the model, adapter and loss plot to `job.out_dir`)
-    on the main process, None on the others. Raises TrainingOutOfMemory with advice
+    Out: the report (also written with the loss plot, and the model and adapter unless `job.save_model` is
+    off, to `job.out_dir`) on the main process, None on the others. Raises TrainingOutOfMemory with advice
     when memory runs out, LoraTargetError for LoRA targets the model lacks.
     """
     config, out_dir = job.config, Path(job.out_dir)
@@ -115,8 +115,10 @@ def fine_tune(job: TrainJob) -> dict | None:
         mean_train_loss=result.training_loss,
     )
     report["weights_dtype"] = job.weights
-    carry_template(trainer.model, tokenizer, job.template)
-    export_model(trainer.model, tokenizer, job, out_dir)  # after the report: merging unloads LoRA
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if job.save_model:
+        carry_template(trainer.model, tokenizer, job.template)
+        export_model(trainer.model, tokenizer, job, out_dir)  # after the report: merging unloads LoRA
     (out_dir / REPORT_FILE).write_text(json.dumps(report, indent=2), encoding="utf-8")
     plot_loss(report["loss_history"], report["eval_history"], report["best_step"], out_dir / LOSS_PLOT_FILE)
     return report

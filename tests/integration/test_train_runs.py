@@ -23,6 +23,7 @@ from pipeline.config import ModelConfig, StoreConfig, TemplateConfig, TrainConfi
 from pipeline.models import list_aliases, load_model, load_tokenizer, read_alias
 from pipeline.store import StoreSettings, open_store
 from tasks.train import (
+    LOSS_PLOT_FILE,
     REPORT_FILE,
     TrainingOutOfMemory,
     TrainJob,
@@ -72,6 +73,16 @@ def _job(root: Path, split_dir: Path, store: StoreSettings | None = None, **trai
         store=store,
         checkpoint_prefix="checkpoints/test" if store else None,
     )
+
+
+def test_a_job_that_keeps_no_model_writes_only_its_report(split_dir, tmp_path):
+    """save_model=False (the planner's probe): the run trains and reports, and no weights are written."""
+    job = _job(tmp_path, split_dir, max_steps=2, eval_steps=2, save_steps=100).model_copy(update={"save_model": False})
+    report = fine_tune(job)
+    assert report["steps"] == 2 and report["peak_memory_bytes"] > 0
+    written = sorted(path.name for path in (tmp_path / "out").iterdir())
+    assert written == sorted([REPORT_FILE, LOSS_PLOT_FILE]), written
+    assert json.loads((tmp_path / "out" / REPORT_FILE).read_text())["steps"] == 2
 
 
 def test_lora_keeps_the_adapter_apart_and_exports_it_merged(split_dir, tmp_path, capsys):
