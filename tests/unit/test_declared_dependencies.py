@@ -123,6 +123,21 @@ def config_packages(config_dir: Path) -> dict[str, set[str]]:
     return found
 
 
+def constraint_pins(text: str) -> dict[str, str]:
+    """{canonical distribution name: version} of a pip constraints file; raises ValueError naming the line for any
+    line (besides comments and blank ones) that is not an exact `name==version` pin."""
+    pins = {}
+    for number, line in enumerate(text.splitlines(), start=1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        match = re.fullmatch(r"([A-Za-z0-9][A-Za-z0-9._-]*)==([A-Za-z0-9.+!_-]+)", line)
+        if match is None:
+            raise ValueError(f"constraints.txt line {number}: expected name==version, found {line!r}")
+        pins[canonical(match.group(1))] = match.group(2)
+    return pins
+
+
 @pytest.fixture(scope="module")
 def pyproject() -> dict:
     with (ROOT / "pyproject.toml").open("rb") as handle:
@@ -182,3 +197,16 @@ def test_helpers_read_requirements_and_skip_local_modules(tmp_path):
     imports = third_party_imports(["pkg"], set(), root=tmp_path)
     assert set(imports) == {"not_a_real_dist_xyz", "another_missing_one"}
     assert len(undeclared(imports, set(), {})) == 2
+
+
+def test_constraints_pin_every_declared_distribution_but_torch(pyproject):
+    """`make install` takes its versions from constraints.txt: each package pyproject declares (runtime and test) is
+    pinned there exactly, so a new declaration cannot slip in unpinned; torch is pinned by the Makefile and the
+    Dockerfile instead (a CPU or a CUDA wheel of the same release)."""
+    runtime, test = declared_distributions(pyproject)
+    pins = constraint_pins((ROOT / "constraints.txt").read_text(encoding="utf-8"))
+    missing = sorted((runtime | test) - {"torch"} - set(pins))
+    assert not missing, f"Not in constraints.txt (regenerate it with `make lock`): {missing}"
+    assert "torch" not in pins and "finetune-pipeline" not in pins
+    with pytest.raises(ValueError, match="line 2: expected name==version, found 'boto3>=1.34'"):
+        constraint_pins("# header\nboto3>=1.34\n")
