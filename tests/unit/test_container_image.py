@@ -85,14 +85,20 @@ def dockerignore_excludes(path: str, patterns: list[str]) -> bool:
 
 
 def makefile_install_commands() -> list[str]:
-    """The recipe lines of the Makefile's `$(VENV)/.installed` target (what `make install` runs)."""
-    lines = (ROOT / "Makefile").read_text(encoding="utf-8").splitlines()
+    """The recipe lines of the Makefile's `$(VENV)/.installed` target (what `make install` runs), with the
+    Makefile's simply expanded variables (`NAME := value`, e.g. TORCH_PIN) substituted."""
+    text = (ROOT / "Makefile").read_text(encoding="utf-8")
+    variables = re.findall(r"^(\w+) := (.+)$", text, flags=re.MULTILINE)
+    lines = text.splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("$(VENV)/.installed:")) + 1
     recipe = []
     for line in lines[start:]:
         if not line.startswith("\t"):
             break
         if not line.strip().startswith("#"):
+            for _ in variables:  # a value may name another variable (BIN := $(VENV)/bin)
+                for name, value in variables:
+                    line = line.replace(f"$({name})", value)
             recipe.append(line.strip())
     return recipe
 
