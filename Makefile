@@ -68,7 +68,7 @@ lint: install
 # 9:24 for nearly the same code earlier that day (12:03 before importing the flow stopped loading torch), against
 # 14:46 to 18:23 serial before (a serial run leaves a core idle while tests wait on servers and subprocesses). 3
 # workers were slower (10:56, 1,253 CPU s): the cores are busy already. TEST_WORKERS= (empty) runs it serially.
-TEST_WORKERS ?= -n 2 --dist loadgroup
+TEST_WORKERS ?= -n 2 --dist loadgroup --no-loadscope-reorder
 test: install lint
 	$(BIN)/python -m pytest -q -rs --durations=15 $(TEST_WORKERS)
 

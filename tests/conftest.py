@@ -133,6 +133,17 @@ TIER_BY_FOLDER = {"unit": "unit", "flows": "flow", "integration": "integration",
 SHARED_RUNS = ("tiny_run", "concurrent_runs")
 
 
+def unit_tier_last(items: list[pytest.Item]) -> list[pytest.Item]:
+    """The items with the unit tier's moved to the end, the order otherwise kept.
+
+    Under xdist (`make test` passes --no-loadscope-reorder), the workers take the groups in this order. The unit
+    modules, seconds each, then fill the end of the run on whichever worker frees first. xdist's own order, by
+    number of tests, put the few-test modules that run whole flows (test_secrets, test_placement) last, where one
+    worker ran on alone for half a minute.
+    """
+    return sorted(items, key=lambda item: item.get_closest_marker("unit") is not None)
+
+
 def xdist_groups(items: list[pytest.Item]) -> dict[Path, str]:
     """{test module: its xdist group}: the name of the shared run (SHARED_RUNS) the module uses, else its own path.
 
@@ -163,7 +174,8 @@ def xdist_groups(items: list[pytest.Item]) -> dict[Path, str]:
 
 @pytest.hookimpl(tryfirst=True)  # before pytest's own hook deselects by -m, and before xdist reads xdist_group
 def pytest_collection_modifyitems(config, items):
-    """Add the tier marker of the tests/ folder each collected test lives in, and its xdist group (xdist_groups)."""
+    """Add the tier marker of the tests/ folder each collected test lives in, and its xdist group (xdist_groups);
+    when distributing over xdist workers, run the unit tier last (unit_tier_last)."""
     tests_dir = Path(__file__).resolve().parent
     for item in items:
         try:
@@ -178,3 +190,5 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if item.get_closest_marker("xdist_group") is None:
                 item.add_marker(pytest.mark.xdist_group(groups[item.path]))
+        if hasattr(config, "workerinput"):  # an xdist worker: the controller schedules in this collection's order
+            items[:] = unit_tier_last(items)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 import signal
 import socket
@@ -35,6 +36,17 @@ POLL_S = 0.25
 # SQLite database stays locked past the statement timeout on busy cores, having rolled the request back.
 RETRIED_STATUSES = frozenset({408, 429, 502, 503})
 API_ATTEMPTS = 6
+
+
+@functools.cache
+def http() -> httpx.Client:
+    """The process's one HTTP client for calls to the test servers.
+
+    `httpx.get` and friends make a client per call, and every client builds an SSL context from certifi's bundle:
+    about 50 ms of CPU per request, a whole core-minute over the suite's polling. No connection is kept alive:
+    a server that closes an idle one just as a request goes out would fail that request.
+    """
+    return httpx.Client(limits=httpx.Limits(max_keepalive_connections=0))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,7 +162,7 @@ def running_prefect_server(
     try:
         wait_for(
             "Prefect server health",
-            lambda: httpx.get(f"{server.api_url}/health", timeout=5).json() is True,
+            lambda: http().get(f"{server.api_url}/health", timeout=5).json() is True,
             startup_timeout_s,
             proc,
             server.log_path,
@@ -165,7 +177,7 @@ def call_api(method: str, url: str, body: dict[str, Any] | None = None, timeout:
     """The JSON answer of one REST call to a test server, sent again with backoff (1, 2, 4, 8, 8 s) while the
     server answers a status Prefect's client retries; any other error status raises httpx.HTTPStatusError."""
     for attempt in range(API_ATTEMPTS):
-        response = httpx.request(method, url, json=body, timeout=timeout)
+        response = http().request(method, url, json=body, timeout=timeout)
         if response.status_code not in RETRIED_STATUSES or attempt == API_ATTEMPTS - 1:
             break
         time.sleep(min(2.0**attempt, 8.0))
@@ -175,7 +187,7 @@ def call_api(method: str, url: str, body: dict[str, Any] | None = None, timeout:
 def flow_run_logs(api_url: str, flow_run_id: str, limit: int = 80) -> str:
     """The flow run's last log lines from the API, for a failure message."""
     try:
-        response = httpx.post(
+        response = http().post(
             f"{api_url}/logs/filter",
             timeout=10,
             json={"logs": {"flow_run_id": {"any_": [flow_run_id]}}, "sort": "TIMESTAMP_DESC", "limit": limit},

@@ -16,9 +16,19 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
-from prefect_helpers import FINAL_STATES, POLL_S, PrefectServer, call_api, flow_run_logs, start, stop, tail, wait_for
+from prefect_helpers import (
+    FINAL_STATES,
+    POLL_S,
+    PrefectServer,
+    call_api,
+    flow_run_logs,
+    http,
+    start,
+    stop,
+    tail,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -52,7 +62,7 @@ def served_adhoc(prefect_server: PrefectServer, tmp_path: Path) -> Iterator[dict
     proc = start([sys.executable, "-c", SERVE_ADHOC], env, log_path)
 
     def registered():
-        response = httpx.get(f"{prefect_server.api_url}/deployments/name/finetune/adhoc", timeout=10)
+        response = http().get(f"{prefect_server.api_url}/deployments/name/finetune/adhoc", timeout=10)
         return response.json() if response.status_code == 200 else None
 
     try:

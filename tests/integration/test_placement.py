@@ -36,7 +36,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 import yaml
 from prefect_helpers import (
@@ -46,6 +45,7 @@ from prefect_helpers import (
     call_api,
     clean_env,
     flow_run_logs,
+    http,
     running_prefect_server,
     stop,
     tail,
@@ -272,7 +272,7 @@ def cluster(seaweedfs, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Clu
         for pool, worker in cluster.workers.items():
             wait_for(
                 f"work pool {pool}",
-                lambda p=pool: httpx.get(f"{server.api_url}/work_pools/{p}", timeout=10).status_code == 200,
+                lambda p=pool: http().get(f"{server.api_url}/work_pools/{p}", timeout=10).status_code == 200,
                 WORKER_STARTUP_TIMEOUT_S,
                 worker.proc,
                 worker.log_path,

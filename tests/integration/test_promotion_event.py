@@ -19,7 +19,6 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 from prefect_helpers import (
     FINAL_STATES,
@@ -27,6 +26,7 @@ from prefect_helpers import (
     PrefectServer,
     call_api,
     flow_run_logs,
+    http,
     start,
     stop,
     tail,
@@ -60,14 +60,16 @@ def on_promotion(prefect_server: PrefectServer, tmp_path_factory) -> Iterator[di
     )
 
     def registered():
-        response = httpx.get(f"{api}/deployments/name/smoke-test-promoted-model/on-promotion", timeout=10)
+        response = http().get(f"{api}/deployments/name/smoke-test-promoted-model/on-promotion", timeout=10)
         return response.json() if response.status_code == 200 else None
 
     try:
         deployment = wait_for("serving on-promotion", registered, SERVE_STARTUP_TIMEOUT_S, proc, log_path)
         automations = wait_for(
             "the deployment trigger's automation",
-            lambda: httpx.get(f"{api}/automations/related-to/prefect.deployment.{deployment['id']}", timeout=10).json(),
+            lambda: (
+                http().get(f"{api}/automations/related-to/prefect.deployment.{deployment['id']}", timeout=10).json()
+            ),
             60,
             proc,
             log_path,

@@ -21,6 +21,7 @@ import httpx
 import openai
 import pyarrow.parquet as pq
 import pytest
+from prefect_helpers import http
 
 from finetune.cli import main
 from pipeline.assets import resolve_model
@@ -110,7 +111,7 @@ def server(trained_folder, tmp_path_factory):
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
         while True:
             with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                if http().get(f"{url}/health", timeout=2).status_code == 200:
                     break
             if proc.poll() is not None or time.monotonic() > deadline:
                 pytest.fail(f"the server did not come up (exit {proc.poll()}):\n{log_path.read_text()[-3000:]}")

@@ -95,3 +95,22 @@ def test_xdist_loadgroup_keeps_a_group_on_one_worker(tmp_path: Path):
             workers.setdefault(nodeid.split("::")[0], set()).add(worker)
     assert set(workers) == {"test_a.py", "test_b.py"}, result.stdout
     assert all(len(found) == 1 for found in workers.values()), workers
+
+
+def test_the_unit_tier_is_scheduled_last_in_the_order_otherwise_collected():
+    """Under xdist the workers take the groups in collection order (`make test` turns xdist's reordering off), so the
+    short unit modules must come last, to fill the end of the run on whichever worker frees first."""
+    conftest = _root_conftest()
+
+    def item(name: str, tier: str) -> SimpleNamespace:
+        return SimpleNamespace(name=name, get_closest_marker=lambda marker: marker if marker == tier else None)
+
+    items = [item("u1", "unit"), item("f1", "flow"), item("u2", "unit"), item("i1", "integration"), item("r1", "x")]
+    assert [i.name for i in conftest.unit_tier_last(items)] == ["f1", "i1", "r1", "u1", "u2"]
+
+
+def test_make_test_keeps_the_collection_order_for_xdist():
+    """xdist reorders groups by their number of tests unless told not to, which undoes unit_tier_last."""
+    makefile = (TESTS.parent / "Makefile").read_text()
+    workers = next(line for line in makefile.splitlines() if line.startswith("TEST_WORKERS ?="))
+    assert "--dist loadgroup" in workers and "--no-loadscope-reorder" in workers, workers
