@@ -50,6 +50,13 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # No terminal reads the tests' output: Prefect's console handler need not run rich's highlighter over every line.
 os.environ.setdefault("PREFECT_LOGGING_COLORS", "false")
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:  # set by pytest-xdist in each worker, before this file is imported
+    # The workers share the cores, so torch in each (and in the processes it starts) gets its share, not all of
+    # them. With all of them each, 2 workers on 2 cores ran up to 4 busy torch threads: 780 to 840 CPU s and 7:21
+    # to 8:06 for the suite, against 720 to 740 CPU s and 7:05 to 7:12 with one thread each (4 and 2 runs here).
+    os.environ.setdefault(
+        "OMP_NUM_THREADS", str(max(1, os.cpu_count() // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+    )
 
 
 @pytest.fixture(scope="session")
