@@ -63,11 +63,11 @@ lint: install
 
 # Everything, as CI runs it (.ci/run): lint first, then every tier, each skip with its reason, the 15 slowest tests.
 # On 2 pytest-xdist workers: each module runs whole on one worker, and the modules sharing a session run (tiny_run,
-# concurrent_runs) on the same one (tests/conftest.py, xdist_groups). Measured from fresh clones on 2 cores: 7:52,
-# 7:57, 8:28 and 9:08 of pytest in the last four runs on one machine, 900 to 1,060 CPU s with the install, and 9:00 to
-# 9:24 for nearly the same code earlier that day (12:03 before importing the flow stopped loading torch), against
-# 14:46 to 18:23 serial before (a serial run leaves a core idle while tests wait on servers and subprocesses). 3
-# workers were slower (10:56, 1,253 CPU s): the cores are busy already. TEST_WORKERS= (empty) runs it serially.
+# concurrent_runs) on the same one (tests/conftest.py, xdist_groups). The workers take the groups in collection
+# order with the unit tier last (--no-loadscope-reorder, unit_tier_last), so short modules fill the end of the run,
+# and torch runs one thread per worker. Measured from fresh clones on 2 cores, install excluded: 7:22 and 6:38 of
+# pytest, against 7:52 to 9:24 before those changes and 14:46 to 18:23 serial. 3 workers were slower (10:56): the
+# cores are busy already. TEST_WORKERS= (empty) runs it serially.
 TEST_WORKERS ?= -n 2 --dist loadgroup --no-loadscope-reorder
 test: install lint
 	$(BIN)/python -m pytest -q -rs --durations=15 $(TEST_WORKERS)
