@@ -12,16 +12,14 @@ import contextlib
 import os
 import signal
 import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-import httpx
 import openai
 import pyarrow.parquet as pq
 import pytest
-from prefect_helpers import http
+from prefect_helpers import free_port, http, start, stop, wait_for
 
 from finetune.cli import main
 from pipeline.assets import resolve_model
@@ -34,7 +32,6 @@ from tasks.train import TrainJob, fine_tune
 
 pytestmark = pytest.mark.integration
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 STARTUP_TIMEOUT_S = 240.0
 STOP_TIMEOUT_S = 30.0
 MAX_TOKENS = 12
@@ -44,12 +41,6 @@ QUESTIONS = [
     "What is the capital of France?",
 ]
 MODEL_NAME = "served-model"
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -94,36 +85,23 @@ def server(trained_folder, tmp_path_factory):
     base = tmp_path_factory.mktemp("server")
     temp, log_path = base / "tmp", base / "serve.log"
     temp.mkdir()
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "TMPDIR": str(temp), "PYTHONUNBUFFERED": "1"}
     command = [sys.executable, "-m", "finetune.cli", "serve", str(trained_folder), "--port", str(port)]
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [*command, *_options(base)],
-            cwd=REPO_ROOT,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    proc = start([*command, *_options(base)], env, log_path)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while True:
-            with contextlib.suppress(httpx.HTTPError):
-                if http().get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"the server did not come up (exit {proc.poll()}):\n{log_path.read_text()[-3000:]}")
-            time.sleep(0.5)
+        health = f"{url}/health"
+        wait_for(
+            "finetune serve's health",
+            lambda: http().get(health, timeout=2).status_code == 200,
+            STARTUP_TIMEOUT_S,
+            proc,
+            log_path,
+        )
         yield url, proc, temp, log_path
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=STOP_TIMEOUT_S)
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
+        stop(proc)
 
 
 def _session_alive(session_id: int) -> bool:
@@ -203,7 +181,7 @@ def test_the_server_stops_cleanly(server):
 
 
 def test_bad_input_exits_2_before_starting_anything(trained_folder, tmp_path, capsys):
-    port = _free_port()
+    port = free_port()
     capsys.readouterr()
     assert main(["serve", "no_such_model_1_steps_20000101T000000Z", "--port", str(port), *_options(tmp_path)]) == 2
     assert "Trained models in the store" in capsys.readouterr().err
