@@ -65,8 +65,9 @@ lint: install
 # On 2 pytest-xdist workers: each module runs whole on one worker, and the modules sharing a session run (tiny_run,
 # concurrent_runs) on the same one (tests/conftest.py, xdist_groups). The workers take the groups in collection
 # order with the unit tier last (--no-loadscope-reorder, unit_tier_last), so short modules fill the end of the run,
-# and torch runs one thread per worker. Measured from fresh clones on 2 cores, install excluded: 6:38, 7:22, 8:34 and
-# 8:43 of pytest (the last two with every test slower), against 7:52 to 9:24 before and 14:46 to 18:23 serial.
+# and torch runs one thread per worker. Measured from fresh clones on 2 cores, install excluded: 5:32 to 6:45 of pytest
+# for the current code, 8:34 and 8:43 on a slower evening (every test slower), against 7:52 to 9:24 before and 14:46
+# to 18:23 serial.
 # 3 workers were slower (10:56): the cores are busy already. TEST_WORKERS= (empty) runs it serially.
 TEST_WORKERS ?= -n 2 --dist loadgroup --no-loadscope-reorder
 test: install lint
